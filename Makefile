@@ -1,0 +1,34 @@
+# The two commands of README.md:
+#   make demo   the embedded default: synthetic slides graded with heatmaps in ./demo-out
+#   make test   everything CI runs (.ci/run calls it)
+# Heavy things live in a cache outside the clone ($(CINFLOW_CACHE)): the Python
+# virtual environment (keyed by tools/requirements.txt) and the cargo target folder.
+CINFLOW_CACHE ?= $(HOME)/.cache/cinflow
+export CINFLOW_CACHE
+export CARGO_TARGET_DIR ?= $(CINFLOW_CACHE)/target
+CARGO_FLAGS := --release --locked --all-features
+
+.PHONY: setup build demo test bench lint clean-demo
+
+setup:
+	bash scripts/setup.sh
+
+build: setup
+	cargo build $(CARGO_FLAGS)
+
+demo: build
+	cargo run $(CARGO_FLAGS) --quiet -- demo --out demo-out
+
+test: setup
+	cargo test $(CARGO_FLAGS)
+
+bench: setup
+	cargo bench --all-features
+	bash scripts/bench-preprocess.sh
+
+lint: setup
+	cargo fmt --check
+	cargo clippy --all-targets --all-features -- -D warnings
+
+clean-demo:
+	rm -rf demo-out

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent set-up for cinflow on a fresh machine.
+#
+# Creates the Python virtual environment (pinned in tools/requirements.txt) in a
+# cache outside the clone, keyed by the requirements' hash, and links it as
+# ./.venv so that .cargo/config.toml can point the build at ONNX Runtime and
+# libtorch inside it. A second run with nothing changed takes about a second.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cache="${CINFLOW_CACHE:-$HOME/.cache/cinflow}"
+mkdir -p "$cache"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+pick_python() {
+  for p in "${PYTHON:-}" python3.11 python3; do
+    [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 && { command -v "$p"; return; }
+  done
+  echo "python3 not found: install Python 3.10+ (Debian: apt-get install python3 python3-venv)" >&2
+  exit 1
+}
+
+# --- Python virtual environment -------------------------------------------
+req="tools/requirements.txt"
+key="$(cat "$req" | sha256sum | cut -c1-16)"
+venv="$cache/venv-$key"
+if [ ! -f "$venv/.complete" ]; then
+  py="$(pick_python)"
+  log "creating virtual environment $venv (first run downloads torch and onnxruntime; several minutes)"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -r "$req"
+  touch "$venv/.complete"
+else
+  log "virtual environment up to date ($venv)"
+fi
+ln -sfn "$venv" .venv
+
+# Stable names for the shared libraries the Rust side loads, so that
+# .cargo/config.toml does not depend on the Python minor version.
+# Resolved paths: the venv is shared by every clone that uses this cache.
+site="$(realpath "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")"
+mkdir -p "$venv/cinflow-lib"
+ort_lib="$(ls "$site"/onnxruntime/capi/libonnxruntime.so* 2>/dev/null | head -n1 || true)"
+if [ -z "$ort_lib" ]; then
+  echo "onnxruntime wheel has no libonnxruntime.so under $site/onnxruntime/capi" >&2
+  exit 1
+fi
+ln -sfn "$ort_lib" "$venv/cinflow-lib/libonnxruntime.so"
+ln -sfn "$site/torch/lib" "$venv/cinflow-lib/torch"
+
+log "ONNX Runtime: $ort_lib"
+log "libtorch:     $site/torch/lib"

@@ -1,0 +1,140 @@
+//! Grad-CAM for a global-average-pooled linear head, computed exactly.
+//!
+//! For logits `z = W * GAP(A) + b` the gradient `dz_c / dA_kij` is `W_ck / (h*w)` at
+//! every position, so Grad-CAM's channel weights are `W_ck / (h*w)` and
+//! `GradCAM_c = ReLU(sum_k W_ck A_k) / (h*w)`: no backward pass is needed.
+//!
+//! This module keeps the map in *logit units*, `M_c = sum_k W_ck A_k` (Grad-CAM
+//! times `h*w`, the class activation map of Zhou et al.). Its un-clipped mean plus
+//! `b_c` is exactly the logit `z_c`, so a value reads as "this region's contribution
+//! to the logit", comparable across images and models. Overlays show `ReLU(M_c)`.
+
+mod colormap;
+mod render;
+
+pub use colormap::jet;
+pub use render::{npy_f32, overlay, png_bytes, upsample_bilinear};
+
+use crate::infer::FeatureMap;
+use crate::model::{Head, Task};
+
+/// Un-clipped class maps at feature resolution, one per class, in logit units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassMaps {
+    pub classes: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `classes x height x width`, row-major.
+    pub data: Vec<f32>,
+}
+
+impl ClassMaps {
+    /// The map of class `c`.
+    pub fn map(&self, c: usize) -> &[f32] {
+        let a = self.height * self.width;
+        &self.data[c * a..(c + 1) * a]
+    }
+}
+
+/// Computes `M_c = sum_k W_ck A_k` for every class. For a binary head (one logit
+/// `z` for the first class) the second class's logit is `-z`, so its map is `-M_0`.
+pub fn class_maps(features: &FeatureMap, head: &Head, task: Task) -> ClassMaps {
+    assert_eq!(features.channels, head.channels, "feature channels vs head");
+    let area = features.area();
+    let mut data = vec![0f32; head.rows * area];
+    for (r, out) in data.chunks_exact_mut(area).enumerate() {
+        // f64 accumulation keeps the identity mean(M_c) + b_c = z_c within 1e-4
+        // even for 2208 channels.
+        let mut acc = vec![0f64; area];
+        let row = &head.weight[r * head.channels..(r + 1) * head.channels];
+        for (k, w) in row.iter().enumerate() {
+            let w = f64::from(*w);
+            for (a, v) in acc.iter_mut().zip(features.plane(k)) {
+                *a += w * f64::from(*v);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+    if task == Task::Binary {
+        let negated: Vec<f32> = data.iter().map(|v| -v).collect();
+        data.extend(negated);
+    }
+    ClassMaps {
+        classes: data.len() / area,
+        height: features.height,
+        width: features.width,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(rows: usize, channels: usize) -> (FeatureMap, Head) {
+        let (h, w) = (3, 5);
+        let data: Vec<f32> = (0..channels * h * w)
+            .map(|i| ((i as f32 * 0.731).sin() + 1.0) * 2.0)
+            .collect();
+        let weight: Vec<f32> = (0..rows * channels)
+            .map(|i| (i as f32 * 1.37).cos())
+            .collect();
+        let bias: Vec<f32> = (0..rows).map(|r| r as f32 * 0.1 - 0.2).collect();
+        (
+            FeatureMap {
+                channels,
+                height: h,
+                width: w,
+                data,
+            },
+            Head {
+                rows,
+                channels,
+                weight,
+                bias,
+            },
+        )
+    }
+
+    #[test]
+    fn map_mean_plus_bias_is_the_logit() {
+        let (f, head) = example(4, 7);
+        let logits = head.logits(&f.global_average_pool());
+        let maps = class_maps(&f, &head, Task::Multiclass);
+        for (c, z) in logits.iter().enumerate() {
+            let m = maps.map(c);
+            let mean = m.iter().map(|v| f64::from(*v)).sum::<f64>() / m.len() as f64;
+            assert!((mean + f64::from(head.bias[c]) - f64::from(*z)).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn binary_second_class_is_the_negated_map() {
+        let (f, head) = example(1, 4);
+        let maps = class_maps(&f, &head, Task::Binary);
+        assert_eq!(maps.classes, 2);
+        for (a, b) in maps.map(0).iter().zip(maps.map(1)) {
+            assert_eq!(*a, -*b);
+        }
+    }
+
+    #[test]
+    fn hand_computed_single_position() {
+        let f = FeatureMap {
+            channels: 2,
+            height: 1,
+            width: 2,
+            data: vec![1.0, 2.0, 3.0, -4.0],
+        };
+        let head = Head {
+            rows: 1,
+            channels: 2,
+            weight: vec![2.0, 0.5],
+            bias: vec![0.0],
+        };
+        // position 0: 2*1 + 0.5*3 = 3.5; position 1: 2*2 + 0.5*(-4) = 2.
+        assert_eq!(class_maps(&f, &head, Task::Multiclass).data, vec![3.5, 2.0]);
+    }
+}

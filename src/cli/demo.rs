@@ -1,0 +1,215 @@
+//! `cinflow demo`: the embedded default a new user runs first. Everything stays
+//! in one local folder; no broker, no object store, no downloads.
+//!
+//! synthetic images -> tiny backbone exported by tools/export_backbone.py ->
+//! head fitted on some synthetic patients -> the other patients' images graded
+//! with heatmaps, a summary and the held-out accuracy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::fit_head::{fit_head, read_labels, FitHeadArgs, LabelRow};
+use super::{classify, ClassifyArgs};
+use crate::infer::InferConfig;
+use crate::model::Bundle;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Folder for everything the demo writes.
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    /// Number of synthetic images.
+    #[arg(long, default_value_t = 48)]
+    pub n: usize,
+    /// Synthetic image size (the scanner size of the research data).
+    #[arg(long, default_value = "2560x1920", value_parser = super::parse_size)]
+    pub size: (u32, u32),
+    /// Seed of the synthetic data and the tiny backbone.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Fraction of patients held out from fitting and graded.
+    #[arg(long, default_value_t = 0.34)]
+    pub holdout: f64,
+    /// Use this bundle's backbone instead of exporting the tiny one.
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    /// Python interpreter with torch and onnx (the project's virtual environment).
+    #[arg(long, env = "CINFLOW_PYTHON", default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// The export tool.
+    #[arg(long, default_value = "tools/export_backbone.py")]
+    pub export_tool: PathBuf,
+    #[command(flatten)]
+    pub infer: InferConfig,
+}
+
+pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let data = a.out.join("data");
+    let labels = data.join("labels.csv");
+    if !labels.exists() {
+        eprintln!("[1/4] generating {} synthetic images in {}", a.n, data.display());
+        let bar = super::progress_bar(a.n as u64, "synth");
+        crate::synth::generate(
+            &crate::synth::SynthOptions {
+                out: data.clone(),
+                n: a.n,
+                width: a.size.0,
+                height: a.size.1,
+                seed: a.seed,
+                format: crate::synth::SynthFormat::Jpeg,
+                images_per_patient: 3,
+            },
+            Some(&bar),
+        )?;
+        bar.finish_and_clear();
+    } else {
+        eprintln!("[1/4] reusing synthetic images in {}", data.display());
+    }
+    let rows = read_labels(&labels)?;
+    let (fit, held_out) = split_by_patient(&rows, a.holdout);
+    write_labels(&data.join("fit.csv"), &data, &fit)?;
+    write_labels(&data.join("holdout.csv"), &data, &held_out)?;
+
+    let backbone = match &a.backbone {
+        Some(b) => b.clone(),
+        None => export_tiny(a)?,
+    };
+    eprintln!(
+        "[3/4] fitting a head on {} images of {} patients",
+        fit.len(),
+        patients(&fit)
+    );
+    let model_dir = a.out.join("models").join("tiny-demo");
+    let summary = fit_head(&FitHeadArgs {
+        model: backbone,
+        labels: data.join("fit.csv"),
+        out: model_dir.clone(),
+        version: Some("demo-1".into()),
+        batch_size: 4,
+        infer: a.infer.clone(),
+    })?;
+    eprintln!(
+        "[4/4] grading {} held-out images of {} other patients",
+        held_out.len(),
+        patients(&held_out)
+    );
+    let results = a.out.join("results");
+    let report = classify(&ClassifyArgs {
+        model: model_dir.clone(),
+        out: results.clone(),
+        batch_size: 4,
+        infer: a.infer.clone(),
+        inputs: held_out.iter().map(|r| r.path.clone()).collect(),
+    })?;
+    let truth: BTreeMap<String, String> = held_out
+        .iter()
+        .map(|r| (super::inputs::file_uri(&r.path), r.label.clone()))
+        .collect();
+    let correct = report
+        .results
+        .iter()
+        .filter(|(_, r)| r.predicted_class.is_some() && r.predicted_class == truth.get(&r.uri).cloned())
+        .count();
+    let accuracy = correct as f64 / report.total.max(1) as f64;
+    println!("cinflow demo (synthetic data, not clinical):");
+    println!("  model:           {}", model_dir.display());
+    println!("  fit accuracy:    {:.1}% on {} images", 100.0 * summary.train_accuracy, summary.images);
+    println!(
+        "  held-out:        {correct}/{} correct ({:.1}%; chance is 25%) on unseen patients",
+        report.total,
+        100.0 * accuracy
+    );
+    println!("  results:         {} (one JSON, heatmaps and a .cam.npy per image; summary.csv)", results.display());
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn patients(rows: &[LabelRow]) -> usize {
+    rows.iter()
+        .map(|r| &r.patient_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// Holds out the last `fraction` of each label's patients (at least one), so both
+/// parts see every grade and no patient is in both.
+pub fn split_by_patient(rows: &[LabelRow], fraction: f64) -> (Vec<LabelRow>, Vec<LabelRow>) {
+    let mut by_label: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in rows {
+        let v = by_label.entry(&r.label).or_default();
+        if !v.contains(&r.patient_id.as_str()) {
+            v.push(&r.patient_id);
+        }
+    }
+    let mut held: std::collections::HashSet<&str> = Default::default();
+    for pats in by_label.values() {
+        let k = ((pats.len() as f64 * fraction).ceil() as usize).clamp(1, pats.len().saturating_sub(1).max(1));
+        held.extend(&pats[pats.len() - k..]);
+    }
+    rows.iter().cloned().partition(|r| !held.contains(r.patient_id.as_str()))
+}
+
+fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    w.write_record(["path", "label", "patient_id"])?;
+    for r in rows {
+        let rel = r.path.strip_prefix(base).unwrap_or(&r.path);
+        w.write_record([rel.display().to_string().as_str(), &r.label, &r.patient_id])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn export_tiny(a: &DemoArgs) -> anyhow::Result<PathBuf> {
+    let dir = a.out.join("models").join("tiny-export");
+    if Bundle::load(&dir).is_ok() {
+        eprintln!("[2/4] reusing the tiny backbone in {}", dir.display());
+        return Ok(dir);
+    }
+    eprintln!("[2/4] exporting a tiny backbone (random weights, seed {}) to {}", a.seed, dir.display());
+    let status = std::process::Command::new(&a.python)
+        .arg(&a.export_tool)
+        .args(["--arch", "tiny", "--classes", "4", "--force", "--seed"])
+        .arg(a.seed.to_string())
+        .arg("--out")
+        .arg(&dir)
+        .status()
+        .with_context(|| {
+            format!(
+                "cannot run {} (run scripts/setup.sh first, or set CINFLOW_PYTHON)",
+                a.python.display()
+            )
+        })?;
+    anyhow::ensure!(status.success(), "{} failed ({status})", a.export_tool.display());
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keeps_patients_whole_and_every_label_on_both_sides() {
+        let rows: Vec<LabelRow> = (0..24)
+            .map(|i| LabelRow {
+                line: i + 2,
+                path: format!("{i}.jpg").into(),
+                label: ["CIN3", "CIN2", "CIN1", "Non-neoplasm"][(i / 3) % 4].into(),
+                patient_id: format!("P{}", i / 3),
+            })
+            .collect();
+        let (fit, held) = split_by_patient(&rows, 0.34);
+        let pf: std::collections::HashSet<_> = fit.iter().map(|r| &r.patient_id).collect();
+        assert!(held.iter().all(|r| !pf.contains(&r.patient_id)));
+        for l in ["CIN3", "CIN2", "CIN1", "Non-neoplasm"] {
+            assert!(fit.iter().any(|r| r.label == l) && held.iter().any(|r| r.label == l));
+        }
+        assert_eq!(fit.len() + held.len(), rows.len());
+    }
+}

@@ -1,0 +1,252 @@
+//! Command-line interface: local mode (`classify`, `preprocess`, `synth`, `demo`,
+//! `fit-head`, `verify`). Errors are reported here with `anyhow`.
+
+mod classify;
+mod demo;
+mod fit_head;
+mod inputs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use classify::{classify, ClassifyArgs, ClassifyReport};
+pub use demo::DemoArgs;
+pub use fit_head::FitHeadArgs;
+
+/// Grades cervical biopsy images for CIN and explains each grade with Grad-CAM.
+#[derive(Debug, Parser)]
+#[command(name = "cinflow", version, about)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "CINFLOW_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Grade images or folders of images with a model bundle (local mode).
+    Classify(ClassifyArgs),
+    /// Write the CLAHE'd, resized image exactly as the model sees it.
+    Preprocess(PreprocessArgs),
+    /// Generate synthetic CIN-like H&E images with a labels CSV (demos, tests, benchmarks only).
+    Synth(SynthArgs),
+    /// Fit a linear head (diagonal LDA) on labelled images and write a new bundle version.
+    FitHead(FitHeadArgs),
+    /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
+    Verify {
+        /// Bundle folder.
+        bundle: PathBuf,
+    },
+    /// The embedded default: synthetic data -> tiny backbone -> fitted head -> graded
+    /// held-out images with heatmaps, all in a local folder.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PreprocessArgs {
+    /// Input image (JPEG, PNG or TIFF).
+    pub input: PathBuf,
+    /// Output PNG.
+    pub output: PathBuf,
+    /// Output width.
+    #[arg(long, default_value_t = 800)]
+    pub width: u32,
+    /// Output height.
+    #[arg(long, default_value_t = 600)]
+    pub height: u32,
+    /// CLAHE clip limit (OpenCV semantics).
+    #[arg(long, default_value_t = 40.0)]
+    pub clip_limit: f64,
+    /// CLAHE tile grid as COLSxROWS.
+    #[arg(long, default_value = "8x8", value_parser = parse_size)]
+    pub tiles: (u32, u32),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Output folder (images, labels.csv, README.txt).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of images.
+    #[arg(long)]
+    pub n: usize,
+    /// Image size as WIDTHxHEIGHT.
+    #[arg(long, default_value = "2560x1920", value_parser = parse_size)]
+    pub size: (u32, u32),
+    /// Random seed (the output is deterministic for a seed).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image file format.
+    #[arg(long, default_value = "jpeg")]
+    pub format: SynthFormatArg,
+    /// Images per synthetic patient.
+    #[arg(long, default_value_t = 3)]
+    pub images_per_patient: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SynthFormatArg {
+    Jpeg,
+    Png,
+}
+
+/// Parses `WIDTHxHEIGHT`.
+pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    let p = |v: &str| v.trim().parse::<u32>().ok().filter(|v| *v > 0);
+    match (p(w), p(h)) {
+        (Some(w), Some(h)) => Ok((w, h)),
+        _ => Err(format!("{s:?} is not WIDTHxHEIGHT with positive integers")),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Classify(args) => {
+            let report = classify(&args)?;
+            eprintln!(
+                "graded {} of {} images into {} ({} failed)",
+                report.graded,
+                report.total,
+                args.out.display(),
+                report.failed
+            );
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Preprocess(a) => {
+            let bytes = std::fs::read(&a.input)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.input.display()))?;
+            let cfg = crate::preprocess::PreprocessConfig {
+                width: a.width,
+                height: a.height,
+                clahe: crate::preprocess::ClaheParams {
+                    clip_limit: a.clip_limit,
+                    tile_grid: [a.tiles.0, a.tiles.1],
+                },
+            };
+            let img = crate::preprocess::preprocess(&bytes, &cfg)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+            img.save_with_format(&a.output, image::ImageFormat::Png)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.output.display()))?;
+            eprintln!("wrote {} ({}x{})", a.output.display(), img.width(), img.height());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth(a) => {
+            let opts = crate::synth::SynthOptions {
+                out: a.out.clone(),
+                n: a.n,
+                width: a.size.0,
+                height: a.size.1,
+                seed: a.seed,
+                format: match a.format {
+                    SynthFormatArg::Jpeg => crate::synth::SynthFormat::Jpeg,
+                    SynthFormatArg::Png => crate::synth::SynthFormat::Png,
+                },
+                images_per_patient: a.images_per_patient,
+            };
+            let bar = progress_bar(a.n as u64, "synth");
+            let summary = crate::synth::generate(&opts, Some(&bar))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "wrote {} SYNTHETIC images (for demos, tests and benchmarks; not clinical data) and {}",
+                summary.images.len(),
+                summary.labels_csv.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FitHead(a) => {
+            fit_head::fit_head(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { bundle } => {
+            let b = crate::model::Bundle::load(&bundle)?;
+            let m = &b.manifest;
+            println!(
+                "{} {} ({}, {:?}, classes {:?}, {} feature channels, input {}x{}): all {} file hashes match",
+                m.name,
+                m.version,
+                m.architecture,
+                m.task,
+                m.classes,
+                m.features.channels,
+                m.input.width,
+                m.input.height,
+                m.files.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(a) => demo::demo(&a),
+    }
+}
+
+/// A progress bar on a terminal; hidden (and free) otherwise.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>10} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("static template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("2560x1920"), Ok((2560, 1920)));
+        assert!(parse_size("800").is_err());
+        assert!(parse_size("0x5").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

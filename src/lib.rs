@@ -1,0 +1,20 @@
+//! cinflow: grades cervical biopsy images for cervical intraepithelial neoplasia
+//! (CIN3, CIN2, CIN1, Non-neoplasm) with a frozen ONNX backbone and a linear head,
+//! and explains every grade with an exact Grad-CAM heatmap.
+//!
+//! One module per stage of the data flow:
+//! `preprocess` (decode, CLAHE, resize, normalise) -> `infer` (ONNX Runtime backbone,
+//! pooling, head) -> `cam` (Grad-CAM maps and overlays) -> `pipeline` (the per-image
+//! path that the CLI and the workers share) -> `result` (the `cinflow.result/v1` record).
+//! `model` holds the bundle (manifest, backbone, head) and `synth` the synthetic
+//! CIN-like images used by the demo, tests and benchmarks.
+
+pub mod cam;
+pub mod cli;
+pub mod hashing;
+pub mod infer;
+pub mod model;
+pub mod pipeline;
+pub mod preprocess;
+pub mod result;
+pub mod synth;

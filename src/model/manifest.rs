@@ -1,0 +1,172 @@
+//! `manifest.json`: everything needed to reproduce one model version's outputs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::preprocess::{ClaheParams, PreprocessConfig};
+
+/// Schema tag of the manifest this code reads and writes.
+pub const BUNDLE_SCHEMA: &str = "cinflow.bundle/v1";
+
+/// How logits become probabilities, and which loss trains the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Softmax over C logits, categorical cross-entropy.
+    Multiclass,
+    /// One sigmoid logit for the first class, binary cross-entropy.
+    Binary,
+}
+
+/// The class schemes of the product (DESIGN.md, "Class schemes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassScheme {
+    /// CIN3, CIN2, CIN1, Non-neoplasm.
+    Four,
+    /// CIN2-3, CIN1, Non-neoplasm (the published study's merge).
+    Three,
+    /// CIN, Non-neoplasm.
+    Two,
+}
+
+impl ClassScheme {
+    /// Class names in the order of the head's rows (most severe first).
+    pub fn classes(self) -> &'static [&'static str] {
+        match self {
+            ClassScheme::Four => &["CIN3", "CIN2", "CIN1", "Non-neoplasm"],
+            ClassScheme::Three => &["CIN2-3", "CIN1", "Non-neoplasm"],
+            ClassScheme::Two => &["CIN", "Non-neoplasm"],
+        }
+    }
+
+    /// The scheme whose class count is `n`.
+    pub fn from_count(n: usize) -> Option<Self> {
+        match n {
+            4 => Some(ClassScheme::Four),
+            3 => Some(ClassScheme::Three),
+            2 => Some(ClassScheme::Two),
+            _ => None,
+        }
+    }
+
+    /// Maps a 4-grade label ("CIN3", "CIN2", "CIN1", "Non-neoplasm") onto this scheme's class index.
+    pub fn index_of_grade(self, grade: &str) -> Option<usize> {
+        let g = match grade {
+            "CIN3" => 0,
+            "CIN2" => 1,
+            "CIN1" => 2,
+            "Non-neoplasm" => 3,
+            _ => return self.classes().iter().position(|c| *c == grade),
+        };
+        Some(match self {
+            ClassScheme::Four => g,
+            ClassScheme::Three => [0, 0, 1, 2][g],
+            ClassScheme::Two => [0, 0, 0, 1][g],
+        })
+    }
+}
+
+/// Network input: size and normalisation (applied to pixel / 255).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// The backbone output that the head pools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub name: String,
+    pub channels: usize,
+}
+
+/// Preprocessing that must run before the backbone, versioned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    pub version: String,
+    pub clahe: ClaheParams,
+}
+
+/// `manifest.json` of a model bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub task: Task,
+    pub classes: Vec<String>,
+    pub input: InputSpec,
+    pub features: FeatureSpec,
+    pub preprocess: PreprocessSpec,
+    /// sha256 (hex) of every other file of the bundle, by file name.
+    pub files: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+    pub created_at: String,
+    #[serde(default)]
+    pub parent_version: Option<String>,
+}
+
+impl Manifest {
+    /// Number of head rows: one per class, or a single logit for a binary task.
+    pub fn head_rows(&self) -> usize {
+        match self.task {
+            Task::Multiclass => self.classes.len(),
+            Task::Binary => 1,
+        }
+    }
+
+    /// The preprocessing configuration this model was trained with.
+    pub fn preprocess_config(&self) -> PreprocessConfig {
+        PreprocessConfig {
+            width: self.input.width,
+            height: self.input.height,
+            clahe: self.preprocess.clahe,
+        }
+    }
+
+    /// Consistency checks that need no files: returns every problem found.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.schema != BUNDLE_SCHEMA {
+            p.push(format!(
+                "schema is {:?}, expected {BUNDLE_SCHEMA:?}",
+                self.schema
+            ));
+        }
+        match (self.task, self.classes.len()) {
+            (Task::Binary, 2) | (Task::Multiclass, 3) | (Task::Multiclass, 4) => {}
+            (task, n) => p.push(format!(
+                "task {task:?} with {n} classes; expected binary with 2 or multiclass with 3 or 4"
+            )),
+        }
+        if self.input.width == 0 || self.input.height == 0 {
+            p.push("input width and height must be positive".into());
+        }
+        if self.input.std.iter().any(|s| !(*s > 0.0)) {
+            p.push(format!("input std {:?} must be positive", self.input.std));
+        }
+        if self.features.channels == 0 {
+            p.push("features.channels must be positive".into());
+        }
+        let clahe = self.preprocess.clahe;
+        if !(clahe.clip_limit > 0.0) || clahe.tile_grid.contains(&0) {
+            p.push(format!(
+                "CLAHE parameters {clahe:?} invalid: clip limit and tile grid must be positive"
+            ));
+        }
+        if self.preprocess.version != crate::preprocess::PREPROCESS_VERSION {
+            p.push(format!(
+                "preprocess version {:?} is not the one this build implements ({:?})",
+                self.preprocess.version,
+                crate::preprocess::PREPROCESS_VERSION
+            ));
+        }
+        p
+    }
+}

@@ -1,0 +1,12 @@
+//! The model bundle: `manifest.json` + `backbone.onnx` + `head.safetensors`
+//! (DESIGN.md, "Model bundle"), loaded and verified before anything is served.
+
+mod bundle;
+mod head;
+mod manifest;
+
+pub use bundle::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
+pub use head::{fit_diagonal_lda, probabilities, Head, HeadError};
+pub use manifest::{
+    ClassScheme, FeatureSpec, InputSpec, Manifest, PreprocessSpec, Task, BUNDLE_SCHEMA,
+};

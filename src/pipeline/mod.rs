@@ -1,0 +1,196 @@
+//! The per-image path shared by `cinflow classify` and the queue workers:
+//! bytes -> decode -> CLAHE -> resize -> normalise -> backbone -> GAP + head ->
+//! probabilities -> Grad-CAM maps -> overlay PNGs and the raw map.
+//!
+//! Everything here is synchronous and CPU/GPU heavy: async callers run it on
+//! blocking threads.
+
+mod artifacts;
+
+pub use artifacts::{render_artifacts, Artifacts, ClassHeatmap};
+
+use std::path::Path;
+use std::time::Instant;
+
+use image::RgbImage;
+
+use crate::cam::{class_maps, ClassMaps};
+use crate::infer::{Backbone, FeatureMap, InferConfig, InferError};
+use crate::model::{probabilities, Bundle, BundleError, Manifest};
+use crate::preprocess::{self, PreprocessError};
+
+/// Why a model could not be made ready to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Infer(#[from] InferError),
+}
+
+/// Milliseconds spent in each stage for one image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageTimings {
+    pub decode_ms: f64,
+    pub preprocess_ms: f64,
+    pub infer_ms: f64,
+    pub cam_ms: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// A decoded and preprocessed image, ready for the backbone.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// sha256 of the original bytes.
+    pub sha256: String,
+    /// Width x height of the decoded original.
+    pub original_size: (u32, u32),
+    /// The CLAHE'd, resized 8-bit image (what the heatmaps are drawn over).
+    pub image: RgbImage,
+    /// Normalised CHW float32 input.
+    pub tensor: Vec<f32>,
+    pub timings: StageTimings,
+}
+
+/// One graded image.
+#[derive(Debug, Clone)]
+pub struct Graded {
+    pub logits: Vec<f32>,
+    /// One probability per class of the manifest, summing to 1.
+    pub probabilities: Vec<f32>,
+    /// Index of the most probable class.
+    pub predicted: usize,
+    /// Un-clipped Grad-CAM maps in logit units at feature resolution.
+    pub maps: ClassMaps,
+    pub timings: StageTimings,
+}
+
+/// A verified bundle with its backbone loaded: what a worker serves.
+#[derive(Debug)]
+pub struct Model {
+    pub bundle: Bundle,
+    backbone: Backbone,
+}
+
+impl Model {
+    /// Loads and verifies the bundle at `dir` and starts an inference session.
+    pub fn load(dir: &Path, cfg: &InferConfig) -> Result<Model, ModelError> {
+        let bundle = Bundle::load(dir)?;
+        let m = &bundle.manifest;
+        let backbone = Backbone::load(&bundle.backbone_path(), &m.input.name, &m.features.name, cfg)?;
+        Ok(Model { bundle, backbone })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.bundle.manifest
+    }
+
+    /// The ONNX Runtime execution provider in use.
+    pub fn provider(&self) -> &'static str {
+        self.backbone.provider()
+    }
+
+    /// Decodes and preprocesses one image's bytes as this model expects.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {
+        prepare(bytes, self.manifest())
+    }
+
+    /// Backbone feature maps for a batch of prepared images.
+    pub fn features(&self, batch: &[&Prepared]) -> Result<Vec<FeatureMap>, InferError> {
+        let m = self.manifest();
+        let mut input = Vec::with_capacity(batch.iter().map(|p| p.tensor.len()).sum());
+        for p in batch {
+            input.extend_from_slice(&p.tensor);
+        }
+        let maps = self
+            .backbone
+            .features(input, batch.len(), m.input.height, m.input.width)?;
+        if let Some(f) = maps.iter().find(|f| f.channels != m.features.channels) {
+            return Err(InferError::Interface {
+                path: self.bundle.backbone_path().display().to_string(),
+                detail: format!(
+                    "backbone gives {} feature channels, the manifest says {}",
+                    f.channels, m.features.channels
+                ),
+            });
+        }
+        Ok(maps)
+    }
+
+    /// Grades a batch: backbone, pooling, head, probabilities and Grad-CAM maps.
+    pub fn grade(&self, batch: &[&Prepared]) -> Result<Vec<Graded>, InferError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = Instant::now();
+        let features = self.features(batch)?;
+        let infer_ms = ms(t) / batch.len() as f64;
+        let m = self.manifest();
+        let head = &self.bundle.head;
+        Ok(features
+            .iter()
+            .zip(batch)
+            .map(|(f, p)| {
+                let t = Instant::now();
+                let logits = head.logits(&f.global_average_pool());
+                let probabilities = probabilities(m.task, &logits);
+                let predicted = argmax(&probabilities);
+                let maps = class_maps(f, head, m.task);
+                Graded {
+                    logits,
+                    probabilities,
+                    predicted,
+                    maps,
+                    timings: StageTimings {
+                        infer_ms,
+                        cam_ms: ms(t),
+                        ..p.timings
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+/// Decode -> CLAHE -> resize -> normalise, with the manifest's parameters.
+pub fn prepare(bytes: &[u8], manifest: &Manifest) -> Result<Prepared, PreprocessError> {
+    let t = Instant::now();
+    let sha256 = crate::hashing::sha256_hex(bytes);
+    let decoded = preprocess::decode(bytes)?;
+    let decode_ms = ms(t);
+    let t = Instant::now();
+    let image = preprocess::preprocess_image(&decoded, &manifest.preprocess_config());
+    let mut tensor = vec![0f32; 3 * (image.width() * image.height()) as usize];
+    preprocess::normalise_into(&image, manifest.input.mean, manifest.input.std, &mut tensor);
+    Ok(Prepared {
+        sha256,
+        original_size: decoded.dimensions(),
+        image,
+        tensor,
+        timings: StageTimings {
+            decode_ms,
+            preprocess_ms: ms(t),
+            ..Default::default()
+        },
+    })
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, v)| if *v > best.1 { (i, *v) } else { best })
+        .0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(super::argmax(&[0.1, 0.5, 0.5, 0.2]), 1);
+    }
+}

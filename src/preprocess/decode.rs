@@ -1,0 +1,348 @@
+//! Bytes -> 8-bit RGB, refusing oversized and truncated images with a clear reason.
+
+use std::io::Cursor;
+
+use image::{ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
+
+use super::PreprocessError;
+
+/// Largest pixel count [`decode`] accepts (100 megapixels, a 10000 x 10000 slide region).
+pub const MAX_PIXELS: u64 = 100_000_000;
+
+/// Decodes JPEG, PNG or TIFF bytes to 8-bit RGB with the [`MAX_PIXELS`] limit.
+pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
+    decode_with_limit(bytes, MAX_PIXELS)
+}
+
+/// Decodes JPEG, PNG or TIFF bytes to 8-bit RGB, refusing images over `max_pixels` pixels.
+///
+/// Grey is replicated to three channels, alpha is dropped (not composited, as `cv2.imdecode`
+/// does), 16-bit samples become `round(v / 257)`, and an EXIF orientation is applied like
+/// `cv2.imdecode` does. The size is checked on the header, before the pixel buffer exists.
+pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, PreprocessError> {
+    let format = image::guess_format(bytes).map_err(|_| {
+        PreprocessError::UnsupportedFormat(format!("unrecognised signature {}", signature(bytes)))
+    })?;
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Tiff) {
+        return Err(PreprocessError::UnsupportedFormat(format!("{format:?}")));
+    }
+
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(limits(max_pixels));
+    let mut decoder = reader.into_decoder().map_err(|e| classify(e, max_pixels))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::Empty { width, height });
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(PreprocessError::TooLarge {
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    let color = decoder.color_type();
+    if !matches!(
+        color,
+        ColorType::L8
+            | ColorType::La8
+            | ColorType::Rgb8
+            | ColorType::Rgba8
+            | ColorType::L16
+            | ColorType::La16
+            | ColorType::Rgb16
+            | ColorType::Rgba16
+    ) {
+        return Err(PreprocessError::UnsupportedPixelType(format!(
+            "{:?}",
+            decoder.original_color_type()
+        )));
+    }
+    // A broken EXIF block should not cost the image; OpenCV ignores it too.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?;
+    if format == ImageFormat::Jpeg && jpeg_missing_eoi(bytes) {
+        return Err(PreprocessError::Truncated(
+            "JPEG data ends before its end-of-image marker".into(),
+        ));
+    }
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}
+
+/// Decoder limits: room for the largest accepted image at 16-bit RGBA plus working memory.
+fn limits(max_pixels: u64) -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    limits
+}
+
+/// Maps a decoder error to the permanent reason a pathologist or operator can act on.
+fn classify(err: ImageError, max_pixels: u64) -> PreprocessError {
+    match err {
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            PreprocessError::Truncated(e.to_string())
+        }
+        ImageError::Unsupported(e) => match e.kind() {
+            image::error::UnsupportedErrorKind::Color(c) => {
+                PreprocessError::UnsupportedPixelType(format!("{c:?}"))
+            }
+            _ => PreprocessError::Undecodable(e.to_string()),
+        },
+        ImageError::Limits(e) => PreprocessError::Undecodable(format!(
+            "{e} (the limit is {max_pixels} pixels)"
+        )),
+        other => {
+            let detail = other.to_string();
+            let lower = detail.to_ascii_lowercase();
+            if lower.contains("eof") || lower.contains("end of file") || lower.contains("truncat") {
+                PreprocessError::Truncated(detail)
+            } else {
+                PreprocessError::Undecodable(detail)
+            }
+        }
+    }
+}
+
+/// First bytes in hex, for the "unsupported format" message.
+fn signature(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "(empty input)".into();
+    }
+    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    head.join(" ")
+}
+
+/// The JPEG decoder, like libjpeg, fills a scan that stops early with grey and reports
+/// success; a partial upload must be refused instead. True when the marker walk reaches the
+/// first scan and no end-of-image marker (FF D9) follows it. Segments before the scan are
+/// skipped by length because an EXIF thumbnail carries its own FF D9.
+fn jpeg_missing_eoi(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    loop {
+        if i + 1 >= bytes.len() {
+            return true;
+        }
+        if bytes[i] != 0xFF {
+            return false; // not a layout we understand; the decoder accepted it
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => i += 1, // fill byte
+            0xD9 => return false,
+            0x01 | 0xD0..=0xD7 => i += 2,
+            0xDA => {
+                // Entropy-coded data stuffs every literal FF as FF 00, so FF D9 is the marker.
+                return !bytes[i..].windows(2).rev().any(|w| w == [0xFF, 0xD9]);
+            }
+            _ => {
+                if i + 3 >= bytes.len() {
+                    return true;
+                }
+                let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+                i += 2 + len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, ImageEncoder, Luma, LumaA, Rgb, Rgba};
+    use std::time::{Duration, Instant};
+
+    fn png<P: image::PixelWithColorType>(img: &ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+    where
+        [P::Subpixel]: image::EncodableLayout,
+    {
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(
+                image::EncodableLayout::as_bytes(img.as_raw().as_slice()),
+                img.width(),
+                img.height(),
+                P::COLOR_TYPE.into(),
+            )
+            .unwrap();
+        out
+    }
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, (x + y) as u8]))
+    }
+
+    fn jpeg(img: &RgbImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn rgb_png_round_trips() {
+        let img = gradient(37, 21);
+        assert_eq!(decode(&png(&img)).unwrap(), img);
+    }
+
+    #[test]
+    fn grey_png_is_replicated() {
+        let grey = ImageBuffer::from_fn(5, 3, |x, y| Luma([(10 * x + 50 * y) as u8]));
+        let rgb = decode(&png(&grey)).unwrap();
+        for (x, y, p) in rgb.enumerate_pixels() {
+            let v = grey.get_pixel(x, y)[0];
+            assert_eq!(p.0, [v, v, v]);
+        }
+    }
+
+    #[test]
+    fn grey_alpha_and_rgba_drop_alpha() {
+        let la = ImageBuffer::from_fn(4, 4, |x, _| LumaA([(x * 60) as u8, 0]));
+        let rgb = decode(&png(&la)).unwrap();
+        assert_eq!(rgb.get_pixel(3, 0).0, [180, 180, 180]);
+
+        let rgba = ImageBuffer::from_fn(4, 4, |x, y| Rgba([x as u8, y as u8, 9, (x * 80) as u8]));
+        let rgb = decode(&png(&rgba)).unwrap();
+        assert_eq!(rgb.get_pixel(2, 3).0, [2, 3, 9]);
+        assert_eq!(rgb.get_pixel(0, 0).0, [0, 0, 9]);
+    }
+
+    #[test]
+    fn sixteen_bit_png_is_rounded_to_eight_bits() {
+        // round(v / 257): 128 -> 0 (0.498), 129 -> 1 (0.502), 65535 -> 255, 32896 -> 128.
+        let vals = [0u16, 128, 129, 385, 32896, 65535];
+        let img = ImageBuffer::from_fn(vals.len() as u32, 1, |x, _| Luma([vals[x as usize]]));
+        let rgb = decode(&png(&img)).unwrap();
+        let got: Vec<u8> = rgb.pixels().map(|p| p[0]).collect();
+        assert_eq!(got, [0, 0, 1, 1, 128, 255]);
+
+        let img16 = ImageBuffer::from_fn(2, 1, |x, _| Rgb([x as u16 * 1000, 514, 65535]));
+        let rgb = decode(&png(&img16)).unwrap();
+        assert_eq!(rgb.get_pixel(1, 0).0, [4, 2, 255]);
+    }
+
+    #[test]
+    fn tiff_decodes() {
+        let img = gradient(19, 11);
+        let mut out = Cursor::new(Vec::new());
+        image::codecs::tiff::TiffEncoder::new(&mut out)
+            .write_image(img.as_raw(), 19, 11, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(decode(out.get_ref()).unwrap(), img);
+    }
+
+    #[test]
+    fn jpeg_decodes_close_to_source() {
+        let img = gradient(64, 48);
+        let rgb = decode(&jpeg(&img)).unwrap();
+        assert_eq!(rgb.dimensions(), (64, 48));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let err = decode(b"this is certainly not an image").unwrap_err();
+        assert!(matches!(err, PreprocessError::UnsupportedFormat(_)), "{err}");
+        assert!(matches!(decode(&[]).unwrap_err(), PreprocessError::UnsupportedFormat(_)));
+        // A PNG signature followed by garbage.
+        let mut bad = b"\x89PNG\r\n\x1a\n".to_vec();
+        bad.extend_from_slice(&[0x42; 64]);
+        let err = decode(&bad).unwrap_err();
+        assert!(
+            matches!(err, PreprocessError::Undecodable(_) | PreprocessError::Truncated(_)),
+            "{err}"
+        );
+        assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let noisy = RgbImage::from_fn(256, 256, |x, y| {
+            Rgb([(x * 31 ^ y * 17) as u8, (x * y) as u8, (x ^ y) as u8])
+        });
+        let bytes = jpeg(&noisy);
+        for cut in [bytes.len() / 2, bytes.len() - 2, 400] {
+            let err = decode(&bytes[..cut]).unwrap_err();
+            assert!(
+                matches!(err, PreprocessError::Truncated(_) | PreprocessError::Undecodable(_)),
+                "cut {cut}: {err}"
+            );
+        }
+        assert!(matches!(
+            decode(&bytes[..bytes.len() / 2]).unwrap_err(),
+            PreprocessError::Truncated(_)
+        ));
+    }
+
+    #[test]
+    fn truncated_png_is_refused() {
+        let noisy = RgbImage::from_fn(128, 128, |x, y| Rgb([(x * 31 ^ y * 17) as u8, 0, 1]));
+        let bytes = png(&noisy);
+        let err = decode(&bytes[..bytes.len() / 2]).unwrap_err();
+        assert!(matches!(err, PreprocessError::Truncated(_)), "{err}");
+    }
+
+    /// CRC-32 (IEEE) for hand-made PNG chunks.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter, no interlace
+        out.extend_from_slice(&13u32.to_be_bytes());
+        out.extend_from_slice(&ihdr);
+        out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        // A tiny IDAT so that a decoder that ignored the size would start allocating.
+        let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+        out.extend_from_slice(&8u32.to_be_bytes());
+        out.extend_from_slice(idat);
+        out.extend_from_slice(&crc32(idat).to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn huge_png_header_fails_fast() {
+        let start = Instant::now();
+        let err = decode(&png_header(100_000, 100_000)).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+        match err {
+            PreprocessError::TooLarge { width, height, max_pixels } => {
+                assert_eq!((width, height, max_pixels), (100_000, 100_000, MAX_PIXELS));
+            }
+            other => panic!("expected TooLarge, got {other}"),
+        }
+        assert!(err_text(&png_header(100_000, 100_000)).contains("100000x100000"));
+    }
+
+    fn err_text(bytes: &[u8]) -> String {
+        decode(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn limit_is_configurable() {
+        let bytes = png(&gradient(20, 10));
+        assert!(decode_with_limit(&bytes, 200).is_ok());
+        let err = decode_with_limit(&bytes, 199).unwrap_err();
+        assert!(matches!(err, PreprocessError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn other_formats_are_named() {
+        let err = decode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00").unwrap_err();
+        assert!(err.to_string().contains("Gif"), "{err}");
+    }
+}

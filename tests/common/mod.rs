@@ -1,0 +1,119 @@
+//! Shared fixtures for the integration tests: the project's Python, tiny bundles
+//! exported by tools/export_backbone.py, and synthetic images.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The virtual environment's Python (set by .cargo/config.toml; made by scripts/setup.sh).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("CINFLOW_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/setup.sh (or `make test`) first",
+        p.display()
+    );
+    p
+}
+
+/// Runs a Python script of the repository with arguments; panics with its stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join(script))
+        .args(args)
+        .output()
+        .expect("start python");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn leak_tempdir() -> &'static Path {
+    Box::leak(Box::new(tempfile::tempdir().expect("tempdir"))).path()
+}
+
+/// Exports a tiny bundle once per test binary and returns its folder.
+pub fn tiny_bundle(classes: u32) -> PathBuf {
+    static FOUR: OnceLock<PathBuf> = OnceLock::new();
+    static THREE: OnceLock<PathBuf> = OnceLock::new();
+    static TWO: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match classes {
+        4 => &FOUR,
+        3 => &THREE,
+        2 => &TWO,
+        _ => panic!("no {classes}-class scheme"),
+    };
+    cell.get_or_init(|| {
+        let dir = leak_tempdir().join(format!("tiny-{classes}"));
+        run_python(
+            "tools/export_backbone.py",
+            &[
+                "--arch",
+                "tiny",
+                "--classes",
+                &classes.to_string(),
+                "--seed",
+                "3",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        );
+        dir
+    })
+    .clone()
+}
+
+/// Writes `n` synthetic images (one grade each, cycling) of the given size as JPEG.
+pub fn synth_images(dir: &Path, n: usize, width: u32, height: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let grade = cinflow::synth::Grade::ALL[i % 4];
+            let img = cinflow::synth::render(grade, width, height, 100 + i as u64);
+            let p = dir.join(format!("img{i}_{}.jpg", grade.label()));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// Copies a bundle folder (to tamper with it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Reads a float32 `.npy` written by cinflow: (shape, data).
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert!(header.contains("'<f4'"));
+    let inner = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = inner
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data = b[10 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (shape, data)
+}

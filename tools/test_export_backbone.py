@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Self-check of tools/export_backbone.py (tiny architecture only; ~30 s on 2 cores).
+
+Run:  .venv/bin/python tools/test_export_backbone.py      (or: .venv/bin/python -m pytest tools/)
+
+Every test_* function is independent; each runs the tool as a subprocess, the way
+users and scripts do, and inspects the bundle it writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from safetensors.numpy import load_file
+
+HERE = Path(__file__).resolve().parent
+TOOL = HERE / "export_backbone.py"
+sys.path.insert(0, str(HERE))
+import export_backbone as eb  # noqa: E402
+
+SMALL = ["--width", "160", "--height", "120"]
+
+
+def run_tool(*args, expect=0):
+    p = subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True)
+    assert p.returncode == expect, f"exit {p.returncode} (expected {expect})\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_bundle(d: Path, arch="tiny", classes=4, channels=64, width=160, height=120):
+    assert sorted(p.name for p in d.iterdir()) == ["backbone.onnx", "head.safetensors", "manifest.json"]
+    m = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+    assert list(m) == ["schema", "name", "version", "architecture", "task", "classes", "input",
+                       "features", "preprocess", "files", "provenance", "metrics", "created_at",
+                       "parent_version"]
+    assert m["schema"] == "cinflow.bundle/v1" and m["architecture"] == arch
+    assert m["classes"] == eb.CLASS_SCHEMES[classes]
+    assert m["task"] == ("binary" if classes == 2 else "multiclass")
+    assert m["input"] == {"name": "image", "width": width, "height": height,
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert m["features"] == {"name": "features", "channels": channels}
+    assert m["preprocess"]["version"] == "cinflow-preprocess/1"
+    assert m["files"] == {"backbone.onnx": sha(d / "backbone.onnx"),
+                          "head.safetensors": sha(d / "head.safetensors")}
+    assert set(m["provenance"]) == {"tool", "backbone_weights", "head", "torch", "opset", "seed"}
+    assert m["metrics"] is None and m["parent_version"] is None
+    time.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+    h = load_file(str(d / "head.safetensors"))
+    rows = 1 if classes == 2 else classes
+    assert set(h) == {"weight", "bias"}
+    assert h["weight"].shape == (rows, channels) and h["weight"].dtype == np.float32
+    assert h["bias"].shape == (rows,) and h["bias"].dtype == np.float32
+    g = onnx.load(str(d / "backbone.onnx"))
+    assert [i.name for i in g.graph.input] == ["image"]
+    assert [o.name for o in g.graph.output] == ["features"]
+    sess = ort.InferenceSession(str(d / "backbone.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        (f,) = sess.run(None, {"image": np.random.rand(n, 3, height, width).astype(np.float32)})
+        assert f.shape[:2] == (n, channels) and f.min() >= 0  # post-ReLU
+    return m, h
+
+
+def test_tiny_random_4class_and_deterministic():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        run_tool("--arch", "tiny", "--out", t / "a", *SMALL)
+        m, h = check_bundle(t / "a")
+        assert m["name"] == "cinflow-tiny-4class" and m["version"] == "0.0.0-export"
+        assert m["provenance"]["backbone_weights"] == "random-init seed 0"
+        assert m["provenance"]["head"] == "random-init (untrained)"
+        assert np.all(h["bias"] == 0) and 0.005 < h["weight"].std() < 0.02
+        run_tool("--arch", "tiny", "--out", t / "b", *SMALL)
+        assert sha(t / "a" / "backbone.onnx") == sha(t / "b" / "backbone.onnx")
+        assert sha(t / "a" / "head.safetensors") == sha(t / "b" / "head.safetensors")
+        run_tool("--arch", "tiny", "--out", t / "c", "--seed", "1", *SMALL)
+        assert sha(t / "a" / "backbone.onnx") != sha(t / "c" / "backbone.onnx")
+        # Leaves no temp folders behind.
+        assert sorted(p.name for p in t.iterdir()) == ["a", "b", "c"]
+
+
+def test_tiny_binary_and_options():
+    with tempfile.TemporaryDirectory() as t:
+        d = Path(t) / "bin"
+        run_tool("--arch", "tiny", "--classes", "2", "--out", d, *SMALL, "--name", "x",
+                 "--version", "1.2.3", "--clahe-clip", "2.5", "--clahe-tiles", "4x6",
+                 "--static-size")
+        m, _ = check_bundle(d, classes=2)
+        assert m["name"] == "x" and m["version"] == "1.2.3"
+        assert m["preprocess"]["clahe"] == {"clip_limit": 2.5, "tile_grid": [4, 6]}
+        dims = [x.dim_param or x.dim_value
+                for x in onnx.load(str(d / "backbone.onnx")).graph.input[0].type.tensor_type.shape.dim]
+        assert dims == ["N", 3, 120, 160]
+
+
+def test_weights_from_checkpoint():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        torch.manual_seed(123)
+        model = eb.TinyCNN(4).eval()
+        torch.save(model.state_dict(), t / "ckpt.pth")
+        # DataParallel-style prefix and a wrapper dict are accepted too.
+        torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+                   t / "wrapped.pth")
+        x = torch.rand(2, 3, 120, 160)
+        with torch.no_grad():
+            ref_feat = model.features(x).numpy()
+            ref_logits = model(x).numpy()
+        for ck in ("ckpt.pth", "wrapped.pth"):
+            out = t / ("b-" + ck)
+            run_tool("--arch", "tiny", "--weights", t / ck, "--out", out, *SMALL)
+            m, h = check_bundle(out)
+            assert m["provenance"]["backbone_weights"] == f"{ck} sha256 {sha(t / ck)}"
+            assert m["provenance"]["head"] == "from checkpoint"
+            np.testing.assert_array_equal(h["weight"], model.classifier.weight.detach().numpy())
+            sess = ort.InferenceSession(str(out / "backbone.onnx"), providers=["CPUExecutionProvider"])
+            (f,) = sess.run(None, {"image": x.numpy()})
+            np.testing.assert_allclose(f, ref_feat, rtol=1e-4, atol=1e-5)
+            z = f.mean(axis=(2, 3)) @ h["weight"].T + h["bias"]
+            np.testing.assert_allclose(z, ref_logits, rtol=1e-4, atol=1e-5)
+
+        # Class-count mismatch: random head + warning, backbone still from the checkpoint.
+        p = run_tool("--arch", "tiny", "--weights", t / "ckpt.pth", "--classes", "3",
+                     "--out", t / "c3", *SMALL)
+        assert "warning:" in p.stderr
+        m, _ = check_bundle(t / "c3", classes=3)
+        assert m["provenance"]["head"] == "random-init (untrained)"
+
+        # Binary from a 2-way softmax classifier: exact conversion to one logit.
+        torch.manual_seed(5)
+        m2 = eb.TinyCNN(2).eval()
+        torch.save(m2, t / "full2.pt")  # whole pickled model
+        p = run_tool("--arch", "tiny", "--weights", t / "full2.pt", "--classes", "2",
+                     "--out", t / "bin", *SMALL)
+        m, h = check_bundle(t / "bin", classes=2)
+        assert m["provenance"]["head"] == "from checkpoint"
+        w = m2.classifier.weight.detach().numpy()
+        np.testing.assert_allclose(h["weight"][0], w[0] - w[1], rtol=1e-6)
+
+
+def test_errors_are_one_line_exit_2():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        cases = []
+        cases.append((["--arch", "resnet50", "--out", t / "x"], "unknown architecture"))
+        cases.append((["--arch", "tiny", "--weights", t / "nope.pth", "--out", t / "x"],
+                      "checkpoint not found"))
+        bad = {k: v for k, v in eb.TinyCNN(4).state_dict().items()}
+        bad["features.2.weight"] = torch.zeros(8, 16, 3, 3)
+        bad["extra.weight"] = torch.zeros(1)
+        del bad["features.8.bias"]
+        torch.save(bad, t / "bad.pth")
+        cases.append((["--arch", "tiny", "--weights", t / "bad.pth", "--out", t / "x"],
+                      "does not match architecture tiny"))
+        (t / "garbage.pth").write_bytes(b"not a checkpoint")
+        cases.append((["--arch", "tiny", "--weights", t / "garbage.pth", "--out", t / "x"],
+                      "cannot read checkpoint"))
+        cases.append((["--arch", "tiny", "--classes", "5", "--out", t / "x"], "--classes"))
+        for args, needle in cases:
+            p = run_tool(*args, *SMALL, expect=2)
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1 and needle in lines[0], p.stderr
+        assert not (t / "x").exists()
+        assert sorted(p.name for p in t.iterdir()) == ["bad.pth", "garbage.pth"]
+
+
+def test_refuses_overwrite_unless_force():
+    with tempfile.TemporaryDirectory() as t:
+        d = Path(t) / "b"
+        d.mkdir()  # an empty folder is fine
+        run_tool("--arch", "tiny", "--out", d, *SMALL)
+        before = sha(d / "manifest.json")
+        p = run_tool("--arch", "tiny", "--out", d, *SMALL, expect=2)
+        assert "not empty" in p.stderr and sha(d / "manifest.json") == before
+        run_tool("--arch", "tiny", "--out", d, "--seed", "7", "--force", *SMALL)
+        m, _ = check_bundle(d)
+        assert m["provenance"]["seed"] == 7
+        assert sorted(p.name for p in Path(t).iterdir()) == ["b"]
+
+
+def test_help():
+    p = run_tool("--help")
+    assert "--weights" in p.stdout and "densenet161" in p.stdout
+
+
+def main() -> int:
+    tests = [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v)]
+    failed = 0
+    for name, fn in tests:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            print(f"ok    {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {e}", flush=True)
+    print(f"{len(tests) - failed}/{len(tests)} passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

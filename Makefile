@@ -7,6 +7,10 @@ CINFLOW_CACHE ?= $(HOME)/.cache/cinflow
 export CINFLOW_CACHE
 export CARGO_TARGET_DIR ?= $(CINFLOW_CACHE)/target
 CARGO_FLAGS := --release --locked --all-features
+# tch's build script (LIBTORCH_USE_PYTORCH=1, see .cargo/config.toml) asks the
+# active Python where libtorch is: make the project's venv the active one.
+export VIRTUAL_ENV := $(CURDIR)/.venv
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: setup build demo test bench lint clean-demo
 

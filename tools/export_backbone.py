@@ -33,13 +33,22 @@ Typical use (on a machine where the venv of scripts/setup.sh exists):
   # A small random network for tests and demos (no weights needed, fast):
   .venv/bin/python tools/export_backbone.py --arch tiny --out /tmp/tiny-bundle
 
-Without --weights the backbone is randomly initialised from --seed (nothing is
-downloaded; to start from ImageNet weights, build the model yourself, e.g.
-``torchvision.models.densenet161(weights="IMAGENET1K_V1")``, save its
-state_dict with ``torch.save(model.state_dict(), "dn161.pth")`` and pass
-``--weights dn161.pth``) and the head is a small random one (std 0.01, bias 0)
-that the manifest marks as untrained: retrain the head with cinflow before
-serving.
+Without --weights the backbone is randomly initialised from --seed and the
+head is a small random one (std 0.01, bias 0) that the manifest marks as
+untrained: fine for tests, useless for grading. Nothing is downloaded. To
+start from ImageNet weights (frozen backbone, head retrained by cinflow), save
+them once on a machine with internet access and pass the file:
+
+  python -c "import torch, torchvision; torch.save(torchvision.models.densenet161(
+      weights='IMAGENET1K_V1').state_dict(), 'densenet161-imagenet.pth')"
+  python -c "import torch, timm; torch.save(timm.create_model('inception_resnet_v2',
+      pretrained=True).state_dict(), 'irv2-imagenet.pth')"
+  .venv/bin/python tools/export_backbone.py --arch densenet161 \
+      --weights densenet161-imagenet.pth --out models/densenet161-imagenet
+
+(an ImageNet classifier has 1000 outputs, so the head is random and the
+manifest says so; timm's Inception-ResNet-V2 was pretrained with mean/std
+0.5: pass --mean/--std to match whatever normalisation your training used).
 
 Checkpoints: a state_dict (optionally wrapped as {"state_dict": ...},
 {"model_state_dict": ...} or {"model": ...}, keys optionally prefixed by
@@ -150,8 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--version", default="0.0.0-export", help='bundle version (default "0.0.0-export")')
     p.add_argument("--clahe-clip", type=float, default=40.0,
                    help="CLAHE clip limit the model was trained with (default 40.0)")
-    p.add_argument("--clahe-tiles", default="8x8", metavar="COLSxROWS",
-                   help="CLAHE tile grid (default 8x8)")
+    p.add_argument("--clahe-tiles", default="8x8", metavar="AxB",
+                   help="CLAHE tile grid the model was trained with, written to the manifest "
+                        "as [A, B] (default 8x8)")
     p.add_argument("--mean", default=None, metavar="R,G,B",
                    help="normalisation mean of pixel/255 used in training (default ImageNet "
                         "0.485,0.456,0.406; note timm's tf_in1k Inception-ResNet-V2 weights were "
@@ -417,11 +427,14 @@ def export_onnx(backbone, example, path: Path, opset: int, dynamic_hw: bool, exp
                         opset_version=opset, do_constant_folding=True,
                         input_names=["image"], output_names=["features"], dynamic_axes=axes)
                 used = "torchscript"
-            except TypeError as e:  # exporter removed in this torch version
+            except Exception as e:  # noqa: BLE001 (removed in this torch, or failed)
                 if exporter == "torchscript":
-                    raise UserError(f"TorchScript ONNX exporter unavailable in torch "
-                                    f"{torch.__version__}: {e}")
-                warn(f"TorchScript exporter unavailable ({e}); using the dynamo exporter")
+                    raise
+                first = str(e).splitlines()[0] if str(e) else ""
+                warn(f"TorchScript exporter failed ({type(e).__name__}: {first}); "
+                     "using the dynamo exporter")
+                for f in scratch.iterdir():
+                    f.unlink()
         if used is None:
             from torch.export import Dim
             shapes = {0: Dim("N", min=1, max=1024)}
@@ -595,7 +608,6 @@ def run(a: argparse.Namespace) -> int:
         raise UserError(f"checkpoint not found: {a.weights}")
 
     t_start = time.perf_counter()
-    import numpy as np  # noqa: F401
     from safetensors.torch import save_file
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

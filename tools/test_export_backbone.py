@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Self-check of tools/export_backbone.py (tiny architecture only; ~30 s on 2 cores).
+"""Self-check of tools/export_backbone.py (tiny architecture only; about 1-2 minutes on
+2 cores, mostly Python/torch start-up of the subprocesses).
 
-Run:  .venv/bin/python tools/test_export_backbone.py      (or: .venv/bin/python -m pytest tools/)
+Run:  .venv/bin/python tools/test_export_backbone.py      (pytest also collects it, where installed)
 
 Every test_* function is independent; each runs the tool as a subprocess, the way
 users and scripts do, and inspects the bundle it writes.

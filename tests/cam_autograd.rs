@@ -18,7 +18,9 @@ fn autograd_gradcam(f: &FeatureMap, head: &Head, task: Task) -> Vec<Vec<f64>> {
         .to_kind(Kind::Double)
         .reshape([k, h, w])
         .set_requires_grad(true);
-    let wt = Tensor::from_slice(&head.weight).to_kind(Kind::Double).reshape([head.rows as i64, k]);
+    let wt = Tensor::from_slice(&head.weight)
+        .to_kind(Kind::Double)
+        .reshape([head.rows as i64, k]);
     let b = Tensor::from_slice(&head.bias).to_kind(Kind::Double);
     let pooled = a.mean_dim([1i64, 2].as_slice(), false, Kind::Double);
     let z = wt.matmul(&pooled) + b;
@@ -31,7 +33,9 @@ fn autograd_gradcam(f: &FeatureMap, head: &Head, task: Task) -> Vec<Vec<f64>> {
         .map(|zc| {
             let grad = Tensor::run_backward(&[zc], &[&a], true, false).remove(0);
             let alpha = grad.mean_dim([1i64, 2].as_slice(), true, Kind::Double);
-            let cam = (alpha * &a).sum_dim_intlist([0i64].as_slice(), false, Kind::Double).relu();
+            let cam = (alpha * &a)
+                .sum_dim_intlist([0i64].as_slice(), false, Kind::Double)
+                .relu();
             Vec::<f64>::try_from(&cam.reshape([-1])).unwrap()
         })
         .collect()
@@ -49,7 +53,10 @@ fn check(f: &FeatureMap, head: &Head, task: Task) {
             // relative 1e-5 of the map's peak, which is the stricter of the two here.
             let g = f64::from(ours.max(0.0)) / area;
             assert!((g - theirs).abs() < 1e-5, "class {c}: {g} vs {theirs}");
-            assert!((g - theirs).abs() <= 1e-5 * peak + 1e-12, "class {c}: {g} vs {theirs} (peak {peak})");
+            assert!(
+                (g - theirs).abs() <= 1e-5 * peak + 1e-12,
+                "class {c}: {g} vs {theirs} (peak {peak})"
+            );
         }
     }
 }
@@ -88,7 +95,12 @@ fn exact_cam_equals_autograd_gradcam_for_densenet161_sized_features() {
     let data = (0..k * h * w)
         .map(|i| (((i as f32) * 0.618).sin() * 3.0).max(0.0))
         .collect();
-    let f = FeatureMap { channels: k, height: h, width: w, data };
+    let f = FeatureMap {
+        channels: k,
+        height: h,
+        width: w,
+        data,
+    };
     check(&f, &random_head(4, k, 0.1, 1), Task::Multiclass);
     check(&f, &random_head(1, k, 0.1, 2), Task::Binary);
     // The identity behind it: mean(M_c) + b_c = z_c.

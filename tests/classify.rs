@@ -68,7 +68,10 @@ fn grade_and_check(classes: u32) {
         let area = shape[1] * shape[2];
         let logits = img.logits.as_ref().unwrap();
         for (r, z) in logits.iter().enumerate() {
-            let mean = data[r * area..(r + 1) * area].iter().map(|v| f64::from(*v)).sum::<f64>()
+            let mean = data[r * area..(r + 1) * area]
+                .iter()
+                .map(|v| f64::from(*v))
+                .sum::<f64>()
                 / area as f64;
             let err = (mean + f64::from(head.bias[r]) - f64::from(*z)).abs();
             assert!(err < 1e-4, "class {r}: map mean + bias - logit = {err}");
@@ -111,20 +114,30 @@ fn matches_an_independent_python_implementation() {
             );
             let r: serde_json::Value = serde_json::from_str(&out).unwrap();
             let f = |k: &str| -> Vec<f64> {
-                r[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+                r[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect()
             };
             // Same ONNX model on the same bytes; only float summation order differs.
             for (a, b) in graded.probabilities.iter().zip(f("probabilities")) {
                 assert!((f64::from(*a) - b).abs() < 1e-4, "probability {a} vs {b}");
             }
             for (a, b) in graded.logits.iter().zip(f("logits")) {
-                assert!((f64::from(*a) - b).abs() < 1e-3 * (1.0 + b.abs()), "logit {a} vs {b}");
+                assert!(
+                    (f64::from(*a) - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "logit {a} vs {b}"
+                );
             }
             let maps = f("maps");
             assert_eq!(maps.len(), graded.maps.data.len());
             let peak = maps.iter().fold(0f64, |m, v| m.max(v.abs()));
             for (a, b) in graded.maps.data.iter().zip(&maps) {
-                assert!((f64::from(*a) - b).abs() <= 1e-4 * peak + 1e-6, "map {a} vs {b}");
+                assert!(
+                    (f64::from(*a) - b).abs() <= 1e-4 * peak + 1e-6,
+                    "map {a} vs {b}"
+                );
             }
         }
     }
@@ -161,7 +174,13 @@ fn unreadable_images_become_error_entries_not_a_crash() {
     // The binary exits 1 when any image failed, and still writes the good ones.
     let out2 = tmp.path().join("out2");
     let status = Command::new(env!("CARGO_BIN_EXE_cinflow"))
-        .args(["classify", "--model", bundle.to_str().unwrap(), "--out", out2.to_str().unwrap()])
+        .args([
+            "classify",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ])
         .arg(tmp.path().join("in"))
         .status()
         .unwrap();
@@ -192,7 +211,8 @@ fn tampered_or_incomplete_bundles_are_refused_with_the_reason() {
     let wrong = tmp.path().join("wrong-classes");
     common::copy_dir(&bundle, &wrong);
     let mpath = wrong.join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     m["classes"] = serde_json::json!(["CIN", "Non-neoplasm", "Other", "More", "Too many"]);
     std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
     let e = Bundle::load(&wrong).unwrap_err().to_string();

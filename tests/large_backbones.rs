@@ -12,7 +12,14 @@ fn export_and_classify(arch: &str, channels: usize, classes: u32) {
     let bundle = tmp.path().join(arch);
     common::run_python(
         "tools/export_backbone.py",
-        &["--arch", arch, "--classes", &classes.to_string(), "--out", bundle.to_str().unwrap()],
+        &[
+            "--arch",
+            arch,
+            "--classes",
+            &classes.to_string(),
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
     );
     let b = Bundle::load(&bundle).unwrap();
     assert_eq!(b.manifest.architecture, arch);
@@ -37,9 +44,16 @@ fn export_and_classify(arch: &str, channels: usize, classes: u32) {
     // full channel count of the architecture.
     let area = shape[1] * shape[2];
     for (c, z) in img.logits.as_ref().unwrap().iter().enumerate() {
-        let mean = data[c * area..(c + 1) * area].iter().map(|v| f64::from(*v)).sum::<f64>() / area as f64;
+        let mean = data[c * area..(c + 1) * area]
+            .iter()
+            .map(|v| f64::from(*v))
+            .sum::<f64>()
+            / area as f64;
         let bias = f64::from(b.head.bias[c]);
-        assert!((mean + bias - f64::from(*z)).abs() < 1e-4, "{arch} class {c}");
+        assert!(
+            (mean + bias - f64::from(*z)).abs() < 1e-4,
+            "{arch} class {c}"
+        );
     }
 }
 

@@ -2,7 +2,11 @@
 
 /// Maps `t` in [0, 1] (clamped) to an RGB colour: blue -> cyan -> yellow -> red.
 pub fn jet(t: f32) -> [u8; 3] {
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let channel = |offset: f32| -> u8 {
         let v = 1.5 - (4.0 * t - offset).abs();
         (v.clamp(0.0, 1.0) * 255.0).round() as u8

@@ -38,8 +38,8 @@ pub fn overlay(image: &RgbImage, map: &[f32], scale: f32) -> RgbImage {
     let mut out = image.clone();
     for (px, m) in out.pixels_mut().zip(map) {
         let heat = jet(m.max(0.0) * inv);
-        for c in 0..3 {
-            px.0[c] = (0.6 * f32::from(px.0[c]) + 0.4 * f32::from(heat[c])).round() as u8;
+        for (v, h) in px.0.iter_mut().zip(heat) {
+            *v = (0.6 * f32::from(*v) + 0.4 * f32::from(h)).round() as u8;
         }
     }
     out
@@ -55,8 +55,7 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
     // Magic (6) + version (2) + header length (2) + header must be a multiple of 64.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
@@ -77,7 +76,12 @@ pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
     use image::ImageEncoder;
     let mut out = Vec::new();
     PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
+        .write_image(
+            image.as_raw(),
+            image.width(),
+            image.height(),
+            image::ExtendedColorType::Rgb8,
+        )
         .expect("encoding an in-memory RGB8 image cannot fail");
     out
 }
@@ -104,7 +108,9 @@ mod tests {
         let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
         assert_eq!((10 + hlen) % 64, 0);
         assert_eq!(b.len(), 10 + hlen + 24);
-        assert!(std::str::from_utf8(&b[10..10 + hlen]).unwrap().contains("(2, 3)"));
+        assert!(std::str::from_utf8(&b[10..10 + hlen])
+            .unwrap()
+            .contains("(2, 3)"));
     }
 
     #[test]

@@ -60,8 +60,10 @@ pub fn classify(args: &ClassifyArgs) -> anyhow::Result<ClassifyReport> {
     let paths = expand(&args.inputs);
     anyhow::ensure!(!paths.is_empty(), "no images found in {:?}", args.inputs);
     let mut used = HashSet::new();
-    let keyed: Vec<(String, PathBuf)> =
-        paths.into_iter().map(|p| (output_key(&p, &mut used), p)).collect();
+    let keyed: Vec<(String, PathBuf)> = paths
+        .into_iter()
+        .map(|p| (output_key(&p, &mut used), p))
+        .collect();
     let bar = super::progress_bar(keyed.len() as u64, "classify");
     let batch = args.batch_size.max(1);
 
@@ -99,7 +101,10 @@ pub fn classify(args: &ClassifyArgs) -> anyhow::Result<ClassifyReport> {
             Ok(all)
         });
         for items in prep_rx {
-            let ok: Vec<&Prepared> = items.iter().filter_map(|i| i.prepared.as_ref().ok()).collect();
+            let ok: Vec<&Prepared> = items
+                .iter()
+                .filter_map(|i| i.prepared.as_ref().ok())
+                .collect();
             let mut graded = match model.grade(&ok) {
                 Ok(g) => g.into_iter().map(Ok).collect::<Vec<_>>(),
                 Err(e) => vec![Err(e.to_string()); ok.len()],
@@ -166,7 +171,13 @@ fn write_outputs(
                 status: ImageStatus::Ok,
                 error: None,
                 original_size: Some([prepared.original_size.0, prepared.original_size.1]),
-                probabilities: Some(m.classes.iter().cloned().zip(g.probabilities.iter().copied()).collect::<BTreeMap<_, _>>()),
+                probabilities: Some(
+                    m.classes
+                        .iter()
+                        .cloned()
+                        .zip(g.probabilities.iter().copied())
+                        .collect::<BTreeMap<_, _>>(),
+                ),
                 predicted_class: Some(m.classes[g.predicted].clone()),
                 logits: Some(g.logits.clone()),
                 heatmaps,
@@ -199,7 +210,13 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
 pub fn class_slug(class: &str) -> String {
     class
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -208,9 +225,14 @@ fn write_summary(
     classes: &[String],
     results: &[(String, ImageResult)],
 ) -> anyhow::Result<()> {
-    let mut w = csv::Writer::from_path(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    let mut header = vec!["key".to_string(), "image".into(), "status".into(), "predicted_class".into()];
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut header = vec![
+        "key".to_string(),
+        "image".into(),
+        "status".into(),
+        "predicted_class".into(),
+    ];
     header.extend(classes.iter().map(|c| format!("p_{c}")));
     header.push("error".into());
     w.write_record(&header)?;

@@ -50,7 +50,11 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let data = a.out.join("data");
     let labels = data.join("labels.csv");
     if !labels.exists() {
-        eprintln!("[1/4] generating {} synthetic images in {}", a.n, data.display());
+        eprintln!(
+            "[1/4] generating {} synthetic images in {}",
+            a.n,
+            data.display()
+        );
         let bar = super::progress_bar(a.n as u64, "synth");
         crate::synth::generate(
             &crate::synth::SynthOptions {
@@ -111,18 +115,27 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let correct = report
         .results
         .iter()
-        .filter(|(_, r)| r.predicted_class.is_some() && r.predicted_class == truth.get(&r.uri).cloned())
+        .filter(|(_, r)| {
+            r.predicted_class.is_some() && r.predicted_class == truth.get(&r.uri).cloned()
+        })
         .count();
     let accuracy = correct as f64 / report.total.max(1) as f64;
     println!("cinflow demo (synthetic data, not clinical):");
     println!("  model:           {}", model_dir.display());
-    println!("  fit accuracy:    {:.1}% on {} images", 100.0 * summary.train_accuracy, summary.images);
+    println!(
+        "  fit accuracy:    {:.1}% on {} images",
+        100.0 * summary.train_accuracy,
+        summary.images
+    );
     println!(
         "  held-out:        {correct}/{} correct ({:.1}%; chance is 25%) on unseen patients",
         report.total,
         100.0 * accuracy
     );
-    println!("  results:         {} (one JSON, heatmaps and a .cam.npy per image; summary.csv)", results.display());
+    println!(
+        "  results:         {} (one JSON, heatmaps and a .cam.npy per image; summary.csv)",
+        results.display()
+    );
     Ok(if report.failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -149,10 +162,13 @@ pub fn split_by_patient(rows: &[LabelRow], fraction: f64) -> (Vec<LabelRow>, Vec
     }
     let mut held: std::collections::HashSet<&str> = Default::default();
     for pats in by_label.values() {
-        let k = ((pats.len() as f64 * fraction).ceil() as usize).clamp(1, pats.len().saturating_sub(1).max(1));
+        let k = ((pats.len() as f64 * fraction).ceil() as usize)
+            .clamp(1, pats.len().saturating_sub(1).max(1));
         held.extend(&pats[pats.len() - k..]);
     }
-    rows.iter().cloned().partition(|r| !held.contains(r.patient_id.as_str()))
+    rows.iter()
+        .cloned()
+        .partition(|r| !held.contains(r.patient_id.as_str()))
 }
 
 fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> anyhow::Result<()> {
@@ -172,7 +188,11 @@ fn export_tiny(a: &DemoArgs) -> anyhow::Result<PathBuf> {
         eprintln!("[2/4] reusing the tiny backbone in {}", dir.display());
         return Ok(dir);
     }
-    eprintln!("[2/4] exporting a tiny backbone (random weights, seed {}) to {}", a.seed, dir.display());
+    eprintln!(
+        "[2/4] exporting a tiny backbone (random weights, seed {}) to {}",
+        a.seed,
+        dir.display()
+    );
     let status = std::process::Command::new(&a.python)
         .arg(&a.export_tool)
         .args(["--arch", "tiny", "--classes", "4", "--force", "--seed"])
@@ -186,7 +206,11 @@ fn export_tiny(a: &DemoArgs) -> anyhow::Result<PathBuf> {
                 a.python.display()
             )
         })?;
-    anyhow::ensure!(status.success(), "{} failed ({status})", a.export_tool.display());
+    anyhow::ensure!(
+        status.success(),
+        "{} failed ({status})",
+        a.export_tool.display()
+    );
     Ok(dir)
 }
 

@@ -51,16 +51,26 @@ pub fn read_labels(csv_path: &Path) -> anyhow::Result<Vec<LabelRow>> {
         headers
             .iter()
             .position(|h| h.trim() == name)
-            .with_context(|| format!("{}: header has no {name:?} column (found {:?})", csv_path.display(), headers))
+            .with_context(|| {
+                format!(
+                    "{}: header has no {name:?} column (found {:?})",
+                    csv_path.display(),
+                    headers
+                )
+            })
     };
     let (cp, cl, ci) = (col("path")?, col("label")?, col("patient_id")?);
     let mut rows = Vec::new();
     for (i, rec) in r.records().enumerate() {
         let line = i + 2;
-        let rec = rec.with_context(|| format!("{} line {line}: malformed CSV", csv_path.display()))?;
+        let rec =
+            rec.with_context(|| format!("{} line {line}: malformed CSV", csv_path.display()))?;
         let get = |c: usize| rec.get(c).map(str::trim).unwrap_or("");
         if get(cp).is_empty() || get(cl).is_empty() || get(ci).is_empty() {
-            bail!("{} line {line}: path, label and patient_id must all be set", csv_path.display());
+            bail!(
+                "{} line {line}: path, label and patient_id must all be set",
+                csv_path.display()
+            );
         }
         rows.push(LabelRow {
             line,
@@ -69,7 +79,11 @@ pub fn read_labels(csv_path: &Path) -> anyhow::Result<Vec<LabelRow>> {
             patient_id: get(ci).to_string(),
         });
     }
-    anyhow::ensure!(!rows.is_empty(), "{}: no labelled images", csv_path.display());
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "{}: no labelled images",
+        csv_path.display()
+    );
     Ok(rows)
 }
 
@@ -108,15 +122,30 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
             .par_iter()
             .map(|row| {
                 let bytes = std::fs::read(&row.path).with_context(|| {
-                    format!("{} line {}: cannot read {}", args.labels.display(), row.line, row.path.display())
+                    format!(
+                        "{} line {}: cannot read {}",
+                        args.labels.display(),
+                        row.line,
+                        row.path.display()
+                    )
                 })?;
                 model.prepare(&bytes).with_context(|| {
-                    format!("{} line {}: {}", args.labels.display(), row.line, row.path.display())
+                    format!(
+                        "{} line {}: {}",
+                        args.labels.display(),
+                        row.line,
+                        row.path.display()
+                    )
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let refs: Vec<_> = prepared.iter().collect();
-        pooled.extend(model.features(&refs)?.iter().map(|f| f.global_average_pool()));
+        pooled.extend(
+            model
+                .features(&refs)?
+                .iter()
+                .map(|f| f.global_average_pool()),
+        );
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
@@ -150,7 +179,8 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
         "images_per_class": counts,
         "backbone_from": m.provenance,
     });
-    manifest.metrics = serde_json::json!({ "train_accuracy": train_accuracy, "train_images": rows.len() });
+    manifest.metrics =
+        serde_json::json!({ "train_accuracy": train_accuracy, "train_images": rows.len() });
     model.bundle.write_version(&args.out, manifest, &head)?;
     tracing::info!(out = %args.out.display(), images = rows.len(), train_accuracy, "head fitted");
     Ok(FitSummary {

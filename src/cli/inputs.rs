@@ -49,7 +49,13 @@ pub fn output_key(path: &Path, used: &mut std::collections::HashSet<String>) -> 
         .and_then(|s| s.to_str())
         .unwrap_or("image")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut key = stem.clone();
     let mut n = 2;

@@ -20,7 +20,12 @@ pub use fit_head::FitHeadArgs;
 #[command(name = "cinflow", version, about)]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log collectors.
-    #[arg(long, env = "CINFLOW_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "CINFLOW_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -114,7 +119,8 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -169,7 +175,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
             img.save_with_format(&a.output, image::ImageFormat::Png)
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.output.display()))?;
-            eprintln!("wrote {} ({}x{})", a.output.display(), img.width(), img.height());
+            eprintln!(
+                "wrote {} ({}x{})",
+                a.output.display(),
+                img.width(),
+                img.height()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth(a) => {

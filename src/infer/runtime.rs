@@ -202,7 +202,8 @@ impl Backbone {
     ) -> Result<Vec<FeatureMap>, InferError> {
         let shape = [n, 3, height as usize, width as usize];
         debug_assert_eq!(batch.len(), shape.iter().product::<usize>());
-        let tensor = Tensor::from_array((shape, batch)).map_err(|e| InferError::Run(e.to_string()))?;
+        let tensor =
+            Tensor::from_array((shape, batch)).map_err(|e| InferError::Run(e.to_string()))?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session
             .run(ort::inputs![self.input.as_str() => tensor])
@@ -213,7 +214,10 @@ impl Backbone {
         if dims.len() != 4 || dims[0] as usize != n {
             return Err(InferError::Interface {
                 path: self.path.display().to_string(),
-                detail: format!("output {:?} has shape {dims:?}, expected [{n}, K, h, w]", self.output),
+                detail: format!(
+                    "output {:?} has shape {dims:?}, expected [{n}, K, h, w]",
+                    self.output
+                ),
             });
         }
         let (k, h, w) = (dims[1] as usize, dims[2] as usize, dims[3] as usize);

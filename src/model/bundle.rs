@@ -180,10 +180,9 @@ impl Bundle {
         manifest
             .files
             .insert(BACKBONE_FILE.into(), self.backbone_sha256().to_string());
-        manifest.files.insert(
-            HEAD_FILE.into(),
-            crate::hashing::sha256_hex(&head_bytes),
-        );
+        manifest
+            .files
+            .insert(HEAD_FILE.into(), crate::hashing::sha256_hex(&head_bytes));
         let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
         std::fs::write(tmp.join(MANIFEST_FILE), json + "\n").map_err(werr)?;
         if out.exists() {

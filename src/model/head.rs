@@ -82,7 +82,12 @@ impl Head {
             weight,
             bias,
         };
-        if let Some(bad) = head.weight.iter().chain(&head.bias).find(|v| !v.is_finite()) {
+        if let Some(bad) = head
+            .weight
+            .iter()
+            .chain(&head.bias)
+            .find(|v| !v.is_finite())
+        {
             return Err(HeadError::Shape {
                 path: name.into(),
                 detail: format!("contains a non-finite value ({bad})"),
@@ -162,7 +167,10 @@ pub fn fit_diagonal_lda(
     let mut mean = vec![vec![0f64; k]; n_classes];
     for (x, &y) in features.iter().zip(labels) {
         if y >= n_classes || x.len() != k {
-            return Err(HeadError::Fit(format!("bad example: label {y}, {} features", x.len())));
+            return Err(HeadError::Fit(format!(
+                "bad example: label {y}, {} features",
+                x.len()
+            )));
         }
         count[y] += 1;
         for (m, v) in mean[y].iter_mut().zip(x) {
@@ -186,10 +194,25 @@ pub fn fit_diagonal_lda(
     let floor = 1e-3 * var.iter().sum::<f64>() / k as f64 + 1e-12;
     var.iter_mut().for_each(|v| *v = v.max(floor));
 
+    // Discriminant scores x'S^-1 mu_c - mu_c'S^-1 mu_c / 2 + ln(prior_c), written
+    // around the overall mean m (which shifts every score by the same amount, so
+    // the probabilities are unchanged): w_c = S^-1 (mu_c - m). Each class's
+    // Grad-CAM map then shows evidence for that class relative to the average
+    // image, instead of the part every class shares.
     let n = features.len() as f64;
+    let overall: Vec<f64> = (0..k)
+        .map(|j| {
+            (0..n_classes)
+                .map(|c| mean[c][j] * count[c] as f64)
+                .sum::<f64>()
+                / n
+        })
+        .collect();
     let score = |c: usize| -> (Vec<f64>, f64) {
-        let w: Vec<f64> = mean[c].iter().zip(&var).map(|(m, v)| m / v).collect();
-        let b = -0.5 * mean[c].iter().zip(&var).map(|(m, v)| m * m / v).sum::<f64>()
+        let d: Vec<f64> = mean[c].iter().zip(&overall).map(|(a, m)| a - m).collect();
+        let w: Vec<f64> = d.iter().zip(&var).map(|(d, v)| d / v).collect();
+        let b = -w.iter().zip(&overall).map(|(w, m)| w * m).sum::<f64>()
+            - 0.5 * w.iter().zip(&d).map(|(w, d)| w * d).sum::<f64>()
             + (count[c] as f64 / n).ln();
         (w, b)
     };
@@ -200,7 +223,10 @@ pub fn fit_diagonal_lda(
             b.iter().map(|v| *v as f32).collect(),
         ),
         Task::Binary => (
-            w[0].iter().zip(&w[1]).map(|(a, c)| (a - c) as f32).collect(),
+            w[0].iter()
+                .zip(&w[1])
+                .map(|(a, c)| (a - c) as f32)
+                .collect(),
             vec![(b[0] - b[1]) as f32],
         ),
     };
@@ -249,7 +275,10 @@ mod tests {
         let xs: Vec<Vec<f32>> = (0..20)
             .map(|i| {
                 let c = (i % 2) as f32;
-                vec![c * 4.0 + (i as f32 * 0.37).sin(), -c * 3.0 + (i as f32 * 0.91).cos()]
+                vec![
+                    c * 4.0 + (i as f32 * 0.37).sin(),
+                    -c * 3.0 + (i as f32 * 0.91).cos(),
+                ]
             })
             .collect();
         let ys: Vec<usize> = (0..20).map(|i| i % 2).collect();

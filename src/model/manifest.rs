@@ -148,14 +148,14 @@ impl Manifest {
         if self.input.width == 0 || self.input.height == 0 {
             p.push("input width and height must be positive".into());
         }
-        if self.input.std.iter().any(|s| !(*s > 0.0)) {
+        if self.input.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             p.push(format!("input std {:?} must be positive", self.input.std));
         }
         if self.features.channels == 0 {
             p.push("features.channels must be positive".into());
         }
         let clahe = self.preprocess.clahe;
-        if !(clahe.clip_limit > 0.0) || clahe.tile_grid.contains(&0) {
+        if clahe.clip_limit.is_nan() || clahe.clip_limit <= 0.0 || clahe.tile_grid.contains(&0) {
             p.push(format!(
                 "CLAHE parameters {clahe:?} invalid: clip limit and tile grid must be positive"
             ));

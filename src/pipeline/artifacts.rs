@@ -34,7 +34,8 @@ pub fn render_artifacts(prepared: &Prepared, graded: &Graded, manifest: &Manifes
         .iter()
         .enumerate()
         .map(|(c, class)| {
-            let up = upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
+            let up =
+                upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
             let scale = up.iter().cloned().fold(0f32, f32::max);
             ClassHeatmap {
                 class: class.clone(),

@@ -80,7 +80,12 @@ impl Model {
     pub fn load(dir: &Path, cfg: &InferConfig) -> Result<Model, ModelError> {
         let bundle = Bundle::load(dir)?;
         let m = &bundle.manifest;
-        let backbone = Backbone::load(&bundle.backbone_path(), &m.input.name, &m.features.name, cfg)?;
+        let backbone = Backbone::load(
+            &bundle.backbone_path(),
+            &m.input.name,
+            &m.features.name,
+            cfg,
+        )?;
         Ok(Model { bundle, backbone })
     }
 
@@ -183,7 +188,13 @@ pub fn argmax(values: &[f32]) -> usize {
     values
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, v)| if *v > best.1 { (i, *v) } else { best })
+        .fold((0, f32::NEG_INFINITY), |best, (i, v)| {
+            if *v > best.1 {
+                (i, *v)
+            } else {
+                best
+            }
+        })
         .0
 }
 

@@ -105,7 +105,13 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
     let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
     assert!(header.contains("'<f4'"));
-    let inner = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let inner = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
     let shape: Vec<usize> = inner
         .split(',')
         .filter(|s| !s.trim().is_empty())

@@ -1,0 +1,206 @@
+//! cinflow's preprocessing against OpenCV, the research code's path, on real-size images.
+//!
+//! OpenCV runs in the project's Python (`CINFLOW_PYTHON`, which .cargo/config.toml points
+//! at `.venv/bin/python`) through `tools/bench_preprocess_opencv.py reference`, which
+//! documents the reference path. Tolerances:
+//! - CLAHE alone: at most 1 grey level, and at most 0.1% of samples off at all. Our CLAHE
+//!   follows OpenCV's integer and `f32` arithmetic step by step and is byte-identical on
+//!   these images; the slack only covers an OpenCV build that rounds a float tie otherwise.
+//! - CLAHE + resize: at most 1 grey level. The resize keeps an 8-bit intermediate between
+//!   its two passes where `INTER_AREA` accumulates in `f32`, which puts roughly one sample
+//!   in eight one level off; at most a quarter may be.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cinflow::preprocess::{clahe_rgb, decode, preprocess, ClaheParams, PreprocessConfig};
+use image::{ImageEncoder, Rgb, RgbImage};
+
+/// The project's Python with OpenCV; fails (never skips) when it is missing.
+fn python() -> String {
+    let py = std::env::var("CINFLOW_PYTHON")
+        .ok()
+        .or_else(|| option_env!("CINFLOW_PYTHON").map(String::from))
+        .unwrap_or_else(|| {
+            panic!("CINFLOW_PYTHON is not set: run scripts/setup.sh (creates .venv, which .cargo/config.toml points CINFLOW_PYTHON at)")
+        });
+    match Command::new(&py).args(["-c", "import cv2"]).output() {
+        Ok(out) if out.status.success() => py,
+        Ok(out) => panic!(
+            "{py} cannot import cv2 ({}): run scripts/setup.sh",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(err) => panic!("cannot run {py} ({err}): run scripts/setup.sh"),
+    }
+}
+
+/// Deterministic textured test image: smooth per-channel gradients, dark and bright
+/// Gaussian blobs (nucleus- and lumen-like) and uniform noise.
+fn textured(width: u32, height: u32, seed: u64) -> RgbImage {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (w, h) = (width as f32, height as f32);
+    let mut acc = vec![0f32; 3 * width as usize * height as usize];
+    for (i, px) in acc.chunks_exact_mut(3).enumerate() {
+        let (x, y) = (
+            (i % width as usize) as f32 / w,
+            (i / width as usize) as f32 / h,
+        );
+        px[0] = 150.0 + 60.0 * x - 30.0 * y + 20.0 * (9.0 * x + 4.0 * y).sin();
+        px[1] = 90.0 + 50.0 * y + 25.0 * (7.0 * y - 3.0 * x).cos();
+        px[2] = 170.0 - 40.0 * x * y + 15.0 * (11.0 * x).sin();
+    }
+    for _ in 0..60 {
+        let r = next();
+        let (cx, cy) = (
+            (r % u64::from(width)) as f32,
+            ((r >> 16) % u64::from(height)) as f32,
+        );
+        let radius = 8.0 + ((r >> 32) % 90) as f32;
+        let strength = [0, 8, 16].map(|s| ((r >> (40 + s)) % 160) as f32 - 110.0);
+        let reach = 3.0 * radius;
+        let (x0, x1) = (
+            (cx - reach).max(0.0) as u32,
+            (cx + reach).min(w - 1.0) as u32,
+        );
+        let (y0, y1) = (
+            (cy - reach).max(0.0) as u32,
+            (cy + reach).min(h - 1.0) as u32,
+        );
+        for y in y0..=y1 {
+            for x in x0..=x1 {
+                let d2 = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)) / (radius * radius);
+                let f = (-d2).exp();
+                let i = 3 * (y as usize * width as usize + x as usize);
+                for c in 0..3 {
+                    acc[i + c] += strength[c] * f;
+                }
+            }
+        }
+    }
+    let pixels = acc
+        .chunks_exact(3)
+        .map(|px| {
+            let n = next();
+            let noise = |c: u32| ((n >> (8 * c)) % 25) as f32 - 12.0;
+            [0, 1, 2].map(|c| (px[c as usize] + noise(c)).clamp(0.0, 255.0) as u8)
+        })
+        .collect::<Vec<[u8; 3]>>();
+    RgbImage::from_fn(width, height, |x, y| Rgb(pixels[(y * width + x) as usize]))
+}
+
+fn write_png(path: &Path, img: &RgbImage) -> Vec<u8> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    let mut bytes = Vec::new();
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// (max abs difference, fraction of samples that differ).
+fn compare(ours: &RgbImage, opencv: &RgbImage) -> (u8, f64) {
+    assert_eq!(ours.dimensions(), opencv.dimensions());
+    let diffs = ours
+        .as_raw()
+        .iter()
+        .zip(opencv.as_raw())
+        .map(|(a, b)| a.abs_diff(*b));
+    let (worst, off) = diffs.fold((0, 0usize), |(m, n), d| (m.max(d), n + usize::from(d > 0)));
+    (worst, off as f64 / ours.as_raw().len() as f64)
+}
+
+fn check_against_opencv(width: u32, height: u32, cfg: PreprocessConfig, seed: u64) {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let input: PathBuf = dir.path().join("input.png");
+    let (clahe_out, pre_out) = (
+        dir.path().join("cv_clahe.png"),
+        dir.path().join("cv_pre.png"),
+    );
+    let bytes = write_png(&input, &textured(width, height, seed));
+
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_preprocess_opencv.py");
+    let [cols, rows] = cfg.clahe.tile_grid;
+    let status = Command::new(&py)
+        .arg(&tool)
+        .arg("reference")
+        .args([&input, &clahe_out, &pre_out])
+        .args(["--clip", &cfg.clahe.clip_limit.to_string()])
+        .args(["--grid", &cols.to_string(), &rows.to_string()])
+        .args(["--size", &cfg.width.to_string(), &cfg.height.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{} reference failed", tool.display());
+    let read = |p: &Path| decode(&std::fs::read(p).unwrap()).unwrap();
+
+    let decoded = decode(&bytes).unwrap();
+    let (worst, off) = compare(&clahe_rgb(&decoded, &cfg.clahe), &read(&clahe_out));
+    println!(
+        "{width}x{height} CLAHE: max diff {worst}, {:.4}% of samples off",
+        off * 100.0
+    );
+    assert!(
+        worst <= 1,
+        "CLAHE differs from OpenCV by {worst} grey levels"
+    );
+    assert!(
+        off <= 0.001,
+        "CLAHE differs from OpenCV on {:.3}% of samples",
+        off * 100.0
+    );
+
+    let ours = preprocess(&bytes, &cfg).unwrap();
+    assert_eq!(ours.dimensions(), (cfg.width, cfg.height));
+    let (worst, off) = compare(&ours, &read(&pre_out));
+    println!(
+        "{width}x{height} CLAHE+resize: max diff {worst}, {:.2}% off",
+        off * 100.0
+    );
+    assert!(
+        worst <= 1,
+        "preprocessing differs from OpenCV by {worst} grey levels"
+    );
+    assert!(
+        off <= 0.25,
+        "preprocessing differs from OpenCV on {:.1}% of samples",
+        off * 100.0
+    );
+}
+
+#[test]
+fn matches_opencv_at_scanner_size() {
+    check_against_opencv(2560, 1920, PreprocessConfig::default(), 1);
+}
+
+#[test]
+fn matches_opencv_when_tiles_do_not_divide() {
+    // 2501 % 8 and 1877 % 8 are non-zero: OpenCV pads the image for the histograms.
+    check_against_opencv(2501, 1877, PreprocessConfig::default(), 2);
+}
+
+#[test]
+fn matches_opencv_with_other_parameters() {
+    // Width divides the grid, height does not (OpenCV then pads both sides), a low clip
+    // limit that clips most bins, and a non-square grid and output.
+    let cfg = PreprocessConfig {
+        width: 700,
+        height: 333,
+        clahe: ClaheParams {
+            clip_limit: 2.0,
+            tile_grid: [6, 5],
+        },
+    };
+    check_against_opencv(1200, 901, cfg, 3);
+}

@@ -2,7 +2,9 @@
 
 use std::io::Cursor;
 
-use image::{ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
+use image::{
+    ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage,
+};
 
 use super::PreprocessError;
 
@@ -23,7 +25,10 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
     let format = image::guess_format(bytes).map_err(|_| {
         PreprocessError::UnsupportedFormat(format!("unrecognised signature {}", signature(bytes)))
     })?;
-    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Tiff) {
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Tiff
+    ) {
         return Err(PreprocessError::UnsupportedFormat(format!("{format:?}")));
     }
 
@@ -92,13 +97,14 @@ fn classify(err: ImageError, max_pixels: u64) -> PreprocessError {
             }
             _ => PreprocessError::Undecodable(e.to_string()),
         },
-        ImageError::Limits(e) => PreprocessError::Undecodable(format!(
-            "{e} (the limit is {max_pixels} pixels)"
-        )),
+        ImageError::Limits(e) => {
+            PreprocessError::Undecodable(format!("{e} (the limit is {max_pixels} pixels)"))
+        }
         other => {
-            let detail = other.to_string();
+            let detail = other.to_string().trim().to_string();
             let lower = detail.to_ascii_lowercase();
-            if lower.contains("eof") || lower.contains("end of file") || lower.contains("truncat") {
+            let truncation = ["eof", "end of file", "truncat", "not enough bytes"];
+            if truncation.iter().any(|t| lower.contains(t)) {
                 PreprocessError::Truncated(detail)
             } else {
                 PreprocessError::Undecodable(detail)
@@ -165,20 +171,27 @@ mod tests {
                 image::EncodableLayout::as_bytes(img.as_raw().as_slice()),
                 img.width(),
                 img.height(),
-                P::COLOR_TYPE.into(),
+                P::COLOR_TYPE,
             )
             .unwrap();
         out
     }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, (x + y) as u8]))
+        RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 7) as u8, (y * 5) as u8, (x + y) as u8])
+        })
     }
 
     fn jpeg(img: &RgbImage) -> Vec<u8> {
         let mut out = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
             .unwrap();
         out
     }
@@ -245,14 +258,23 @@ mod tests {
     #[test]
     fn garbage_is_refused() {
         let err = decode(b"this is certainly not an image").unwrap_err();
-        assert!(matches!(err, PreprocessError::UnsupportedFormat(_)), "{err}");
-        assert!(matches!(decode(&[]).unwrap_err(), PreprocessError::UnsupportedFormat(_)));
+        assert!(
+            matches!(err, PreprocessError::UnsupportedFormat(_)),
+            "{err}"
+        );
+        assert!(matches!(
+            decode(&[]).unwrap_err(),
+            PreprocessError::UnsupportedFormat(_)
+        ));
         // A PNG signature followed by garbage.
         let mut bad = b"\x89PNG\r\n\x1a\n".to_vec();
         bad.extend_from_slice(&[0x42; 64]);
         let err = decode(&bad).unwrap_err();
         assert!(
-            matches!(err, PreprocessError::Undecodable(_) | PreprocessError::Truncated(_)),
+            matches!(
+                err,
+                PreprocessError::Undecodable(_) | PreprocessError::Truncated(_)
+            ),
             "{err}"
         );
         assert!(!err.is_retriable());
@@ -261,13 +283,16 @@ mod tests {
     #[test]
     fn truncated_jpeg_is_refused() {
         let noisy = RgbImage::from_fn(256, 256, |x, y| {
-            Rgb([(x * 31 ^ y * 17) as u8, (x * y) as u8, (x ^ y) as u8])
+            Rgb([((x * 31) ^ (y * 17)) as u8, (x * y) as u8, (x ^ y) as u8])
         });
         let bytes = jpeg(&noisy);
         for cut in [bytes.len() / 2, bytes.len() - 2, 400] {
             let err = decode(&bytes[..cut]).unwrap_err();
             assert!(
-                matches!(err, PreprocessError::Truncated(_) | PreprocessError::Undecodable(_)),
+                matches!(
+                    err,
+                    PreprocessError::Truncated(_) | PreprocessError::Undecodable(_)
+                ),
                 "cut {cut}: {err}"
             );
         }
@@ -279,7 +304,7 @@ mod tests {
 
     #[test]
     fn truncated_png_is_refused() {
-        let noisy = RgbImage::from_fn(128, 128, |x, y| Rgb([(x * 31 ^ y * 17) as u8, 0, 1]));
+        let noisy = RgbImage::from_fn(128, 128, |x, y| Rgb([((x * 31) ^ (y * 17)) as u8, 0, 1]));
         let bytes = png(&noisy);
         let err = decode(&bytes[..bytes.len() / 2]).unwrap_err();
         assert!(matches!(err, PreprocessError::Truncated(_)), "{err}");
@@ -291,7 +316,11 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -318,9 +347,17 @@ mod tests {
     fn huge_png_header_fails_fast() {
         let start = Instant::now();
         let err = decode(&png_header(100_000, 100_000)).unwrap_err();
-        assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            start.elapsed()
+        );
         match err {
-            PreprocessError::TooLarge { width, height, max_pixels } => {
+            PreprocessError::TooLarge {
+                width,
+                height,
+                max_pixels,
+            } => {
                 assert_eq!((width, height, max_pixels), (100_000, 100_000, MAX_PIXELS));
             }
             other => panic!("expected TooLarge, got {other}"),

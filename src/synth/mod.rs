@@ -82,7 +82,9 @@ impl fmt::Display for Grade {
 impl FromStr for Grade {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Grade::from_label(s).with_context(|| format!("unknown grade {s:?} (expected CIN3, CIN2, CIN1 or Non-neoplasm)"))
+        Grade::from_label(s).with_context(|| {
+            format!("unknown grade {s:?} (expected CIN3, CIN2, CIN1 or Non-neoplasm)")
+        })
     }
 }
 
@@ -133,8 +135,14 @@ pub fn parse_size(s: &str) -> Result<(u32, u32)> {
         .trim()
         .split_once(['x', 'X'])
         .with_context(|| format!("size {s:?} is not WIDTHxHEIGHT"))?;
-    let w: u32 = w.trim().parse().with_context(|| format!("bad width in {s:?}"))?;
-    let h: u32 = h.trim().parse().with_context(|| format!("bad height in {s:?}"))?;
+    let w: u32 = w
+        .trim()
+        .parse()
+        .with_context(|| format!("bad width in {s:?}"))?;
+    let h: u32 = h
+        .trim()
+        .parse()
+        .with_context(|| format!("bad height in {s:?}"))?;
     if w < MIN_SIDE || h < MIN_SIDE {
         bail!("size {s:?} is too small (each side must be at least {MIN_SIDE})");
     }
@@ -262,7 +270,10 @@ fn patient_id(p: usize) -> String {
 
 /// Writes `opts.n` synthetic images, `labels.csv` and `README.txt` into `opts.out`.
 /// Images are rendered in parallel; the output is byte-for-byte deterministic.
-pub fn generate(opts: &SynthOptions, progress: Option<&indicatif::ProgressBar>) -> Result<SynthSummary> {
+pub fn generate(
+    opts: &SynthOptions,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<SynthSummary> {
     if opts.images_per_patient == 0 {
         bail!("images_per_patient must be at least 1");
     }
@@ -273,7 +284,8 @@ pub fn generate(opts: &SynthOptions, progress: Option<&indicatif::ProgressBar>) 
             opts.height
         );
     }
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
     let plans = plan(opts.n, opts.images_per_patient);
     if let Some(pb) = progress {
         pb.set_length(opts.n as u64);
@@ -298,8 +310,14 @@ pub fn generate(opts: &SynthOptions, progress: Option<&indicatif::ProgressBar>) 
                 p.within
             );
             let path = opts.out.join(&name);
-            let img = render(p.grade, opts.width, opts.height, image_seed(opts.seed, p.index));
-            write_image(&img, &path, opts.format).with_context(|| format!("writing {}", path.display()))?;
+            let img = render(
+                p.grade,
+                opts.width,
+                opts.height,
+                image_seed(opts.seed, p.index),
+            );
+            write_image(&img, &path, opts.format)
+                .with_context(|| format!("writing {}", path.display()))?;
             if let Some(pb) = progress {
                 pb.inc(1);
             }
@@ -313,10 +331,15 @@ pub fn generate(opts: &SynthOptions, progress: Option<&indicatif::ProgressBar>) 
 
     let labels_csv = opts.out.join("labels.csv");
     {
-        let mut w = csv::Writer::from_path(&labels_csv).with_context(|| format!("writing {}", labels_csv.display()))?;
+        let mut w = csv::Writer::from_path(&labels_csv)
+            .with_context(|| format!("writing {}", labels_csv.display()))?;
         w.write_record(["path", "label", "patient_id"])?;
         for im in &images {
-            let rel = im.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let rel = im
+                .path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             w.write_record([rel.as_str(), im.grade.label(), im.patient_id.as_str()])?;
         }
         w.flush()?;
@@ -332,7 +355,10 @@ fn write_image(img: &RgbImage, path: &Path, format: SynthFormat) -> Result<()> {
     let mut w = BufWriter::new(File::create(path)?);
     match format {
         SynthFormat::Jpeg => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, SynthFormat::JPEG_QUALITY);
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut w,
+                SynthFormat::JPEG_QUALITY,
+            );
             img.write_with_encoder(enc)?;
         }
         SynthFormat::Png => {
@@ -348,7 +374,13 @@ fn write_readme(opts: &SynthOptions, plans: &[Plan]) -> Result<()> {
     let patients = plans.iter().map(|p| p.patient).max().unwrap_or(0);
     let per_grade: Vec<String> = Grade::ALL
         .iter()
-        .map(|g| format!("{}: {}", g.label(), plans.iter().filter(|p| p.grade == *g).count()))
+        .map(|g| {
+            format!(
+                "{}: {}",
+                g.label(),
+                plans.iter().filter(|p| p.grade == *g).count()
+            )
+        })
         .collect();
     let text = format!(
         "SYNTHETIC IMAGES - NOT CLINICAL DATA\n\

@@ -13,6 +13,7 @@
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::Grade;
 
@@ -58,54 +59,50 @@ fn pl(table: &[(f32, f32)], x: f32) -> f32 {
 }
 
 #[inline]
-fn hash3(a: u32, b: u32, c: u32) -> u32 {
-    let mut h = a.wrapping_mul(0x9E37_79B1)
-        ^ b.wrapping_mul(0x85EB_CA77).rotate_left(13)
-        ^ c.wrapping_mul(0xC2B2_AE3D).rotate_left(7);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x2C1B_3C6D);
-    h ^= h >> 12;
-    h = h.wrapping_mul(0x297A_2D39);
-    h ^= h >> 15;
-    h
-}
-
-/// Uniform in [0, 1) from a hash.
-#[inline]
-fn hashf(a: u32, b: u32, c: u32) -> f32 {
-    (hash3(a, b, c) >> 8) as f32 * (1.0 / 16_777_216.0)
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Tileable 2-D value noise on a 256x256 lattice of random values, smooth interpolation.
 struct Noise {
-    t: Vec<f32>,
+    t: Box<[f32; NS * NS]>,
 }
 
 const NS: usize = 256;
 
 impl Noise {
     fn new(rng: &mut ChaCha8Rng) -> Self {
+        let v: Vec<f32> = (0..NS * NS).map(|_| rng.random::<f32>()).collect();
         Noise {
-            t: (0..NS * NS).map(|_| rng.random::<f32>()).collect(),
+            t: v.into_boxed_slice().try_into().expect("NS * NS values"),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn at(&self, x: f32, y: f32) -> f32 {
-        let xf = x.floor();
-        let yf = y.floor();
-        let fx = x - xf;
-        let fy = y - yf;
+        // floor without a libm call (baseline x86-64 has no rounding instruction)
+        let xi = x as i32;
+        let xi = xi - ((xi as f32) > x) as i32;
+        let yi = y as i32;
+        let yi = yi - ((yi as f32) > y) as i32;
+        let fx = x - xi as f32;
+        let fy = y - yi as f32;
         let sx = fx * fx * (3.0 - 2.0 * fx);
         let sy = fy * fy * (3.0 - 2.0 * fy);
-        let xi = ((xf as i32) & (NS as i32 - 1)) as usize;
-        let yi = ((yf as i32) & (NS as i32 - 1)) as usize;
-        let xj = (xi + 1) & (NS - 1);
-        let yj = (yi + 1) & (NS - 1);
-        let a = self.t[yi * NS + xi];
-        let b = self.t[yi * NS + xj];
-        let c = self.t[yj * NS + xi];
-        let d = self.t[yj * NS + xj];
+        // masked indices: wrap-around tiling, and no bounds checks
+        let (x0, x1) = (xi as usize & (NS - 1), (xi + 1) as usize & (NS - 1));
+        let (r0, r1) = (
+            (yi as usize & (NS - 1)) * NS,
+            ((yi + 1) as usize & (NS - 1)) * NS,
+        );
+        let t = &*self.t;
+        let a = t[(r0 | x0) & (NS * NS - 1)];
+        let b = t[(r0 | x1) & (NS * NS - 1)];
+        let c = t[(r1 | x0) & (NS * NS - 1)];
+        let d = t[(r1 | x1) & (NS * NS - 1)];
         lerp(lerp(a, b, sx), lerp(c, d, sx), sy)
     }
 }
@@ -134,6 +131,8 @@ struct Cell {
     border: f32,
     /// Normalised radius of a clear perinuclear halo (koilocyte, mitosis); 0 for none.
     halo: f32,
+    /// How clear the halo is, 0..1.
+    halo_k: f32,
 }
 
 /// A stained ellipse with an optional irregular outline and chromatin texture.
@@ -197,13 +196,31 @@ impl Wave {
 }
 
 // Normal maturation by maturity m (0 basal .. 1 superficial), lengths at reference scale.
-const CELL_W: &[(f32, f32)] = &[(0.0, 13.0), (0.12, 19.0), (0.4, 44.0), (0.7, 58.0), (1.0, 74.0)];
-const CELL_H: &[(f32, f32)] = &[(0.0, 17.0), (0.12, 20.0), (0.4, 33.0), (0.7, 25.0), (1.0, 12.0)];
-const NUC_RX: &[(f32, f32)] = &[(0.0, 4.6), (0.12, 6.0), (0.4, 5.4), (0.7, 5.8), (1.0, 7.2)];
-const NUC_RY: &[(f32, f32)] = &[(0.0, 7.2), (0.12, 6.0), (0.4, 5.0), (0.7, 3.4), (1.0, 2.0)];
-const NUC_H: &[(f32, f32)] = &[(0.0, 1.2), (0.4, 1.0), (0.7, 1.15), (1.0, 1.5)];
+const CELL_W: &[(f32, f32)] = &[
+    (0.0, 13.0),
+    (0.12, 19.0),
+    (0.4, 44.0),
+    (0.7, 58.0),
+    (1.0, 74.0),
+];
+const CELL_H: &[(f32, f32)] = &[
+    (0.0, 17.0),
+    (0.12, 20.0),
+    (0.4, 33.0),
+    (0.7, 25.0),
+    (1.0, 12.0),
+];
+const NUC_RX: &[(f32, f32)] = &[(0.0, 4.6), (0.12, 6.0), (0.4, 6.0), (0.7, 6.0), (1.0, 7.2)];
+const NUC_RY: &[(f32, f32)] = &[(0.0, 7.2), (0.12, 6.0), (0.4, 5.2), (0.7, 3.6), (1.0, 2.0)];
+const NUC_H: &[(f32, f32)] = &[(0.0, 1.2), (0.4, 0.9), (0.7, 1.1), (1.0, 1.5)];
 const CYTO_H: &[(f32, f32)] = &[(0.0, 0.15), (0.12, 0.11), (0.4, 0.035), (1.0, 0.03)];
-const CYTO_E: &[(f32, f32)] = &[(0.0, 0.27), (0.12, 0.26), (0.4, 0.14), (0.7, 0.2), (1.0, 0.4)];
+const CYTO_E: &[(f32, f32)] = &[
+    (0.0, 0.27),
+    (0.12, 0.25),
+    (0.4, 0.11),
+    (0.7, 0.17),
+    (1.0, 0.38),
+];
 const BORDER: &[(f32, f32)] = &[(0.0, 0.15), (0.12, 0.35), (0.4, 1.0), (1.0, 0.8)];
 /// Relative depth v -> maturity for a normal epithelium: a thin basal/parabasal zone.
 const MATURITY: &[(f32, f32)] = &[(0.0, 0.0), (0.06, 0.12), (1.0, 1.0)];
@@ -231,19 +248,19 @@ fn atypia(grade: Grade, rng: &mut ChaCha8Rng) -> Atypia {
         Grade::Cin1 => Atypia {
             extent: rng.random_range(0.24..0.34),
             sev: rng.random_range(0.55..0.75),
-            mitoses: 0.006,
-            koilocytes: rng.random_range(0.2..0.4),
+            mitoses: 0.005,
+            koilocytes: rng.random_range(0.08..0.2),
         },
         Grade::Cin2 => Atypia {
             extent: rng.random_range(0.52..0.66),
             sev: rng.random_range(0.75..0.9),
-            mitoses: 0.015,
-            koilocytes: rng.random_range(0.05..0.2),
+            mitoses: 0.01,
+            koilocytes: rng.random_range(0.02..0.08),
         },
         Grade::Cin3 => Atypia {
             extent: rng.random_range(0.9..1.02),
             sev: rng.random_range(0.9..1.0),
-            mitoses: 0.03,
+            mitoses: 0.018,
             koilocytes: 0.0,
         },
     }
@@ -355,7 +372,7 @@ impl Tessellation {
             q2: vec![f32::INFINITY; n],
             id: vec![u32::MAX; n],
         };
-        const R: f32 = 1.5;
+        const R: f32 = 1.6;
         for (ci, c) in cells.iter().enumerate() {
             let xa = (c.x - R * c.ax).floor().max(0.0) as isize;
             let xb = ((c.x + R * c.ax).ceil() as isize).min(w as isize - 1);
@@ -412,11 +429,17 @@ impl Tessellation {
 // ---------------------------------------------------------------------------------------
 // the renderer
 
-pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, masks: bool) -> Rendered {
+#[allow(clippy::too_many_lines)]
+pub(crate) fn render_full(
+    grade: Grade,
+    width: u32,
+    height: u32,
+    seed: u64,
+    masks: bool,
+) -> Rendered {
     let width = width.max(1);
     let height = height.max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let seed32 = (seed ^ (seed >> 32)) as u32;
 
     // Orientation: the canonical canvas has lumen at the top and stroma at the bottom; the
     // result is any of the 8 flips/transposes of it.
@@ -428,6 +451,13 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     } else {
         (width as usize, height as usize)
     };
+    let orient = Orient {
+        transpose,
+        flip_x,
+        flip_y,
+        cw,
+        ch,
+    };
     let (cwf, chf) = (cw as f32, ch as f32);
 
     // Magnification: lengths are reference pixels times s.
@@ -436,7 +466,7 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     let aty = atypia(grade, &mut rng);
 
     // ---- geometry of the epithelial band
-    let t_mean = (s * rng.random_range(480.0..780.0)).min(0.62 * chf);
+    let t_mean = (s * rng.random_range(550.0..950.0)).min(0.66 * chf);
     let mut ys0 = chf * rng.random_range(0.05..0.28);
     let over = ys0 + t_mean - 0.86 * chf;
     if over > 0.0 {
@@ -444,21 +474,29 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     }
     let yb0 = ys0 + t_mean;
     let tilt = rng.random_range(-0.06f32..0.06);
-    let membrane = Wave::random(
+    // large-scale course of the band (shared by surface and membrane)
+    let course = Wave::random(
         &mut rng,
-        &[
-            (0.03 * t_mean, 0.09 * t_mean, 0.7 * cwf, 1.6 * cwf),
-            (12.0 * s, 40.0 * s, 260.0 * s, 520.0 * s),
-            (4.0 * s, 12.0 * s, 80.0 * s, 160.0 * s),
-        ],
+        &[(0.03 * t_mean, 0.09 * t_mean, 0.7 * cwf, 1.6 * cwf)],
     );
+    // rete pegs: rounded downward bulges of the membrane with narrow papillae between
+    let pegs = Wave::random(&mut rng, &[(1.0, 1.0, 2.0 * 220.0 * s, 2.0 * 420.0 * s)]);
+    let peg_amp = s * rng.random_range(10.0..45.0);
+    let peg_mod = Wave::random(&mut rng, &[(0.2, 0.45, 600.0 * s, 1400.0 * s)]);
+    let bm_fine = Wave::random(&mut rng, &[(2.0 * s, 7.0 * s, 70.0 * s, 150.0 * s)]);
     let thick = Wave::random(
         &mut rng,
-        &[(0.04, 0.12, 0.5 * cwf, 1.4 * cwf), (0.01, 0.05, 300.0 * s, 700.0 * s)],
+        &[
+            (0.03, 0.1, 0.5 * cwf, 1.4 * cwf),
+            (0.01, 0.04, 300.0 * s, 700.0 * s),
+        ],
     );
     let rough = Wave::random(
         &mut rng,
-        &[(1.5 * s, 5.0 * s, 40.0 * s, 90.0 * s), (2.0 * s, 8.0 * s, 150.0 * s, 350.0 * s)],
+        &[
+            (0.5 * s, 2.0 * s, 40.0 * s, 90.0 * s),
+            (2.0 * s, 9.0 * s, 180.0 * s, 420.0 * s),
+        ],
     );
     let ext_wave = Wave::random(&mut rng, &[(0.03, 0.07, 0.4 * cwf, 1.2 * cwf)]);
     let mut band = Band {
@@ -468,10 +506,12 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     };
     for x in 0..cw {
         let xf = x as f32 + 0.5;
-        let yb = yb0 + tilt * (xf - 0.5 * cwf) + membrane.eval(xf);
+        let base = yb0 + tilt * (xf - 0.5 * cwf) + course.eval(xf);
+        let peg = peg_amp * (1.0 + peg_mod.eval(xf)) * (pegs.eval(xf).abs().powf(1.3) - 0.5);
+        let yb = base + peg + bm_fine.eval(xf);
         let t = t_mean * (1.0 + thick.eval(xf));
         band.yb.push(yb);
-        band.ys.push(yb - t + rough.eval(xf));
+        band.ys.push(base - t + rough.eval(xf));
         let e = if aty.extent > 0.0 {
             (aty.extent + ext_wave.eval(xf)).clamp(0.0, 1.0)
         } else {
@@ -483,17 +523,10 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     // ---- epithelial cells, row by row from the basement membrane up
     let mut cells: Vec<Cell> = Vec::new();
     let mut nuclei: Vec<Blob> = Vec::new();
-    let maturity = |v: f32, e: f32| -> f32 {
-        if e <= 0.0 {
-            pl(MATURITY, v)
-        } else {
-            0.18 + 0.82 * ((v - e) / (1.0 - e).max(1e-3)).clamp(0.0, 1.0)
-        }
-    };
     let sev = aty.sev;
-    let atyp_r = s * rng.random_range(7.6..9.4) * (0.8 + 0.3 * sev);
+    let atyp_r = s * rng.random_range(8.5..10.5) * (0.8 + 0.3 * sev);
     let atyp_spread = 0.15 + 0.3 * sev;
-    let atyp_cell = 2.45;
+    let atyp_cell = 3.0;
     let mut v = 0.0f32;
     while v < 1.0 {
         let row_atyp = v < aty.extent;
@@ -531,7 +564,8 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                     cyto_h: 0.17 * rng.random_range(0.85..1.15),
                     cyto_e: 0.25 * rng.random_range(0.85..1.15),
                     border: 0.3,
-                    halo: if mitosis { 0.75 } else { 0.0 },
+                    halo: if mitosis { 0.7 } else { 0.0 },
+                    halo_k: 0.4,
                 });
                 let aspect = rng.random_range(0.55 + 0.15 * (1.0 - sev)..1.0);
                 let angle = rng.random_range(0.0..std::f32::consts::PI);
@@ -557,9 +591,9 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                         rx: r,
                         ry: r * aspect,
                         angle,
-                        irr: rng.random_range(0.03..0.08 + 0.12 * sev),
+                        irr: rng.random_range(0.01..0.03 + 0.05 * sev),
                         phase: rng.random_range(0.0..6.3),
-                        h: rng.random_range(1.45..1.95) * (0.9 + 0.15 * sev),
+                        h: rng.random_range(1.25..1.75) * (0.9 + 0.15 * sev),
                         e: 0.12,
                         chrom: 0.25 + 0.35 * sev,
                         rim: 0.25,
@@ -578,16 +612,24 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                 }
                 let y = yb - vc * t_loc + rng.random_range(-0.2..0.2) * chgt;
                 let cx = x + rng.random_range(-0.1..0.1) * cwid;
-                let koilo = m > 0.3 && aty.koilocytes > 0.0 && rng.random_bool(aty.koilocytes as f64);
+                let koilo =
+                    m > 0.4 && aty.koilocytes > 0.0 && rng.random_bool(aty.koilocytes as f64);
                 cells.push(Cell {
                     x: cx,
                     y,
                     ax: 0.55 * cwid,
                     ay: 0.55 * chgt,
                     cyto_h: pl(CYTO_H, m) * rng.random_range(0.85..1.15),
-                    cyto_e: pl(CYTO_E, m) * rng.random_range(0.85..1.15) * if koilo { 1.35 } else { 1.0 },
+                    cyto_e: pl(CYTO_E, m)
+                        * rng.random_range(0.85..1.15)
+                        * if koilo { 1.35 } else { 1.0 },
                     border: pl(BORDER, m),
-                    halo: if koilo { rng.random_range(0.5..0.7) } else { 0.0 },
+                    halo: if koilo {
+                        rng.random_range(0.45..0.65)
+                    } else {
+                        0.0
+                    },
+                    halo_k: 0.75,
                 });
                 // the nucleus must lie inside the epithelium
                 if y < band.ys[band.col(cx)] + 1.0 {
@@ -595,27 +637,32 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                     continue;
                 }
                 let jitter = 0.12 + 0.25 * smoothstep(0.1, 0.4, m) - 0.25 * smoothstep(0.7, 1.0, m);
+                let nsz = rng.random_range(0.82..1.18);
                 let mut nuc = Blob {
-                    x: cx + rng.random_range(-0.08..0.08) * cwid,
+                    x: if koilo {
+                        cx
+                    } else {
+                        cx + rng.random_range(-0.08..0.08) * cwid
+                    },
                     y,
-                    rx: s * pl(NUC_RX, m) * rng.random_range(0.88..1.12),
-                    ry: s * pl(NUC_RY, m) * rng.random_range(0.88..1.12),
+                    rx: s * pl(NUC_RX, m) * nsz * rng.random_range(0.9..1.1),
+                    ry: s * pl(NUC_RY, m) * nsz * rng.random_range(0.9..1.1),
                     angle: tangent + rng.random_range(-jitter..jitter.max(1e-3)),
-                    irr: 0.02,
+                    irr: rng.random_range(0.0..0.05),
                     phase: rng.random_range(0.0..6.3),
-                    h: pl(NUC_H, m) * rng.random_range(0.9..1.1),
+                    h: pl(NUC_H, m) * rng.random_range(0.88..1.12),
                     e: 0.1,
-                    chrom: 0.25,
+                    chrom: 0.3,
                     rim: 0.2,
                 };
                 if koilo {
                     // raisinoid, enlarged, hyperchromatic nucleus; some binucleate
                     nuc.rx = nuc.rx.max(s * 5.0) * 1.45;
                     nuc.ry = nuc.ry.max(s * 3.5) * 1.45;
-                    nuc.irr = 0.18;
+                    nuc.irr = 0.1;
                     nuc.h = 1.6;
                     nuc.chrom = 0.4;
-                    if rng.random_bool(0.2) {
+                    if rng.random_bool(0.1) {
                         let mut b2 = nuc;
                         let d = nuc.rx * 1.1;
                         nuc.x -= d;
@@ -644,14 +691,14 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
         }
         Some((x, rng.random_range(top..chf), yb))
     };
-    let n_fib = (stroma_area / (s * s * rng.random_range(3500.0..7000.0))) as usize;
+    let n_fib = (stroma_area / (s * s * rng.random_range(5500.0..11000.0))) as usize;
     for _ in 0..n_fib {
         if let Some((x, y, _)) = sample_stroma(&mut rng, 3.0 * s) {
             stroma_blobs.push(Blob {
                 x,
                 y,
                 rx: s * rng.random_range(9.0..17.0),
-                ry: s * rng.random_range(1.8..3.4),
+                ry: s * rng.random_range(1.6..3.0),
                 angle: fibre_angle + rng.random_range(-0.35..0.35),
                 irr: 0.04,
                 phase: rng.random_range(0.0..6.3),
@@ -689,12 +736,12 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
         endo: Vec<Blob>,
     }
     let mut vessels = Vec::new();
-    let n_ves = (cwf / (s * rng.random_range(300.0..650.0))).round() as usize;
+    let n_ves = (cwf / (s * rng.random_range(220.0..480.0))).round() as usize;
     for _ in 0..n_ves {
         let x = rng.random_range(0.0..cwf);
         let yb = band.yb[band.col(x)];
-        let y = yb + s * rng.random_range(35.0..320.0);
-        let a = s * rng.random_range(10.0..30.0);
+        let y = yb + s * rng.random_range(30.0..380.0);
+        let a = s * rng.random_range(18.0..60.0);
         let b = a * rng.random_range(0.4..1.0);
         if y - a > chf {
             continue;
@@ -708,8 +755,8 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
             angle,
             irr: 0.05,
             phase: rng.random_range(0.0..6.3),
-            h: 0.015,
-            e: 0.07,
+            h: 0.02,
+            e: 0.12,
             chrom: 0.0,
             rim: 0.0,
         };
@@ -721,7 +768,7 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
             e: 0.75,
             ..lumen
         };
-        let fill = rng.random_range(0.1..0.8);
+        let fill = rng.random_range(0.2..0.9);
         let rr = s * 3.4;
         let n_rbc = (fill * a * b / (rr * rr)) as usize;
         let (sn, cs) = angle.sin_cos();
@@ -740,7 +787,7 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                     irr: 0.0,
                     phase: 0.0,
                     h: 0.03,
-                    e: rng.random_range(1.0..1.3),
+                    e: rng.random_range(0.75..1.0),
                     chrom: 0.0,
                     rim: 0.0,
                 }
@@ -769,101 +816,64 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
                 }
             })
             .collect();
-        vessels.push(Vessel { lumen, wall, rbcs, endo });
+        vessels.push(Vessel {
+            lumen,
+            wall,
+            rbcs,
+            endo,
+        });
     }
 
-    // ---- tissue pass
-    let epi_top = band.ys.iter().fold(f32::INFINITY, |a, &b| a.min(b)).floor().max(0.0) as usize;
-    let epi_bot = (band.yb.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)).ceil() as usize + 2).min(ch);
+    // ---- tissue pass: lumen, stroma texture, epithelial cytoplasm and cell borders
+    let epi_top = band
+        .ys
+        .iter()
+        .fold(f32::INFINITY, |a, &b| a.min(b))
+        .floor()
+        .max(0.0) as usize;
+    let epi_bot = (band
+        .yb
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        .ceil() as usize
+        + 2)
+    .min(ch);
     let tess = Tessellation::build(cw, epi_top.min(ch), epi_bot, &band, &cells);
 
+    let tissue = Tissue {
+        cw,
+        s,
+        seed,
+        band: &band,
+        tess: &tess,
+        cells: &cells,
+        noise: &noise,
+        stroma_e: rng.random_range(0.5..0.62),
+        fibre: fibre_angle.sin_cos(),
+        warp_amp: s * rng.random_range(40.0..110.0),
+        inv_warp: 1.0 / (s * rng.random_range(250.0..450.0)),
+        inv_fl: 1.0 / (s * rng.random_range(60.0..120.0)),
+        inv_fw: 1.0 / (s * rng.random_range(3.0..5.0)),
+        inv_bl: 1.0 / (s * rng.random_range(450.0..800.0)),
+        inv_bw: 1.0 / (s * rng.random_range(40.0..70.0)),
+        cleft: rng.random_range(0.04f32..0.14),
+        inv_low: 1.0 / (260.0 * s),
+        lumen_h: rng.random_range(0.005..0.02),
+        lumen_e: rng.random_range(0.01..0.04),
+        line_w: (1.3 * s).max(0.6),
+        bm_w: (2.0 * s).max(0.8),
+    };
     let mut cv = Canvas {
         w: cw,
         h: ch,
         hem: vec![0.0; cw * ch],
         eos: vec![0.0; cw * ch],
     };
-    let stroma_e = rng.random_range(0.5..0.62);
-    let fibre_wave = Wave::random(&mut rng, &[(6.0 * s, 20.0 * s, 150.0 * s, 400.0 * s)]);
-    let wave: Vec<f32> = (0..cw).map(|x| fibre_wave.eval(x as f32)).collect();
-    let (fsn, fcs) = fibre_angle.sin_cos();
-    let inv_fl = 1.0 / (140.0 * s);
-    let inv_fw = 1.0 / (5.0 * s);
-    let inv_bl = 1.0 / (320.0 * s);
-    let inv_bw = 1.0 / (38.0 * s);
-    let inv_fine = 1.0 / (3.0 * s).max(0.5);
-    let inv_low = 1.0 / (260.0 * s);
-    let lumen_h = rng.random_range(0.005..0.02);
-    let lumen_e = rng.random_range(0.01..0.04);
-    let line_w = (1.3 * s).max(0.6);
-    let bm_w = (2.0 * s).max(0.8);
-    for y in 0..ch {
-        let yf = y as f32 + 0.5;
-        let row = y * cw;
-        for x in 0..cw {
-            let xf = x as f32 + 0.5;
-            let i = row + x;
-            let ys = band.ys[x];
-            let yb = band.yb[x];
-            let (hv, ev);
-            if yf < ys {
-                // lumen: near-white with faint mucus
-                let n = noise.at(xf * inv_low + 11.0, yf * inv_low + 23.0);
-                let m = smoothstep(0.55, 0.9, n);
-                hv = lumen_h + 0.03 * m;
-                ev = lumen_e + 0.05 * m;
-            } else if yf < yb {
-                let fine = noise.at(xf * inv_fine + 5.0, yf * inv_fine + 7.0);
-                match tess.get(x, y) {
-                    Some((id, q1, q2)) => {
-                        let c = &cells[id as usize];
-                        let d1 = q1.sqrt();
-                        let mut h = c.cyto_h;
-                        let mut e = c.cyto_e;
-                        if c.halo > 0.0 {
-                            let k = 1.0 - 0.85 * (1.0 - smoothstep(c.halo - 0.08, c.halo, d1));
-                            h *= k;
-                            e *= k;
-                        }
-                        let tex = 0.8 + 0.4 * fine;
-                        h *= tex;
-                        e *= tex;
-                        if q2.is_finite() && c.border > 0.0 {
-                            let gap = (q2.sqrt() - d1) * 0.5 * c.ax.min(c.ay);
-                            let b = (1.0 - gap / line_w).clamp(0.0, 1.0) * c.border;
-                            h += 0.05 * b;
-                            e += 0.22 * b;
-                        }
-                        hv = h;
-                        ev = e;
-                    }
-                    None => {
-                        hv = 0.06 * (0.8 + 0.4 * fine);
-                        ev = 0.22 * (0.8 + 0.4 * fine);
-                    }
-                }
-            } else {
-                let depth = yf - yb;
-                let yy = yf + wave[x];
-                let u = xf * fcs + yy * fsn;
-                let w = -xf * fsn + yy * fcs;
-                let f = noise.at(u * inv_fl + 17.0, w * inv_fw + 91.0);
-                let bnd = noise.at(u * inv_bl + 3.0, w * inv_bw + 5.0);
-                let fine = noise.at(xf * inv_fine + 41.0, yf * inv_fine + 13.0);
-                let bundle = 0.3 + 0.7 * smoothstep(0.22, 0.55, bnd);
-                let mut e = stroma_e * bundle * (0.7 + 0.6 * f) * (0.9 + 0.2 * fine);
-                let loose = smoothstep(0.0, 45.0 * s, depth);
-                e *= 0.75 + 0.25 * loose;
-                if depth < bm_w {
-                    e += 0.3;
-                }
-                hv = 0.025 + 0.03 * fine;
-                ev = e;
-            }
-            cv.hem[i] = hv;
-            cv.eos[i] = ev;
-        }
-    }
+    cv.hem
+        .par_chunks_mut(cw)
+        .zip(cv.eos.par_chunks_mut(cw))
+        .enumerate()
+        .for_each(|(y, (hr, er))| tissue.row(y, hr, er));
 
     // ---- objects
     for v in &vessels {
@@ -903,70 +913,55 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     let hue = |rng: &mut ChaCha8Rng| rng.random_range(0.92f32..1.08);
     let h_int = rng.random_range(0.8f32..1.2);
     let e_int = rng.random_range(0.75f32..1.25);
-    let hvec = [0.80 * hue(&mut rng) * h_int, 0.95 * hue(&mut rng) * h_int, 0.42 * hue(&mut rng) * h_int];
-    let evec = [0.19 * hue(&mut rng) * e_int, 0.85 * hue(&mut rng) * e_int, 0.53 * hue(&mut rng) * e_int];
+    let hvec = [
+        0.80 * hue(&mut rng) * h_int,
+        0.95 * hue(&mut rng) * h_int,
+        0.42 * hue(&mut rng) * h_int,
+    ];
+    let evec = [
+        0.19 * hue(&mut rng) * e_int,
+        0.85 * hue(&mut rng) * e_int,
+        0.53 * hue(&mut rng) * e_int,
+    ];
     let white = [
         rng.random_range(0.93f32..1.0),
         rng.random_range(0.93f32..1.0),
         rng.random_range(0.93f32..1.0),
     ];
     let bright = rng.random_range(0.94f32..1.0);
-    let vignette = rng.random_range(0.0f32..0.12);
-    let uneven = rng.random_range(0.05f32..0.2);
-    let sigma = rng.random_range(1.5f32..4.0);
-    // 255 * exp(-od) for od in [0, 8)
-    const LUT_STEP: f32 = 1024.0;
-    let lut: Vec<f32> = (0..8 * 1024).map(|i| 255.0 * (-(i as f32) / LUT_STEP).exp()).collect();
-    let lut_max = lut.len() - 1;
-    let mut out = vec![0u8; cw * ch * 3];
-    let (ow, oh) = (width as usize, height as usize);
-    let place = |x: usize, y: usize| -> usize {
-        let fx = if flip_x { cw - 1 - x } else { x };
-        let fy = if flip_y { ch - 1 - y } else { y };
-        if transpose {
-            fx * ow + fy
-        } else {
-            fy * ow + fx
-        }
+    let optics = Optics {
+        orient,
+        s,
+        seed,
+        hvec,
+        evec,
+        white: white.map(|w| w * bright),
+        vignette: rng.random_range(0.0f32..0.12),
+        uneven: rng.random_range(0.05f32..0.2),
+        amp: rng.random_range(1.5f32..4.0) * 1.7 / 1023.0,
+        lut: (0..LUT_LEN)
+            .map(|i| 255.0 * (-(i as f32) / LUT_STEP).exp())
+            .collect(),
     };
-    let inv_uneven = 1.0 / (400.0 * s);
-    let (hx, hy) = (0.5 * cwf, 0.5 * chf);
-    let inv_r2 = 1.0 / (hx * hx + hy * hy);
-    for y in 0..ch {
-        let yf = y as f32 + 0.5;
-        for x in 0..cw {
-            let xf = x as f32 + 0.5;
-            let i = y * cw + x;
-            let k = 1.0 + uneven * (noise.at(xf * inv_uneven + 131.0, yf * inv_uneven + 67.0) - 0.5) * 2.0;
-            let hh = cv.hem[i].max(0.0) * k;
-            let ee = cv.eos[i].max(0.0) * k;
-            let r2 = ((xf - hx) * (xf - hx) + (yf - hy) * (yf - hy)) * inv_r2;
-            let illum = bright * (1.0 - vignette * r2);
-            let o = place(x, y) * 3;
-            for c in 0..3 {
-                let od = hh * hvec[c] + ee * evec[c];
-                let li = ((od * LUT_STEP) as usize).min(lut_max);
-                let n = (hashf(seed32, i as u32, c as u32) + hashf(seed32 ^ 0x5bd1_e995, i as u32, c as u32) - 1.0)
-                    * sigma
-                    * 1.7;
-                out[o + c] = (lut[li] * white[c] * illum + n).round().clamp(0.0, 255.0) as u8;
-            }
-        }
-    }
+    let (ow, oh) = (width as usize, height as usize);
+    let mut out = vec![0u8; ow * oh * 3];
+    out.par_chunks_mut(ow * 3)
+        .enumerate()
+        .for_each(|(y, row)| optics.row(y, row, &cv, &noise));
     let image = RgbImage::from_raw(width, height, out).expect("buffer matches the image size");
 
     let (epithelium, lesion) = if masks {
         let mut epi = vec![0u8; ow * oh];
         let mut les = vec![0u8; ow * oh];
-        for y in 0..ch {
-            let yf = y as f32 + 0.5;
-            for x in 0..cw {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (x, y) = orient.canvas_of(ox, oy);
+                let yf = y as f32 + 0.5;
                 let (ys, yb) = (band.ys[x], band.yb[x]);
                 if yf >= ys && yf < yb {
-                    let o = place(x, y);
-                    epi[o] = 255;
+                    epi[oy * ow + ox] = 255;
                     if (yb - yf) / (yb - ys) < band.ext[x] {
-                        les[o] = 255;
+                        les[oy * ow + ox] = 255;
                     }
                 }
             }
@@ -978,7 +973,6 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     } else {
         (GrayImage::new(0, 0), GrayImage::new(0, 0))
     };
-    let _ = (ow, oh);
     Rendered {
         image,
         epithelium,
@@ -986,32 +980,265 @@ pub(crate) fn render_full(grade: Grade, width: u32, height: u32, seed: u64, mask
     }
 }
 
-/// Separable 5-tap blur with clamped edges, in place.
+/// How the canonical canvas (lumen up, stroma down) is turned into the output image.
+#[derive(Clone, Copy)]
+struct Orient {
+    transpose: bool,
+    flip_x: bool,
+    flip_y: bool,
+    cw: usize,
+    ch: usize,
+}
+
+impl Orient {
+    /// Canvas pixel shown at output pixel (ox, oy).
+    #[inline]
+    fn canvas_of(&self, ox: usize, oy: usize) -> (usize, usize) {
+        let (fx, fy) = if self.transpose { (oy, ox) } else { (ox, oy) };
+        (
+            if self.flip_x { self.cw - 1 - fx } else { fx },
+            if self.flip_y { self.ch - 1 - fy } else { fy },
+        )
+    }
+}
+
+/// Normal maturation level at relative depth v above an atypical zone of extent e.
+#[inline]
+fn maturity(v: f32, e: f32) -> f32 {
+    if e <= 0.0 {
+        pl(MATURITY, v)
+    } else {
+        0.18 + 0.82 * ((v - e) / (1.0 - e).max(1e-3)).clamp(0.0, 1.0)
+    }
+}
+
+/// Everything the per-pixel tissue pass reads.
+struct Tissue<'a> {
+    cw: usize,
+    s: f32,
+    seed: u64,
+    band: &'a Band,
+    tess: &'a Tessellation,
+    cells: &'a [Cell],
+    noise: &'a Noise,
+    stroma_e: f32,
+    /// (sin, cos) of the mean collagen direction.
+    fibre: (f32, f32),
+    warp_amp: f32,
+    inv_warp: f32,
+    inv_fl: f32,
+    inv_fw: f32,
+    inv_bl: f32,
+    inv_bw: f32,
+    cleft: f32,
+    inv_low: f32,
+    lumen_h: f32,
+    lumen_e: f32,
+    line_w: f32,
+    bm_w: f32,
+}
+
+impl Tissue<'_> {
+    fn row(&self, y: usize, hem: &mut [f32], eos: &mut [f32]) {
+        let band = self.band;
+        let noise = self.noise;
+        let (fsn, fcs) = self.fibre;
+        let yf = y as f32 + 0.5;
+        let mut state =
+            splitmix(self.seed ^ 0x7F4A_7C15 ^ (y as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        let mut bits = 0u64;
+        // slowly varying fields are sampled every 4th pixel
+        let (mut wv, mut lum, mut bnd) = (0.0f32, 0.0f32, 0.5f32);
+        for x in 0..self.cw {
+            let xf = x as f32 + 0.5;
+            let ys = band.ys[x];
+            let yb = band.yb[x];
+            if x % 4 == 0 {
+                if yf < ys {
+                    lum = smoothstep(
+                        0.55,
+                        0.9,
+                        noise.at(xf * self.inv_low + 11.0, yf * self.inv_low + 23.0),
+                    );
+                } else if yf >= yb {
+                    wv = noise.at(xf * self.inv_warp + 301.0, yf * self.inv_warp + 7.0) - 0.5;
+                }
+                // cheap white noise for the fine texture (the blur turns it into grain)
+                state = splitmix(state);
+                bits = state;
+            }
+            let fine = (bits & 0xFFFF) as f32 * (1.0 / 65536.0);
+            bits >>= 16;
+            let (hv, ev);
+            if yf < ys {
+                // lumen: near-white with faint mucus
+                hv = self.lumen_h + 0.03 * lum;
+                ev = self.lumen_e + 0.05 * lum;
+            } else if yf < yb {
+                let tex = 0.8 + 0.4 * fine;
+                match self.tess.get(x, y) {
+                    Some((id, q1, q2)) => {
+                        let c = &self.cells[id as usize];
+                        let d1 = q1.sqrt();
+                        let mut h = c.cyto_h * tex;
+                        let mut e = c.cyto_e * tex;
+                        if c.halo > 0.0 {
+                            let k = 1.0 - c.halo_k * (1.0 - smoothstep(c.halo - 0.1, c.halo, d1));
+                            h *= k;
+                            e *= k;
+                        }
+                        if c.border > 0.0 && q2.is_finite() {
+                            let gap = (q2.sqrt() - d1) * 0.5 * c.ax.min(c.ay);
+                            let b = (1.0 - gap / self.line_w).clamp(0.0, 1.0) * c.border;
+                            h += 0.05 * b;
+                            e += 0.22 * b;
+                        }
+                        hv = h;
+                        ev = e;
+                    }
+                    None => {
+                        // not reached by any cell's footprint: plain cytoplasm of this depth
+                        let v = (yb - yf) / (yb - ys).max(1e-3);
+                        let e = band.ext[x];
+                        if v < e {
+                            hv = 0.17 * tex;
+                            ev = 0.25 * tex;
+                        } else {
+                            let m = maturity(v, e);
+                            hv = pl(CYTO_H, m) * tex;
+                            ev = pl(CYTO_E, m) * tex;
+                        }
+                    }
+                }
+            } else {
+                let depth = yf - yb;
+                // wavy collagen: fibres along a locally warped direction, grouped in
+                // bundles with thin pale clefts between them
+                let yy = yf + 2.0 * self.warp_amp * wv;
+                let u = xf * fcs + yy * fsn + 4096.0;
+                let w = -xf * fsn + yy * fcs + 4096.0;
+                let f = noise.at(u * self.inv_fl + 17.0, w * self.inv_fw + 91.0);
+                if x % 2 == 0 {
+                    bnd = noise.at(u * self.inv_bl + 3.0, w * self.inv_bw + 5.0);
+                }
+                let ridge = (bnd - 0.5).abs() * 2.0;
+                let bundle = 1.0 - 0.65 * (1.0 - smoothstep(0.0, self.cleft, ridge));
+                let mut e = self.stroma_e * bundle * (0.8 + 0.4 * f) * (0.9 + 0.2 * fine);
+                // looser, paler stroma just under the membrane; the membrane itself
+                e *= 0.75 + 0.25 * smoothstep(0.0, 45.0 * self.s, depth);
+                if depth < self.bm_w {
+                    e += 0.3;
+                }
+                hv = 0.025 + 0.03 * fine;
+                ev = e;
+            }
+            hem[x] = hv;
+            eos[x] = ev;
+        }
+    }
+}
+
+/// 255 * exp(-od) tabulated for od in [0, 8).
+const LUT_STEP: f32 = 1024.0;
+const LUT_LEN: usize = 8 * 1024;
+
+/// Beer-Lambert colour conversion, illumination and sensor noise.
+struct Optics {
+    orient: Orient,
+    s: f32,
+    seed: u64,
+    /// Optical density per unit stain, per RGB channel.
+    hvec: [f32; 3],
+    evec: [f32; 3],
+    /// White balance times brightness.
+    white: [f32; 3],
+    vignette: f32,
+    uneven: f32,
+    amp: f32,
+    lut: Vec<f32>,
+}
+
+impl Optics {
+    /// Writes output row `oy` (RGB).
+    fn row(&self, oy: usize, out: &mut [u8], cv: &Canvas, noise: &Noise) {
+        let o = self.orient;
+        let (cwf, chf) = (o.cw as f32, o.ch as f32);
+        let (hx, hy) = (0.5 * cwf, 0.5 * chf);
+        let inv_r2 = 1.0 / (hx * hx + hy * hy);
+        let inv_uneven = 1.0 / (400.0 * self.s);
+        let lut_max = self.lut.len() - 1;
+        let mut state = splitmix(self.seed ^ (oy as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut k = 1.0;
+        for (ox, px) in out.chunks_exact_mut(3).enumerate() {
+            let (x, y) = o.canvas_of(ox, oy);
+            let (xf, yf) = (x as f32 + 0.5, y as f32 + 0.5);
+            let i = y * cv.w + x;
+            if ox % 8 == 0 {
+                // uneven section thickness / staining, a very low-frequency field
+                k = 1.0
+                    + self.uneven
+                        * (noise.at(xf * inv_uneven + 131.0, yf * inv_uneven + 67.0) - 0.5)
+                        * 2.0;
+            }
+            let hh = cv.hem[i].max(0.0) * k;
+            let ee = cv.eos[i].max(0.0) * k;
+            let r2 = ((xf - hx) * (xf - hx) + (yf - hy) * (yf - hy)) * inv_r2;
+            let illum = 1.0 - self.vignette * r2;
+            state = splitmix(state);
+            let mut bits = state;
+            for (c, v) in px.iter_mut().enumerate() {
+                let od = hh * self.hvec[c] + ee * self.evec[c];
+                let li = ((od * LUT_STEP) as usize).min(lut_max);
+                let a = (bits & 1023) as f32;
+                let b = ((bits >> 10) & 1023) as f32;
+                bits >>= 20;
+                let n = (a + b - 1023.0) * self.amp;
+                *v = (self.lut[li] * self.white[c] * illum + n + 0.5).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+}
+
+/// Separable 5-tap blur with clamped edges, in place (rows in parallel; the result does
+/// not depend on the number of threads).
 fn blur(f: &mut [f32], w: usize, h: usize, k: &[f32; 5]) {
     let mut tmp = vec![0.0f32; w * h];
-    // horizontal
-    for y in 0..h {
-        let row = &f[y * w..(y + 1) * w];
-        let out = &mut tmp[y * w..(y + 1) * w];
-        for x in 0..w {
-            let mut acc = 0.0;
-            for (j, kj) in k.iter().enumerate() {
-                let xx = (x as isize + j as isize - 2).clamp(0, w as isize - 1) as usize;
-                acc += kj * row[xx];
+    // horizontal: clamped taps at the ends, straight loop in the interior
+    let tap = |row: &[f32], x: usize| -> f32 {
+        k.iter()
+            .enumerate()
+            .map(|(j, kj)| {
+                kj * row[(x as isize + j as isize - 2).clamp(0, w as isize - 1) as usize]
+            })
+            .sum()
+    };
+    tmp.par_chunks_mut(w)
+        .zip(f.par_chunks(w))
+        .for_each(|(out, row)| {
+            if w < 5 {
+                for (x, o) in out.iter_mut().enumerate() {
+                    *o = tap(row, x);
+                }
+                return;
             }
-            out[x] = acc;
-        }
-    }
+            out[0] = tap(row, 0);
+            out[1] = tap(row, 1);
+            out[w - 2] = tap(row, w - 2);
+            out[w - 1] = tap(row, w - 1);
+            for (x, win) in row.windows(5).enumerate() {
+                out[x + 2] =
+                    k[0] * win[0] + k[1] * win[1] + k[2] * win[2] + k[3] * win[3] + k[4] * win[4];
+            }
+        });
     // vertical, row-wise for cache friendliness
-    for y in 0..h {
-        let rows: [usize; 5] = std::array::from_fn(|j| (y as isize + j as isize - 2).clamp(0, h as isize - 1) as usize);
-        let out = &mut f[y * w..(y + 1) * w];
-        out.fill(0.0);
-        for (j, kj) in k.iter().enumerate() {
-            let src = &tmp[rows[j] * w..(rows[j] + 1) * w];
-            for (o, s) in out.iter_mut().zip(src) {
-                *o += kj * s;
-            }
+    let tmp = &tmp;
+    f.par_chunks_mut(w).enumerate().for_each(|(y, out)| {
+        let rows: [usize; 5] = std::array::from_fn(|j| {
+            (y as isize + j as isize - 2).clamp(0, h as isize - 1) as usize
+        });
+        let r: [&[f32]; 5] = rows.map(|r| &tmp[r * w..(r + 1) * w]);
+        for (x, o) in out.iter_mut().enumerate() {
+            *o = k[0] * r[0][x] + k[1] * r[1][x] + k[2] * r[2][x] + k[3] * r[3][x] + k[4] * r[4][x];
         }
-    }
+    });
 }

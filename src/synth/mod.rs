@@ -345,9 +345,6 @@ pub fn generate(
         w.flush()?;
     }
     write_readme(opts, &plans)?;
-    if let Some(pb) = progress {
-        pb.finish();
-    }
     Ok(SynthSummary { labels_csv, images })
 }
 

@@ -9,6 +9,9 @@
 //! Passes over the whole frame: one tissue pass (lumen, stroma texture, epithelial
 //! cytoplasm and cell borders), a separable 5-tap blur of the two fields, and the
 //! colour conversion. Nuclei, vessels and the cell tessellation are splatted per object.
+//! The full-frame passes run row-parallel on rayon; every random number comes from the
+//! seed (a ChaCha8 stream for the scene, a per-row SplitMix stream for pixel noise), so
+//! the result does not depend on the number of threads.
 
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -31,6 +34,12 @@ pub(crate) struct Rendered {
 
 // ---------------------------------------------------------------------------------------
 // small numeric helpers
+
+#[inline]
+fn smooth01(t: f32) -> f32 {
+    let t = t.clamp(0.0, 1.0);
+    t * t * (3.0 - 2.0 * t)
+}
 
 #[inline]
 fn smoothstep(a: f32, b: f32, x: f32) -> f32 {
@@ -68,14 +77,15 @@ fn splitmix(x: u64) -> u64 {
 
 /// Tileable 2-D value noise on a 256x256 lattice of random values, smooth interpolation.
 struct Noise {
-    t: Box<[f32; NS * NS]>,
+    /// Lattice values in 1/255 steps: a byte table stays in cache.
+    t: Box<[u8; NS * NS]>,
 }
 
 const NS: usize = 256;
 
 impl Noise {
     fn new(rng: &mut ChaCha8Rng) -> Self {
-        let v: Vec<f32> = (0..NS * NS).map(|_| rng.random::<f32>()).collect();
+        let v: Vec<u8> = (0..NS * NS).map(|_| rng.random::<u8>()).collect();
         Noise {
             t: v.into_boxed_slice().try_into().expect("NS * NS values"),
         }
@@ -99,11 +109,11 @@ impl Noise {
             ((yi + 1) as usize & (NS - 1)) * NS,
         );
         let t = &*self.t;
-        let a = t[(r0 | x0) & (NS * NS - 1)];
-        let b = t[(r0 | x1) & (NS * NS - 1)];
-        let c = t[(r1 | x0) & (NS * NS - 1)];
-        let d = t[(r1 | x1) & (NS * NS - 1)];
-        lerp(lerp(a, b, sx), lerp(c, d, sx), sy)
+        let a = t[(r0 | x0) & (NS * NS - 1)] as f32;
+        let b = t[(r0 | x1) & (NS * NS - 1)] as f32;
+        let c = t[(r1 | x0) & (NS * NS - 1)] as f32;
+        let d = t[(r1 | x1) & (NS * NS - 1)] as f32;
+        lerp(lerp(a, b, sx), lerp(c, d, sx), sy) * (1.0 / 255.0)
     }
 }
 
@@ -332,7 +342,7 @@ fn paint_nucleus(cv: &mut Canvas, noise: &Noise, s: f32, b: &Blob) {
     for_blob(w, h, b, |i, px, py, a, t| {
         let n = noise.at(px as f32 * inv + off, py as f32 * inv + 0.7 * off);
         let tex = 1.0 + b.chrom * (n - 0.5) * 1.6;
-        let hv = b.h * tex * (1.0 + b.rim * smoothstep(0.65, 1.0, t));
+        let hv = b.h * tex * (1.0 + b.rim * smooth01((t - 0.65) * (1.0 / 0.35)));
         let cur = cv.hem[i];
         cv.hem[i] = cur + a * (hv.max(cur) - cur);
         cv.eos[i] += a * (b.e - cv.eos[i]);
@@ -740,8 +750,12 @@ pub(crate) fn render_full(
     for _ in 0..n_ves {
         let x = rng.random_range(0.0..cwf);
         let yb = band.yb[band.col(x)];
-        let y = yb + s * rng.random_range(30.0..380.0);
         let a = s * rng.random_range(18.0..60.0);
+        // keep clear of the membrane (it undulates, so look at the deepest point nearby)
+        let x0 = band.col(x - a - 5.0 * s);
+        let x1 = band.col(x + a + 5.0 * s);
+        let yb = band.yb[x0..=x1].iter().fold(yb, |m, &v| m.max(v));
+        let y = yb + a + s * rng.random_range(12.0..350.0);
         let b = a * rng.random_range(0.4..1.0);
         if y - a > chf {
             continue;
@@ -842,7 +856,6 @@ pub(crate) fn render_full(
 
     let tissue = Tissue {
         cw,
-        s,
         seed,
         band: &band,
         tess: &tess,
@@ -856,7 +869,8 @@ pub(crate) fn render_full(
         inv_fw: 1.0 / (s * rng.random_range(3.0..5.0)),
         inv_bl: 1.0 / (s * rng.random_range(450.0..800.0)),
         inv_bw: 1.0 / (s * rng.random_range(40.0..70.0)),
-        cleft: rng.random_range(0.04f32..0.14),
+        inv_cleft: 1.0 / rng.random_range(0.04f32..0.14),
+        inv_loose: 1.0 / (45.0 * s),
         inv_low: 1.0 / (260.0 * s),
         lumen_h: rng.random_range(0.005..0.02),
         lumen_e: rng.random_range(0.01..0.04),
@@ -1015,7 +1029,6 @@ fn maturity(v: f32, e: f32) -> f32 {
 /// Everything the per-pixel tissue pass reads.
 struct Tissue<'a> {
     cw: usize,
-    s: f32,
     seed: u64,
     band: &'a Band,
     tess: &'a Tessellation,
@@ -1030,7 +1043,8 @@ struct Tissue<'a> {
     inv_fw: f32,
     inv_bl: f32,
     inv_bw: f32,
-    cleft: f32,
+    inv_cleft: f32,
+    inv_loose: f32,
     inv_low: f32,
     lumen_h: f32,
     lumen_e: f32,
@@ -1083,7 +1097,7 @@ impl Tissue<'_> {
                         let mut h = c.cyto_h * tex;
                         let mut e = c.cyto_e * tex;
                         if c.halo > 0.0 {
-                            let k = 1.0 - c.halo_k * (1.0 - smoothstep(c.halo - 0.1, c.halo, d1));
+                            let k = 1.0 - c.halo_k * (1.0 - smooth01((d1 - c.halo) * 10.0 + 1.0));
                             h *= k;
                             e *= k;
                         }
@@ -1122,10 +1136,10 @@ impl Tissue<'_> {
                     bnd = noise.at(u * self.inv_bl + 3.0, w * self.inv_bw + 5.0);
                 }
                 let ridge = (bnd - 0.5).abs() * 2.0;
-                let bundle = 1.0 - 0.65 * (1.0 - smoothstep(0.0, self.cleft, ridge));
+                let bundle = 1.0 - 0.65 * (1.0 - smooth01(ridge * self.inv_cleft));
                 let mut e = self.stroma_e * bundle * (0.8 + 0.4 * f) * (0.9 + 0.2 * fine);
                 // looser, paler stroma just under the membrane; the membrane itself
-                e *= 0.75 + 0.25 * smoothstep(0.0, 45.0 * self.s, depth);
+                e *= 0.75 + 0.25 * smooth01(depth * self.inv_loose);
                 if depth < self.bm_w {
                     e += 0.3;
                 }
@@ -1162,38 +1176,49 @@ impl Optics {
     /// Writes output row `oy` (RGB).
     fn row(&self, oy: usize, out: &mut [u8], cv: &Canvas, noise: &Noise) {
         let o = self.orient;
-        let (cwf, chf) = (o.cw as f32, o.ch as f32);
-        let (hx, hy) = (0.5 * cwf, 0.5 * chf);
+        let ow = out.len() / 3;
+        if ow == 0 {
+            return;
+        }
+        // canvas position of the row start and the canvas step per output pixel
+        let (x0, y0) = o.canvas_of(0, oy);
+        let (dx, dy): (isize, isize) = match (o.transpose, o.flip_x, o.flip_y) {
+            (false, false, _) => (1, 0),
+            (false, true, _) => (-1, 0),
+            (true, _, false) => (0, 1),
+            (true, _, true) => (0, -1),
+        };
+        let step = dy * cv.w as isize + dx;
+        let i0 = (y0 * cv.w + x0) as isize;
+        let (hx, hy) = (0.5 * o.cw as f32, 0.5 * o.ch as f32);
         let inv_r2 = 1.0 / (hx * hx + hy * hy);
         let inv_uneven = 1.0 / (400.0 * self.s);
-        let lut_max = self.lut.len() - 1;
+        let lut_max = (self.lut.len() - 1) as f32;
         let mut state = splitmix(self.seed ^ (oy as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut k = 1.0;
         for (ox, px) in out.chunks_exact_mut(3).enumerate() {
-            let (x, y) = o.canvas_of(ox, oy);
-            let (xf, yf) = (x as f32 + 0.5, y as f32 + 0.5);
-            let i = y * cv.w + x;
+            let x = x0 as f32 + 0.5 + (ox as isize * dx) as f32;
+            let y = y0 as f32 + 0.5 + (ox as isize * dy) as f32;
+            let i = (i0 + ox as isize * step) as usize;
             if ox % 8 == 0 {
                 // uneven section thickness / staining, a very low-frequency field
                 k = 1.0
                     + self.uneven
-                        * (noise.at(xf * inv_uneven + 131.0, yf * inv_uneven + 67.0) - 0.5)
+                        * (noise.at(x * inv_uneven + 131.0, y * inv_uneven + 67.0) - 0.5)
                         * 2.0;
             }
-            let hh = cv.hem[i].max(0.0) * k;
-            let ee = cv.eos[i].max(0.0) * k;
-            let r2 = ((xf - hx) * (xf - hx) + (yf - hy) * (yf - hy)) * inv_r2;
+            let hh = cv.hem[i].max(0.0) * k * LUT_STEP;
+            let ee = cv.eos[i].max(0.0) * k * LUT_STEP;
+            let r2 = ((x - hx) * (x - hx) + (y - hy) * (y - hy)) * inv_r2;
             let illum = 1.0 - self.vignette * r2;
             state = splitmix(state);
-            let mut bits = state;
+            let bits = state;
             for (c, v) in px.iter_mut().enumerate() {
-                let od = hh * self.hvec[c] + ee * self.evec[c];
-                let li = ((od * LUT_STEP) as usize).min(lut_max);
-                let a = (bits & 1023) as f32;
-                let b = ((bits >> 10) & 1023) as f32;
-                bits >>= 20;
-                let n = (a + b - 1023.0) * self.amp;
-                *v = (self.lut[li] * self.white[c] * illum + n + 0.5).clamp(0.0, 255.0) as u8;
+                let li = (hh * self.hvec[c] + ee * self.evec[c]).min(lut_max) as u32 as usize;
+                let nb = bits >> (20 * c);
+                let n = ((nb & 1023) + ((nb >> 10) & 1023)) as f32 - 1023.0;
+                let val = self.lut[li & (LUT_LEN - 1)] * self.white[c] * illum + n * self.amp;
+                *v = (val + 0.5).clamp(0.0, 255.0) as u8;
             }
         }
     }

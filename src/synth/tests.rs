@@ -27,8 +27,21 @@ fn render_is_deterministic() {
         let c = render(g, 320, 240, 8);
         assert!(a.as_raw() != c.as_raw(), "{g}: different seeds must differ");
     }
+    // independent of the number of threads
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let a = render(Grade::Cin1, 400, 300, 11);
+    let b = one.install(|| render(Grade::Cin1, 400, 300, 11));
+    assert!(a.as_raw() == b.as_raw());
     // odd sizes and tiny sizes work
     assert_eq!(render(Grade::Cin2, 17, 33, 1).dimensions(), (17, 33));
+    for (w, h) in [(1, 1), (2, 7), (5, 3), (64, 4)] {
+        for seed in 0..8 {
+            assert_eq!(render(Grade::Cin3, w, h, seed).dimensions(), (w, h));
+        }
+    }
     let m = render_with_masks(Grade::Cin3, 97, 61, 3);
     assert_eq!(m.image.dimensions(), (97, 61));
     assert_eq!(m.epithelium.dimensions(), (97, 61));
@@ -274,4 +287,24 @@ fn contact_sheet() {
     }
     std::fs::create_dir_all(&dir).unwrap();
     sheet.save(format!("{dir}/sheet.png")).unwrap();
+}
+
+/// Wall time of `generate` for $SYNTH_BENCH_N (default 8) full-size JPEGs.
+#[test]
+#[ignore]
+fn bench_generate() {
+    let n: usize = std::env::var("SYNTH_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions::new(dir.path(), n);
+    let t = std::time::Instant::now();
+    generate(&opts, None).unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    eprintln!(
+        "generate: {n} images 2560x1920 jpeg in {dt:.2} s ({:.0} ms/image, {} threads)",
+        dt * 1e3 / n as f64,
+        rayon::current_num_threads()
+    );
 }

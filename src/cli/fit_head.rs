@@ -188,3 +188,31 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
         train_accuracy,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_resolve_relative_paths_and_name_bad_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let csv = d.path().join("labels.csv");
+        std::fs::write(
+            &csv,
+            "path,label,patient_id,extra\na.jpg,CIN2,P1,x\n/abs/b.jpg,CIN3,P2,y\n",
+        )
+        .unwrap();
+        let rows = read_labels(&csv).unwrap();
+        assert_eq!(rows[0].path, d.path().join("a.jpg"));
+        assert_eq!(rows[1].path, PathBuf::from("/abs/b.jpg"));
+        assert_eq!((rows[1].line, rows[1].label.as_str()), (3, "CIN3"));
+
+        std::fs::write(&csv, "path,label,patient_id\na.jpg,CIN2,P1\nb.jpg,,P2\n").unwrap();
+        let e = read_labels(&csv).unwrap_err().to_string();
+        assert!(e.contains("line 3"), "{e}");
+
+        std::fs::write(&csv, "file,label\na.jpg,CIN2\n").unwrap();
+        let e = read_labels(&csv).unwrap_err().to_string();
+        assert!(e.contains("no \"path\" column"), "{e}");
+    }
+}

@@ -31,6 +31,11 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
     ) {
         return Err(PreprocessError::UnsupportedFormat(format!("{format:?}")));
     }
+    if format == ImageFormat::Jpeg && jpeg_missing_eoi(bytes) {
+        return Err(PreprocessError::Truncated(
+            "JPEG data ends before its end-of-image marker".into(),
+        ));
+    }
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits(max_pixels));
@@ -69,11 +74,6 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         .unwrap_or(image::metadata::Orientation::NoTransforms);
 
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?;
-    if format == ImageFormat::Jpeg && jpeg_missing_eoi(bytes) {
-        return Err(PreprocessError::Truncated(
-            "JPEG data ends before its end-of-image marker".into(),
-        ));
-    }
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
 }

@@ -10,6 +10,11 @@
 //! exactly (same integer clipping, same `f32` interpolation and rounding); [`resize`] is an
 //! area-average resize that stays within one grey level of `INTER_AREA`
 //! (`tests/preprocess_opencv.rs` checks both against OpenCV on real-size images).
+//!
+//! That parity holds for lossless inputs (PNG, TIFF). JPEG is decoded by zune-jpeg (through
+//! `image`), not libjpeg-turbo as in `cv2.imdecode`; the two differ by a few grey levels
+//! on a small share of pixels, and CLAHE's steep LUTs in flat regions can magnify that
+//! locally. Training and serving both use this module, so the model never sees the gap.
 
 mod clahe;
 mod decode;

@@ -21,8 +21,8 @@ pub struct DemoArgs {
     /// Folder for everything the demo writes.
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
-    /// Number of synthetic images.
-    #[arg(long, default_value_t = 48)]
+    /// Number of synthetic images (80 patients of 3 images by default).
+    #[arg(long, default_value_t = 240)]
     pub n: usize,
     /// Synthetic image size (the scanner size of the research data).
     #[arg(long, default_value = "2560x1920", value_parser = super::parse_size)]

@@ -69,10 +69,7 @@ pub enum InferError {
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
 fn environment(cfg: &InferConfig) -> Result<&'static ort::environment::Environment, InferError> {
-    let path = cfg
-        .ort_lib
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"));
+    let path = cfg.ort_lib.clone().unwrap_or_else(default_ort_lib);
     ENVIRONMENT
         .get_or_init(|| {
             let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
@@ -86,6 +83,23 @@ fn environment(cfg: &InferConfig) -> Result<&'static ort::environment::Environme
             path: path.display().to_string(),
             detail: detail.clone(),
         })
+}
+
+/// Without `--ort-lib`/`ORT_DYLIB_PATH`: the project's venv when run from the
+/// checkout, a library beside the executable (container images), else the
+/// system loader's search path.
+fn default_ort_lib() -> PathBuf {
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("libonnxruntime.so")));
+    [
+        Some(PathBuf::from(".venv/cinflow-lib/libonnxruntime.so")),
+        beside_exe,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
 }
 
 /// A loaded backbone. `features` serialises calls through a mutex: ONNX Runtime
@@ -128,7 +142,7 @@ impl Backbone {
             Device::Cuda if !cuda_listed => {
                 return Err(InferError::CudaUnavailable(format!(
                     "the loaded ONNX Runtime ({}) has no CUDA execution provider; install onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so",
-                    cfg.ort_lib.as_deref().unwrap_or(Path::new("libonnxruntime.so")).display()
+                    cfg.ort_lib.clone().unwrap_or_else(default_ort_lib).display()
                 )))
             }
             Device::Cuda => true,

@@ -11,7 +11,7 @@ use cinflow::preprocess::{
 };
 use cinflow::synth::{render, Grade};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use image::{ImageEncoder, RgbImage};
+use image::RgbImage;
 use rayon::prelude::*;
 
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -19,16 +19,7 @@ const STD: [f32; 3] = [0.229, 0.224, 0.225];
 const BATCH: usize = 8;
 
 fn jpeg(img: &RgbImage) -> Vec<u8> {
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
-    out
+    cinflow::synth::encode(img, cinflow::synth::SynthFormat::Jpeg)
 }
 
 fn bench(c: &mut Criterion) {

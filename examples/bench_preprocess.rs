@@ -16,7 +16,6 @@ use cinflow::preprocess::{
     clahe_rgb, decode, normalise_into, preprocess, preprocess_image, resize, PreprocessConfig,
 };
 use cinflow::synth::{render, Grade};
-use image::ImageEncoder;
 
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -42,14 +41,8 @@ fn main() {
     let cfg = PreprocessConfig::default();
 
     let slide = render(Grade::Cin2, 2560, 1920, 7);
-    let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(slide.as_raw(), 2560, 1920, image::ExtendedColorType::Rgb8)
-        .unwrap();
-    let mut jpg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
-        .write_image(slide.as_raw(), 2560, 1920, image::ExtendedColorType::Rgb8)
-        .unwrap();
+    let png = cinflow::synth::encode(&slide, cinflow::synth::SynthFormat::Png);
+    let jpg = cinflow::synth::encode(&slide, cinflow::synth::SynthFormat::Jpeg);
     std::fs::write(dir.join("slide.png"), &png).unwrap();
     std::fs::write(dir.join("slide.jpg"), &jpg).unwrap();
 

@@ -184,16 +184,7 @@ mod tests {
     }
 
     fn jpeg(img: &RgbImage) -> Vec<u8> {
-        let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-            .write_image(
-                img.as_raw(),
-                img.width(),
-                img.height(),
-                image::ExtendedColorType::Rgb8,
-            )
-            .unwrap();
-        out
+        crate::synth::encode(img, crate::synth::SynthFormat::Jpeg)
     }
 
     #[test]

@@ -23,8 +23,6 @@
 mod render;
 
 use std::fmt;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -349,22 +347,21 @@ pub fn generate(
 }
 
 fn write_image(img: &RgbImage, path: &Path, format: SynthFormat) -> Result<()> {
-    let mut w = BufWriter::new(File::create(path)?);
-    match format {
-        SynthFormat::Jpeg => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(
-                &mut w,
-                SynthFormat::JPEG_QUALITY,
-            );
-            img.write_with_encoder(enc)?;
-        }
-        SynthFormat::Png => {
-            let enc = image::codecs::png::PngEncoder::new(&mut w);
-            img.write_with_encoder(enc)?;
-        }
-    }
-    w.flush()?;
+    std::fs::write(path, encode(img, format))?;
     Ok(())
+}
+
+/// Encodes an image as this generator writes it (JPEG quality 90, or PNG).
+pub fn encode(img: &RgbImage, format: SynthFormat) -> Vec<u8> {
+    let mut out = Vec::new();
+    let done = match format {
+        SynthFormat::Jpeg => img.write_with_encoder(
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, SynthFormat::JPEG_QUALITY),
+        ),
+        SynthFormat::Png => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
+    };
+    done.expect("encoding an in-memory RGB8 image cannot fail");
+    out
 }
 
 fn write_readme(opts: &SynthOptions, plans: &[Plan]) -> Result<()> {

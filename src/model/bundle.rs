@@ -15,7 +15,7 @@ pub enum BundleError {
     #[error("model bundle {dir}: {file} is missing or unreadable: {source}")]
     Missing {
         dir: String,
-        file: &'static str,
+        file: String,
         source: std::io::Error,
     },
     #[error("model bundle {dir}: manifest.json is not valid: {detail}")]
@@ -58,7 +58,7 @@ impl Bundle {
         let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|source| {
             BundleError::Missing {
                 dir: d.clone(),
-                file: MANIFEST_FILE,
+                file: MANIFEST_FILE.into(),
                 source,
             }
         })?;
@@ -91,13 +91,7 @@ impl Bundle {
             }
             let actual = sha256_file(&dir.join(file)).map_err(|source| BundleError::Missing {
                 dir: d.clone(),
-                file: if file == BACKBONE_FILE {
-                    BACKBONE_FILE
-                } else if file == HEAD_FILE {
-                    HEAD_FILE
-                } else {
-                    "a file listed in the manifest"
-                },
+                file: file.clone(),
                 source,
             })?;
             if !actual.eq_ignore_ascii_case(expected) {

@@ -122,14 +122,36 @@ fn compare(ours: &RgbImage, opencv: &RgbImage) -> (u8, f64) {
 }
 
 fn check_against_opencv(width: u32, height: u32, cfg: PreprocessConfig, seed: u64) {
+    check_input_against_opencv(width, height, cfg, seed, false)
+}
+
+/// `jpeg`: the input is a JPEG (quality 90), decoded by both sides with libjpeg-turbo.
+fn check_input_against_opencv(
+    width: u32,
+    height: u32,
+    cfg: PreprocessConfig,
+    seed: u64,
+    jpeg: bool,
+) {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
-    let input: PathBuf = dir.path().join("input.png");
+    let input: PathBuf = dir
+        .path()
+        .join(if jpeg { "input.jpg" } else { "input.png" });
     let (clahe_out, pre_out) = (
         dir.path().join("cv_clahe.png"),
         dir.path().join("cv_pre.png"),
     );
-    let bytes = write_png(&input, &textured(width, height, seed));
+    let bytes = if jpeg {
+        let b = cinflow::synth::encode(
+            &textured(width, height, seed),
+            cinflow::synth::SynthFormat::Jpeg,
+        );
+        std::fs::write(&input, &b).unwrap();
+        b
+    } else {
+        write_png(&input, &textured(width, height, seed))
+    };
 
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_preprocess_opencv.py");
     let [cols, rows] = cfg.clahe.tile_grid;
@@ -182,6 +204,11 @@ fn check_against_opencv(width: u32, height: u32, cfg: PreprocessConfig, seed: u6
 #[test]
 fn matches_opencv_at_scanner_size() {
     check_against_opencv(2560, 1920, PreprocessConfig::default(), 1);
+}
+
+#[test]
+fn matches_opencv_from_a_jpeg_at_scanner_size() {
+    check_input_against_opencv(2560, 1920, PreprocessConfig::default(), 4, true);
 }
 
 #[test]

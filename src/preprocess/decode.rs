@@ -73,9 +73,40 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
 
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?;
+    let mut img = if format == ImageFormat::Jpeg {
+        drop(decoder);
+        DynamicImage::ImageRgb8(decode_jpeg_libjpeg(bytes, width, height)?)
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?
+    };
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
+}
+
+/// JPEG pixels through libjpeg-turbo (vendored by mozjpeg-sys): the same IDCT and
+/// chroma upsampling as `cv2.imdecode`, so the output is bit-identical to OpenCV's.
+/// The header was already read and size-checked by the `image` decoder.
+fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, PreprocessError> {
+    // libjpeg reports fatal errors by unwinding through the wrapper; keep them as errors.
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let pixels: Vec<[u8; 3]> = d.read_scanlines()?;
+        d.finish()?;
+        Ok(pixels.into_iter().flatten().collect())
+    });
+    let detail = match decoded {
+        Ok(Ok(raw)) => match RgbImage::from_raw(width, height, raw) {
+            Some(img) => return Ok(img),
+            None => "libjpeg returned fewer pixels than the header declares".to_string(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "libjpeg failed".into()),
+    };
+    Err(PreprocessError::Undecodable(format!("JPEG: {detail}")))
 }
 
 /// Decoder limits: room for the largest accepted image at 16-bit RGBA plus working memory.

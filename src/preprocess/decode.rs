@@ -219,6 +219,20 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_jpeg_data_is_an_error_or_an_image_never_a_crash() {
+        let mut bytes = jpeg(&gradient(320, 240));
+        // Overwrite entropy-coded data after the headers, keeping the end marker.
+        let n = bytes.len();
+        for (i, b) in bytes[n / 2..n - 2].iter_mut().enumerate() {
+            *b = (i * 37 % 251) as u8;
+        }
+        match decode(&bytes) {
+            Ok(img) => assert_eq!(img.dimensions(), (320, 240)),
+            Err(e) => assert!(matches!(e, PreprocessError::Undecodable(_)), "{e}"),
+        }
+    }
+
+    #[test]
     fn rgb_png_round_trips() {
         let img = gradient(37, 21);
         assert_eq!(decode(&png(&img)).unwrap(), img);

@@ -49,7 +49,12 @@ pub struct DemoArgs {
 pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let data = a.out.join("data");
     let labels = data.join("labels.csv");
-    if !labels.exists() {
+    // Reuse earlier synthetic data only if it is what these options would make.
+    let reusable = read_labels(&labels).is_ok_and(|rows| {
+        rows.len() == a.n && image::image_dimensions(&rows[0].path).ok() == Some(a.size)
+    });
+    if !reusable {
+        let _ = std::fs::remove_dir_all(&data);
         eprintln!(
             "[1/4] generating {} synthetic images in {}",
             a.n,

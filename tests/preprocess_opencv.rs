@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cinflow::preprocess::{clahe_rgb, decode, preprocess, ClaheParams, PreprocessConfig};
-use image::{ImageEncoder, Rgb, RgbImage};
+use image::{Rgb, RgbImage};
 
 /// The project's Python with OpenCV; fails (never skips) when it is missing.
 fn python() -> String {
@@ -95,16 +95,7 @@ fn textured(width: u32, height: u32, seed: u64) -> RgbImage {
 }
 
 fn write_png(path: &Path, img: &RgbImage) -> Vec<u8> {
-    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-    let mut bytes = Vec::new();
-    PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
+    let bytes = cinflow::cam::png_bytes(img);
     std::fs::write(path, &bytes).unwrap();
     bytes
 }

@@ -16,5 +16,8 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod report;
 pub mod result;
+pub mod storage;
 pub mod synth;
+pub mod train;

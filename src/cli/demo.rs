@@ -2,8 +2,10 @@
 //! in one local folder; no broker, no object store, no downloads.
 //!
 //! synthetic images -> tiny backbone exported by tools/export_backbone.py ->
-//! head fitted on some synthetic patients -> the other patients' images graded
-//! with heatmaps, a summary and the held-out accuracy.
+//! head trained with tch on some synthetic patients (`cinflow train`: report and
+//! registry in the same folder) -> the locked test patients' images graded with
+//! heatmaps, a summary and the held-out accuracy. Built without the `train`
+//! feature, the head is a closed-form fit (`fit-head`) instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::fit_head::{fit_head, read_labels, FitHeadArgs, LabelRow};
+use super::fit_head::{read_labels, LabelRow};
 use super::{classify, ClassifyArgs};
 use crate::infer::InferConfig;
 use crate::model::Bundle;
@@ -30,8 +32,9 @@ pub struct DemoArgs {
     /// Seed of the synthetic data and the tiny backbone.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Fraction of patients held out from fitting and graded.
-    #[arg(long, default_value_t = 0.34)]
+    /// Fraction of each grade's patients held out from training and graded (the
+    /// locked test split).
+    #[arg(long, default_value_t = 0.25)]
     pub holdout: f64,
     /// Use this bundle's backbone instead of exporting the tiny one.
     #[arg(long)]
@@ -42,6 +45,8 @@ pub struct DemoArgs {
     /// The export tool.
     #[arg(long, default_value = "tools/export_backbone.py")]
     pub export_tool: PathBuf,
+    #[command(flatten)]
+    pub hyper: crate::train::HyperParams,
     #[command(flatten)]
     pub infer: InferConfig,
 }
@@ -77,29 +82,13 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("[1/4] reusing synthetic images in {}", data.display());
     }
-    let rows = read_labels(&labels)?;
-    let (fit, held_out) = split_by_patient(&rows, a.holdout);
-    write_labels(&data.join("fit.csv"), &data, &fit)?;
-    write_labels(&data.join("holdout.csv"), &data, &held_out)?;
-
     let backbone = match &a.backbone {
         Some(b) => b.clone(),
         None => export_tiny(a)?,
     };
-    eprintln!(
-        "[3/4] fitting a head on {} images of {} patients",
-        fit.len(),
-        patients(&fit)
-    );
-    let model_dir = a.out.join("models").join("tiny-demo");
-    let summary = fit_head(&FitHeadArgs {
-        model: backbone,
-        labels: data.join("fit.csv"),
-        out: model_dir.clone(),
-        version: Some("demo-1".into()),
-        batch_size: 4,
-        infer: a.infer.clone(),
-    })?;
+    let fitted = fit(a, &backbone, &labels)?;
+    let held_out = fitted.held_out;
+    let model_dir = fitted.model;
     eprintln!(
         "[4/4] grading {} held-out images of {} other patients",
         held_out.len(),
@@ -127,11 +116,7 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let accuracy = correct as f64 / report.total.max(1) as f64;
     println!("cinflow demo (synthetic data, not clinical):");
     println!("  model:           {}", model_dir.display());
-    println!(
-        "  fit accuracy:    {:.1}% on {} images",
-        100.0 * summary.train_accuracy,
-        summary.images
-    );
+    println!("  training:        {}", fitted.summary);
     println!(
         "  held-out:        {correct}/{} correct ({:.1}%; chance is 25%) on unseen patients",
         report.total,
@@ -141,11 +126,135 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         "  results:         {} (one JSON, heatmaps and a .cam.npy per image; summary.csv)",
         results.display()
     );
+    if let Some(report) = fitted.report {
+        println!("  report:          {}", report.display());
+    }
     Ok(if report.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The model the demo grades with and the images it has never seen.
+struct Fitted {
+    model: PathBuf,
+    held_out: Vec<LabelRow>,
+    summary: String,
+    report: Option<PathBuf>,
+}
+
+/// Trains the head with tch: the locked test split is the held-out set, the
+/// report lands in the bundle and in `<out>/report`, the version in `<out>/registry`.
+#[cfg(feature = "train")]
+fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
+    let rows = read_labels(labels)?;
+    eprintln!(
+        "[3/4] training a head with tch on {} images of {} patients (features of 8 views, cached)",
+        rows.len(),
+        patients(&rows)
+    );
+    let version = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let opts = crate::train::TrainOptions {
+        labels: labels.to_path_buf(),
+        backbone: backbone.to_path_buf(),
+        backbone_sha256: None,
+        out: a.out.join("models").join(&version),
+        classes: None,
+        name: Some("cin-demo".into()),
+        version: Some(version),
+        validation_fraction: 0.2,
+        test_fraction: a.holdout,
+        feature_cache: Some(a.out.join("feature-cache")),
+        registry: Some(a.out.join("registry")),
+        alias: "current".into(),
+        promotion: Default::default(),
+        gallery: 12,
+        hyper: a.hyper.clone(),
+        infer: a.infer.clone(),
+    };
+    let out = crate::train::train(&opts)?;
+    let report = a.out.join("report");
+    let _ = std::fs::remove_dir_all(&report);
+    copy_dir(&out.report_dir, &report)?;
+    let test_files: std::collections::HashSet<String> =
+        csv::Reader::from_path(out.report_dir.join("data.csv"))?
+            .records()
+            .filter_map(Result::ok)
+            .filter(|r| r.get(3) == Some("test"))
+            .filter_map(|r| r.get(0).map(str::to_string))
+            .collect();
+    let held_out = rows
+        .into_iter()
+        .filter(|r| test_files.contains(&r.path.display().to_string()))
+        .collect();
+    let e = &out.test;
+    Ok(Fitted {
+        model: out.bundle.clone(),
+        held_out,
+        summary: format!(
+            "tch head, {} features computed / {} cached; locked test accuracy {:.1}% (95% CI {:.1}-{:.1}%), macro AUC {}; {}",
+            out.features_computed,
+            out.features_cached,
+            100.0 * e.accuracy,
+            100.0 * e.accuracy_ci95[0],
+            100.0 * e.accuracy_ci95[1],
+            e.macro_auc.map_or("n/a".into(), |v| format!("{v:.3}")),
+            out.decision.as_ref().map_or(String::new(), |d| format!(
+                "{} in {}",
+                if d.promoted { "promoted" } else { "not promoted" },
+                a.out.join("registry").display()
+            )),
+        ),
+        report: Some(report.join("report.html")),
+    })
+}
+
+/// Without libtorch: a closed-form head on a patient split.
+#[cfg(not(feature = "train"))]
+fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
+    use super::fit_head::{fit_head, FitHeadArgs};
+    let data = labels.parent().unwrap_or(Path::new("."));
+    let rows = read_labels(labels)?;
+    let (fit, held_out) = split_by_patient(&rows, a.holdout);
+    crate::train::write_labels(&data.join("fit.csv"), data, &fit)?;
+    eprintln!(
+        "[3/4] fitting a closed-form head on {} images of {} patients (built without tch)",
+        fit.len(),
+        patients(&fit)
+    );
+    let model = a.out.join("models").join("tiny-demo");
+    let summary = fit_head(&FitHeadArgs {
+        model: backbone.to_path_buf(),
+        labels: data.join("fit.csv"),
+        out: model.clone(),
+        version: Some("demo-1".into()),
+        batch_size: 4,
+        infer: a.infer.clone(),
+    })?;
+    Ok(Fitted {
+        model,
+        held_out,
+        summary: format!(
+            "diagonal LDA head, fit accuracy {:.1}% on {} images",
+            100.0 * summary.train_accuracy,
+            summary.images
+        ),
+        report: None,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 fn patients(rows: &[LabelRow]) -> usize {
@@ -157,6 +266,7 @@ fn patients(rows: &[LabelRow]) -> usize {
 
 /// Holds out the last `fraction` of each label's patients (at least one), so both
 /// parts see every grade and no patient is in both.
+#[cfg_attr(feature = "train", allow(dead_code))]
 pub fn split_by_patient(rows: &[LabelRow], fraction: f64) -> (Vec<LabelRow>, Vec<LabelRow>) {
     let mut by_label: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for r in rows {
@@ -174,17 +284,6 @@ pub fn split_by_patient(rows: &[LabelRow], fraction: f64) -> (Vec<LabelRow>, Vec
     rows.iter()
         .cloned()
         .partition(|r| !held.contains(r.patient_id.as_str()))
-}
-
-fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> anyhow::Result<()> {
-    let mut w = csv::Writer::from_path(path)?;
-    w.write_record(["path", "label", "patient_id"])?;
-    for r in rows {
-        let rel = r.path.strip_prefix(base).unwrap_or(&r.path);
-        w.write_record([rel.display().to_string().as_str(), &r.label, &r.patient_id])?;
-    }
-    w.flush()?;
-    Ok(())
 }
 
 fn export_tiny(a: &DemoArgs) -> anyhow::Result<PathBuf> {

@@ -1,14 +1,15 @@
 //! `cinflow fit-head`: the simplest honest head until tch training lands — a
 //! diagonal linear discriminant on the backbone's pooled features.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rayon::prelude::*;
 
 use crate::infer::InferConfig;
 use crate::model::{fit_diagonal_lda, ClassScheme, Head};
 use crate::pipeline::Model;
+pub use crate::train::{read_labels, LabelRow};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FitHeadArgs {
@@ -31,64 +32,9 @@ pub struct FitHeadArgs {
     pub infer: InferConfig,
 }
 
-/// One row of a labels CSV.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelRow {
-    pub line: usize,
-    pub path: PathBuf,
-    pub label: String,
-    pub patient_id: String,
-}
-
-/// Reads `path,label,patient_id` (extra columns ignored); relative paths resolve
-/// against the CSV's folder. Problems are reported with their line numbers.
-pub fn read_labels(csv_path: &Path) -> anyhow::Result<Vec<LabelRow>> {
-    let base = csv_path.parent().unwrap_or(Path::new("."));
-    let mut r = csv::Reader::from_path(csv_path)
-        .with_context(|| format!("cannot read labels file {}", csv_path.display()))?;
-    let headers = r.headers()?.clone();
-    let col = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim() == name)
-            .with_context(|| {
-                format!(
-                    "{}: header has no {name:?} column (found {:?})",
-                    csv_path.display(),
-                    headers
-                )
-            })
-    };
-    let (cp, cl, ci) = (col("path")?, col("label")?, col("patient_id")?);
-    let mut rows = Vec::new();
-    for (i, rec) in r.records().enumerate() {
-        let line = i + 2;
-        let rec =
-            rec.with_context(|| format!("{} line {line}: malformed CSV", csv_path.display()))?;
-        let get = |c: usize| rec.get(c).map(str::trim).unwrap_or("");
-        if get(cp).is_empty() || get(cl).is_empty() || get(ci).is_empty() {
-            bail!(
-                "{} line {line}: path, label and patient_id must all be set",
-                csv_path.display()
-            );
-        }
-        rows.push(LabelRow {
-            line,
-            path: base.join(get(cp)),
-            label: get(cl).to_string(),
-            patient_id: get(ci).to_string(),
-        });
-    }
-    anyhow::ensure!(
-        !rows.is_empty(),
-        "{}: no labelled images",
-        csv_path.display()
-    );
-    Ok(rows)
-}
-
 /// What `fit_head` produced.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "train", allow(dead_code))]
 pub struct FitSummary {
     pub images: usize,
     pub train_accuracy: f64,
@@ -187,32 +133,4 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
         images: rows.len(),
         train_accuracy,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_resolve_relative_paths_and_name_bad_lines() {
-        let d = tempfile::tempdir().unwrap();
-        let csv = d.path().join("labels.csv");
-        std::fs::write(
-            &csv,
-            "path,label,patient_id,extra\na.jpg,CIN2,P1,x\n/abs/b.jpg,CIN3,P2,y\n",
-        )
-        .unwrap();
-        let rows = read_labels(&csv).unwrap();
-        assert_eq!(rows[0].path, d.path().join("a.jpg"));
-        assert_eq!(rows[1].path, PathBuf::from("/abs/b.jpg"));
-        assert_eq!((rows[1].line, rows[1].label.as_str()), (3, "CIN3"));
-
-        std::fs::write(&csv, "path,label,patient_id\na.jpg,CIN2,P1\nb.jpg,,P2\n").unwrap();
-        let e = read_labels(&csv).unwrap_err().to_string();
-        assert!(e.contains("line 3"), "{e}");
-
-        std::fs::write(&csv, "file,label\na.jpg,CIN2\n").unwrap();
-        let e = read_labels(&csv).unwrap_err().to_string();
-        assert!(e.contains("no \"path\" column"), "{e}");
-    }
 }

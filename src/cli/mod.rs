@@ -1,10 +1,11 @@
 //! Command-line interface: local mode (`classify`, `preprocess`, `synth`, `demo`,
-//! `fit-head`, `verify`). Errors are reported here with `anyhow`.
+//! `train`, `fit-head`, `verify`, `registry`). Errors are reported here with `anyhow`.
 
 mod classify;
 mod demo;
 mod fit_head;
 mod inputs;
+mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,8 +46,14 @@ pub enum Command {
     Preprocess(PreprocessArgs),
     /// Generate synthetic CIN-like H&E images with a labels CSV (demos, tests, benchmarks only).
     Synth(SynthArgs),
-    /// Fit a linear head (diagonal LDA) on labelled images and write a new bundle version.
+    /// Retrain the head on labelled images (patient-level split, cached features of 8
+    /// views, tch training, evaluation report) and optionally promote it in a registry.
+    #[cfg(feature = "train")]
+    Train(Box<crate::train::TrainOptions>),
+    /// Fit a closed-form linear head (diagonal LDA) on labelled images; no libtorch needed.
     FitHead(FitHeadArgs),
+    /// Inspect a model registry folder or move an alias by hand.
+    Registry(registry::RegistryArgs),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
     Verify {
         /// Bundle folder.
@@ -206,6 +213,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "train")]
+        Command::Train(o) => {
+            let out = crate::train::train(&o)?;
+            print_train_outcome(&out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Registry(a) => registry::run(&a),
         Command::FitHead(a) => {
             fit_head::fit_head(&a)?;
             Ok(ExitCode::SUCCESS)
@@ -229,6 +243,44 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(a) => demo::demo(&a),
     }
+}
+
+/// Prints what a training run produced.
+#[cfg(feature = "train")]
+pub fn print_train_outcome(o: &crate::train::TrainOutcome) {
+    let auc = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.3}"));
+    let e = &o.test;
+    println!("trained {} -> {}", o.version, o.bundle.display());
+    println!(
+        "  features:        {} images computed, {} from the cache",
+        o.features_computed, o.features_cached
+    );
+    println!(
+        "  locked test:     {}/{} correct ({:.1}%, 95% CI {:.1}-{:.1}%), macro AUC {}; mean of 8 views: {:.1}%, macro AUC {}",
+        e.correct,
+        e.n,
+        100.0 * e.accuracy,
+        100.0 * e.accuracy_ci95[0],
+        100.0 * e.accuracy_ci95[1],
+        auc(e.macro_auc),
+        100.0 * o.test_tta.accuracy,
+        auc(o.test_tta.macro_auc)
+    );
+    if let Some(d) = &o.decision {
+        println!(
+            "  registry:        {} ({})",
+            if d.promoted {
+                "promoted"
+            } else {
+                "NOT promoted"
+            },
+            d.reason
+        );
+    }
+    println!(
+        "  report:          {}",
+        o.report_dir.join("report.html").display()
+    );
 }
 
 /// A progress bar on a terminal; hidden (and free) otherwise.

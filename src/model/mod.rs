@@ -10,3 +10,6 @@ pub use head::{fit_diagonal_lda, probabilities, Head, HeadError};
 pub use manifest::{
     ClassScheme, FeatureSpec, InputSpec, Manifest, PreprocessSpec, Task, BUNDLE_SCHEMA,
 };
+pub mod registry;
+
+pub use registry::{AliasRecord, Decision, PromotionPolicy, Registry, RegistryError};

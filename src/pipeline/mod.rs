@@ -110,9 +110,20 @@ impl Model {
         for p in batch {
             input.extend_from_slice(&p.tensor);
         }
-        let maps = self
-            .backbone
-            .features(input, batch.len(), m.input.height, m.input.width)?;
+        self.backbone_features(input, batch.len(), m.input.height, m.input.width)
+    }
+
+    /// Backbone feature maps for `n` normalised CHW images of `height x width`
+    /// (the training views include the rotated `width x height` orientation).
+    pub fn backbone_features(
+        &self,
+        input: Vec<f32>,
+        n: usize,
+        height: u32,
+        width: u32,
+    ) -> Result<Vec<FeatureMap>, InferError> {
+        let m = self.manifest();
+        let maps = self.backbone.features(input, n, height, width)?;
         if let Some(f) = maps.iter().find(|f| f.channels != m.features.channels) {
             return Err(InferError::Interface {
                 path: self.bundle.backbone_path().display().to_string(),

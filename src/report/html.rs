@@ -1,0 +1,225 @@
+//! `report.html`: one self-contained page (the PNGs sit beside it) that shows a
+//! training report the way a pathologist reads it: the decision first, then the
+//! figures, then the numbers.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => esc(s),
+        Value::Null => "n/a".into(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                if f != 0.0 && f.abs() < 1e-3 {
+                    format!("{f:e}")
+                } else {
+                    format!("{f:.4}")
+                }
+            }
+            _ => n.to_string(),
+        },
+        other => esc(&other.to_string()),
+    }
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map(|f| format!("{:.1}%", 100.0 * f))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn ci(v: &Value) -> String {
+    match (
+        v.get(0).and_then(Value::as_f64),
+        v.get(1).and_then(Value::as_f64),
+    ) {
+        (Some(a), Some(b)) => format!("{:.1}% to {:.1}%", 100.0 * a, 100.0 * b),
+        _ => "n/a".into(),
+    }
+}
+
+/// Writes the page for a `cinflow.train-report/v1` JSON value to `path`.
+pub fn write_html(path: &Path, r: &Value) -> std::io::Result<()> {
+    let mut h = String::new();
+    let model = &r["model"];
+    let title = format!(
+        "cinflow training report: {} {}",
+        text(&model["name"]),
+        text(&model["version"])
+    );
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}\
+table{{border-collapse:collapse;margin:0.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}\
+th:first-child,td:first-child{{text-align:left}}img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0}}\
+.decision{{padding:0.8em 1em;border-radius:6px;font-size:1.1em}}.yes{{background:#e3f4e3}}.no{{background:#fbe4e4}}\
+.note{{color:#666;font-size:0.9em}}</style></head><body><h1>{title}</h1>"
+    );
+    let _ = write!(
+        h,
+        "<p>{} classes ({}), backbone sha256 <code>{}</code>, trained from parent version {}, created {}.</p>",
+        model["classes"].as_array().map_or(0, Vec::len),
+        model["classes"]
+            .as_array()
+            .map(|c| c.iter().map(text).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+        text(&model["backbone_sha256"]),
+        text(&model["parent_version"]),
+        text(&r["created_at"]),
+    );
+
+    let p = &r["promotion"];
+    if p.is_null() {
+        let _ = write!(
+            h,
+            "<p class=\"decision\">Not published to a registry (no promotion decision).</p>"
+        );
+    } else {
+        let yes = p["promoted"].as_bool().unwrap_or(false);
+        let _ = write!(
+            h,
+            "<p class=\"decision {}\"><b>{}</b> as <code>{}</code>: {}<br>new macro AUC {} vs current {} ({}) on the same locked test images; margin {}.</p>",
+            if yes { "yes" } else { "no" },
+            if yes { "Promoted" } else { "Not promoted" },
+            text(&p["alias"]),
+            text(&p["reason"]),
+            text(&p["new_macro_auc"]),
+            text(&p["current_macro_auc"]),
+            text(&p["current_version"]),
+            text(&p["margin"]),
+        );
+    }
+
+    let ev = &r["evaluation"]["single_view"];
+    let tta = &r["evaluation"]["tta_mean_of_8_views"];
+    let _ = write!(
+        h,
+        "<h2>Locked test split</h2><table><tr><th></th><th>images</th><th>accuracy</th><th>95% CI</th><th>macro AUC</th></tr>\
+<tr><td>one view</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\
+<tr><td>mean of 8 views (TTA)</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+        text(&ev["n"]),
+        pct(&ev["accuracy"]),
+        ci(&ev["accuracy_ci95"]),
+        text(&ev["macro_auc"]),
+        text(&tta["n"]),
+        pct(&tta["accuracy"]),
+        ci(&tta["accuracy_ci95"]),
+        text(&tta["macro_auc"]),
+    );
+    let _ = write!(
+        h,
+        "<img src=\"confusion.png\" alt=\"confusion matrix\"><img src=\"roc.png\" alt=\"ROC curves\">\
+<img src=\"roc_tta.png\" alt=\"ROC curves, mean of 8 views\">"
+    );
+    let _ = write!(
+        h,
+        "<table><tr><th>class</th><th>images</th><th>sensitivity</th><th>specificity</th><th>precision</th><th>F1</th><th>AUC</th><th>AUC 95% CI</th></tr>"
+    );
+    let per = ev["per_class"].as_array().cloned().unwrap_or_default();
+    let roc = ev["roc"].as_array().cloned().unwrap_or_default();
+    for (c, rc) in per
+        .iter()
+        .zip(roc.iter().chain(std::iter::repeat(&Value::Null)))
+    {
+        let auc_ci = match rc["auc_ci95"].as_array() {
+            Some(a) if a.len() == 2 => format!("{} to {}", text(&a[0]), text(&a[1])),
+            _ => "n/a".into(),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&c["class"]),
+            text(&c["support"]),
+            pct(&c["sensitivity"]),
+            pct(&c["specificity"]),
+            pct(&c["precision"]),
+            text(&c["f1"]),
+            text(&rc["auc"]),
+            auc_ci
+        );
+    }
+    let _ = write!(h, "</table>");
+
+    let _ = write!(
+        h,
+        "<h2>Grad-CAM gallery</h2><p class=\"note\">Test images with the heatmap of the predicted class; green border: correct, red: wrong.</p>\
+<img src=\"gallery.png\" alt=\"Grad-CAM gallery\">"
+    );
+
+    let t = &r["training"];
+    let _ = write!(
+        h,
+        "<h2>Training</h2><p>{} epochs on {}; kept the weights of epoch {} (lowest validation loss); {}.</p>\
+<img src=\"training_curves.png\" alt=\"loss and accuracy per epoch\">",
+        text(&t["epochs_run"]),
+        text(&t["device"]),
+        text(&t["best_epoch"]),
+        text(&t["stopped"]),
+    );
+    let _ = write!(h, "<h3>Hyper-parameters</h3><table>");
+    if let Some(hp) = r["hyper_parameters"].as_object() {
+        for (k, v) in hp {
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), text(v));
+        }
+    }
+    let _ = write!(h, "</table>");
+
+    let d = &r["data"];
+    let f = &r["features"];
+    let s = &r["split"];
+    let _ = write!(
+        h,
+        "<h2>Data</h2><p>{} images from <code>{}</code> (sha256 <code>{}</code>), split by patient \
+(seed {}; {} patients kept the split of the previous model). Every image and its split: <a href=\"data.csv\">data.csv</a>.</p><table><tr><th>split</th><th>images</th><th>patients</th></tr>",
+        text(&d["images"]),
+        text(&d["labels"]),
+        text(&d["labels_sha256"]),
+        text(&s["seed"]),
+        text(&s["kept_from_previous_model"]),
+    );
+    if let Some(sp) = d["splits"].as_object() {
+        for (k, v) in sp {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(k),
+                text(&v["images"]),
+                text(&v["patients"])
+            );
+        }
+    }
+    let _ = write!(
+        h,
+        "</table><p>Features of 8 views per image: {} computed, {} from the cache at <code>{}</code>.</p>",
+        text(&f["computed"]),
+        text(&f["cached"]),
+        text(&f["cache"]),
+    );
+    let _ = write!(
+        h,
+        "<p class=\"note\">All numbers: <a href=\"report.json\">report.json</a>.</p></body></html>\n"
+    );
+    std::fs::write(path, h)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_and_formats() {
+        assert_eq!(super::esc("<a & \"b\">"), "&lt;a &amp; &quot;b&quot;&gt;");
+        assert_eq!(super::text(&serde_json::json!(1e-5)), "1e-5");
+        assert_eq!(super::text(&serde_json::json!(0.91234)), "0.9123");
+        assert_eq!(super::pct(&serde_json::json!(0.5)), "50.0%");
+    }
+}

@@ -1,0 +1,120 @@
+//! Object stores: where images, feature caches, model versions and results live.
+//! A local folder now (local mode); S3 behind the same trait for the workers.
+//!
+//! Keys are `/`-separated relative paths (`models/cin4/versions/v3/manifest.json`).
+//! The trait is synchronous: every caller is CPU-heavy code that already runs on
+//! blocking threads.
+
+mod local;
+
+pub use local::LocalStore;
+
+/// Why an object store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{uri}: no such object")]
+    NotFound { uri: String },
+    #[error("{uri}: {size} bytes is more than the {limit}-byte limit")]
+    TooLarge { uri: String, size: u64, limit: u64 },
+    #[error("{key:?} is not a valid object key: {reason}")]
+    BadKey { key: String, reason: &'static str },
+    #[error("{uri}: {source}")]
+    Io {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether trying again later could succeed (a local folder never recovers by itself).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// A flat key-value store of byte objects.
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Reads a whole object, refusing ones larger than `limit` bytes.
+    fn get_limited(&self, key: &str, limit: u64) -> Result<Vec<u8>, StoreError>;
+
+    /// Writes an object; readers see the old or the new object, never a part.
+    fn put(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), StoreError>;
+
+    /// Whether an object exists.
+    fn exists(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Every key under `prefix`, sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes an object (no error when it is absent).
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// A URI naming the object, for logs, reports and messages.
+    fn uri(&self, key: &str) -> String;
+
+    /// Reads a whole object (no size limit beyond memory).
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.get_limited(key, u64::MAX)
+    }
+}
+
+/// Checks a key: relative, `/`-separated, no empty, `.` or `..` segments.
+pub fn check_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason| {
+        Err(StoreError::BadKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key.starts_with('/') {
+        return bad("keys are relative");
+    }
+    if key.contains('\\') || key.contains('\0') {
+        return bad("backslash or NUL");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return bad("empty, '.' or '..' segment");
+    }
+    Ok(())
+}
+
+/// Joins key segments with `/`, skipping empty ones.
+pub fn join_key(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("a/b.json").is_ok());
+        for k in ["", "/a", "a//b", "a/../b", "./a", "a\\b"] {
+            assert!(check_key(k).is_err(), "{k:?}");
+        }
+        assert_eq!(join_key(&["models/", "cin4", "", "/v1/"]), "models/cin4/v1");
+    }
+}

@@ -1,0 +1,256 @@
+//! The files of a training report, written inside the new bundle's `report/`:
+//! `report.json`, `split.json` (the locked split, reused by the next retrain),
+//! `data.csv` (which images trained which version), the PNG plots and `report.html`.
+
+use std::path::{Path, PathBuf};
+
+use super::features::ExtractStats;
+use super::head::TrainedHead;
+use super::hyper::HyperParams;
+use super::labels::LabelRow;
+use super::split::{Split, SplitPlan};
+use super::views::VIEW_NAMES;
+use super::TrainError;
+use crate::cam::{overlay, upsample_bilinear};
+use crate::model::Decision;
+use crate::pipeline::Model;
+use crate::report::{self, plots, Evaluation, GalleryItem};
+
+/// Schema tag of `report.json`.
+pub const REPORT_SCHEMA: &str = "cinflow.train-report/v1";
+
+pub(super) struct ReportInput<'a> {
+    pub dir: &'a Path,
+    pub model: &'a Model,
+    pub labels: &'a str,
+    pub labels_sha256: &'a str,
+    /// Row, class index, split and image sha256 of every labelled image.
+    pub items: &'a [(&'a LabelRow, usize, Split, &'a str)],
+    pub plan: &'a SplitPlan,
+    pub stats: ExtractStats,
+    pub cache_uri: &'a str,
+    pub hyper: &'a HyperParams,
+    pub trained: &'a TrainedHead,
+    pub eval: &'a Evaluation,
+    pub eval_tta: &'a Evaluation,
+    /// Per test image: row, true class, probabilities of one view and of the 8-view mean.
+    pub predictions: Vec<(&'a LabelRow, usize, &'a [f64], &'a [f64])>,
+    pub decision: Option<&'a Decision>,
+    pub gallery: usize,
+    /// Feature extraction, head training and whole-run seconds.
+    pub seconds: [f64; 3],
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn plot_err(e: plots::PlotError) -> TrainError {
+    TrainError::Report(e.to_string())
+}
+
+/// Writes every report file and returns the path of `report.html`.
+pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(r.dir).map_err(io(r.dir))?;
+    let m = r.model.manifest();
+
+    // Which images trained this version, and the locked split for the next one.
+    let data_csv = r.dir.join("data.csv");
+    let mut w = csv::Writer::from_path(&data_csv).map_err(|e| TrainError::Report(e.to_string()))?;
+    let mut write_row = |fields: [&str; 5]| {
+        w.write_record(fields)
+            .map_err(|e| TrainError::Report(format!("{}: {e}", data_csv.display())))
+    };
+    write_row(["path", "label", "patient_id", "split", "sha256"])?;
+    for (row, _, split, sha) in r.items {
+        write_row([
+            &row.path.display().to_string(),
+            &row.label,
+            &row.patient_id,
+            split.name(),
+            sha,
+        ])?;
+    }
+    drop(write_row);
+    w.flush().map_err(io(&data_csv))?;
+    let split_json = r.dir.join("split.json");
+    std::fs::write(
+        &split_json,
+        serde_json::to_vec_pretty(r.plan).expect("split serialises"),
+    )
+    .map_err(io(&split_json))?;
+
+    // Plots.
+    plots::training_curves(&r.trained.curve, &r.dir.join("training_curves.png"))
+        .map_err(plot_err)?;
+    plots::roc_curves(r.eval, "ROC, locked test split", &r.dir.join("roc.png"))
+        .map_err(plot_err)?;
+    plots::roc_curves(
+        r.eval_tta,
+        "ROC, locked test split, mean of 8 views",
+        &r.dir.join("roc_tta.png"),
+    )
+    .map_err(plot_err)?;
+    plots::confusion_matrix(
+        r.eval,
+        "Confusion matrix, locked test split",
+        &r.dir.join("confusion.png"),
+    )
+    .map_err(plot_err)?;
+    let gallery = gallery_items(r)?;
+    plots::gallery(&gallery, 4, &r.dir.join("gallery.png")).map_err(plot_err)?;
+
+    let count = |s: Split| r.items.iter().filter(|i| i.2 == s).count();
+    let patients = |s: Split| {
+        r.items
+            .iter()
+            .filter(|i| i.2 == s)
+            .map(|i| i.0.patient_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    let splits: serde_json::Map<String, serde_json::Value> = Split::ALL
+        .iter()
+        .map(|&s| {
+            (
+                s.name().to_string(),
+                serde_json::json!({"images": count(s), "patients": patients(s)}),
+            )
+        })
+        .collect();
+    let report = serde_json::json!({
+        "schema": REPORT_SCHEMA,
+        "created_at": m.created_at,
+        "model": {
+            "name": m.name,
+            "version": m.version,
+            "parent_version": m.parent_version,
+            "architecture": m.architecture,
+            "task": m.task,
+            "classes": m.classes,
+            "backbone_sha256": r.model.bundle.backbone_sha256(),
+            "head_sha256": r.model.bundle.head_sha256(),
+            "preprocess_version": m.preprocess.version,
+        },
+        "data": {
+            "labels": r.labels,
+            "labels_sha256": r.labels_sha256,
+            "images": r.items.len(),
+            "splits": splits,
+            "record": "data.csv",
+        },
+        "split": {
+            "seed": r.plan.seed,
+            "fractions": r.plan.fractions,
+            "unit": "patient",
+            "stratified_by": "most severe grade of the patient's images",
+            "kept_from_previous_model": r.plan.kept_from_previous,
+            "file": "split.json",
+        },
+        "features": {
+            "cache": r.cache_uri,
+            "views": VIEW_NAMES,
+            "computed": r.stats.computed,
+            "cached": r.stats.cached,
+            "seconds": r.seconds[0],
+        },
+        "hyper_parameters": r.hyper,
+        "training": {
+            "device": r.trained.device,
+            "epochs_run": r.trained.curve.epochs.len(),
+            "best_epoch": r.trained.curve.best_epoch,
+            "stopped": r.trained.curve.stopped,
+            "seconds": r.seconds[1],
+            "curve": r.trained.curve.epochs,
+        },
+        "evaluation": {
+            "split": "test",
+            "single_view": r.eval,
+            "tta_mean_of_8_views": r.eval_tta,
+        },
+        "predictions": r.predictions.iter().map(|(row, truth, p, ptta)| serde_json::json!({
+            "image": row.path.display().to_string(),
+            "patient_id": row.patient_id,
+            "truth": truth,
+            "probabilities": p,
+            "probabilities_tta": ptta,
+        })).collect::<Vec<_>>(),
+        "gallery": gallery.iter().map(|g| serde_json::json!({
+            "image": g.name, "truth": g.truth, "predicted": g.predicted, "probability": g.probability,
+        })).collect::<Vec<_>>(),
+        "promotion": r.decision,
+        "plots": {
+            "training_curves": "training_curves.png",
+            "roc": "roc.png",
+            "roc_tta": "roc_tta.png",
+            "confusion": "confusion.png",
+            "gallery": "gallery.png",
+        },
+        "seconds": r.seconds[2],
+    });
+    let report_json = r.dir.join("report.json");
+    std::fs::write(
+        &report_json,
+        serde_json::to_string_pretty(&report).expect("report serialises") + "\n",
+    )
+    .map_err(io(&report_json))?;
+    let html = r.dir.join("report.html");
+    report::write_html(&html, &report).map_err(io(&html))?;
+    Ok(html)
+}
+
+/// Up to `gallery` test images, taken round-robin over the true classes, graded
+/// by the new model with the heatmap of the predicted class.
+fn gallery_items(r: &ReportInput) -> Result<Vec<GalleryItem>, TrainError> {
+    let m = r.model.manifest();
+    let mut by_class: Vec<Vec<(&LabelRow, usize)>> = vec![Vec::new(); m.classes.len()];
+    for (row, class, split, _) in r.items {
+        if *split == Split::Test {
+            by_class[*class].push((row, *class));
+        }
+    }
+    let mut picked = Vec::new();
+    let mut i = 0;
+    while picked.len() < r.gallery && by_class.iter().any(|c| c.len() > i) {
+        for c in &by_class {
+            if let (Some(row), true) = (c.get(i), picked.len() < r.gallery) {
+                picked.push(*row);
+            }
+        }
+        i += 1;
+    }
+    let mut out = Vec::with_capacity(picked.len());
+    for (row, class) in picked {
+        let bytes = std::fs::read(&row.path).map_err(io(&row.path))?;
+        let prepared = r
+            .model
+            .prepare(&bytes)
+            .map_err(|e| TrainError::Report(format!("{}: {e}", row.path.display())))?;
+        let graded = r.model.grade(&[&prepared])?.remove(0);
+        let maps = &graded.maps;
+        let (w, h) = prepared.image.dimensions();
+        let up = upsample_bilinear(
+            maps.map(graded.predicted),
+            maps.height,
+            maps.width,
+            h as usize,
+            w as usize,
+        );
+        let scale = up.iter().cloned().fold(0f32, f32::max);
+        out.push(GalleryItem {
+            overlay: overlay(&prepared.image, &up, scale),
+            name: row
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            truth: m.classes[class].clone(),
+            predicted: m.classes[graded.predicted].clone(),
+            probability: graded.probabilities[graded.predicted],
+        });
+    }
+    Ok(out)
+}

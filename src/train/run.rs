@@ -1,0 +1,596 @@
+//! `train`: one whole retraining run, from a labels file to a (maybe promoted)
+//! bundle version with its report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::features::{extract, FeatureCache, ImageFeatures};
+use super::head::{train_head, HeadData};
+use super::labels::{read_labels, LabelRow};
+use super::split::{self, Split, SplitFractions, SplitPlan};
+use super::{TrainError, TrainOptions};
+use crate::model::{
+    probabilities, Bundle, ClassScheme, Decision, Head, Manifest, Registry, Task, BACKBONE_FILE,
+};
+use crate::pipeline::Model;
+use crate::report::{self, Evaluation};
+use crate::storage::LocalStore;
+
+/// What a training run produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub bundle: PathBuf,
+    pub version: String,
+    pub report_dir: PathBuf,
+    pub test: Evaluation,
+    pub test_tta: Evaluation,
+    pub features_computed: usize,
+    pub features_cached: usize,
+    pub decision: Option<Decision>,
+}
+
+/// One labelled image with everything the run knows about it.
+struct Item {
+    row: LabelRow,
+    class: usize,
+    split: Split,
+    features: ImageFeatures,
+}
+
+/// Runs one retraining.
+pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
+    let started = Instant::now();
+    if let Some(p) = o.hyper.problems() {
+        return Err(TrainError::Data(p));
+    }
+    let labels_name = o.labels.display().to_string();
+    let rows = read_labels(&o.labels)?;
+
+    // The frozen backbone, exactly as the inference workers load it.
+    let (backbone_dir, _tmp) = backbone_bundle(o)?;
+    let model = Model::load(&backbone_dir, &o.infer)?;
+    let base = model.manifest().clone();
+    if let Some(want) = &o.backbone_sha256 {
+        let have = model.bundle.backbone_sha256();
+        if !have.eq_ignore_ascii_case(want) {
+            return Err(TrainError::Data(format!(
+                "backbone {} has sha256 {have}, but {want} was required",
+                model.bundle.backbone_path().display()
+            )));
+        }
+    }
+    let n_classes = o.classes.map(usize::from).unwrap_or(base.classes.len());
+    let scheme = ClassScheme::from_count(n_classes).ok_or_else(|| {
+        TrainError::Data(format!(
+            "no class scheme with {n_classes} classes (use 4, 3 or 2)"
+        ))
+    })?;
+    let classes: Vec<String> = scheme.classes().iter().map(|c| c.to_string()).collect();
+    let task = if n_classes == 2 {
+        Task::Binary
+    } else {
+        Task::Multiclass
+    };
+    let class_of = check_rows(&rows, &labels_name, scheme, &classes)?;
+
+    // The registry's current model: its split is kept, and it is what the new
+    // model must beat.
+    let registry = match &o.registry {
+        Some(dir) => {
+            let name = o.name.clone().unwrap_or_else(|| base.name.clone());
+            Some(Registry::new(Arc::new(LocalStore::new(dir)), &name)?)
+        }
+        None => None,
+    };
+    let current = match &registry {
+        Some(r) => match r.alias(&o.alias)? {
+            Some(a) => {
+                let dir = o.out.with_extension("current-model");
+                let bundle = r.fetch(&a.version, &dir)?;
+                let previous_split = r
+                    .get_file(&a.version, "report/split.json")
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<SplitPlan>(&b).ok());
+                Some((bundle, previous_split, dir))
+            }
+            None => None,
+        },
+        None => None,
+    };
+
+    // Patient-level split, locked across retrains.
+    let mut patient_class: BTreeMap<String, usize> = BTreeMap::new();
+    for (r, &c) in rows.iter().zip(&class_of) {
+        let e = patient_class.entry(r.patient_id.clone()).or_insert(c);
+        *e = (*e).min(c);
+    }
+    let fractions = SplitFractions {
+        validation: o.validation_fraction,
+        test: o.test_fraction,
+    };
+    let previous = current
+        .as_ref()
+        .and_then(|c| c.1.as_ref())
+        .map(|p| &p.assignment);
+    let plan = split::assign(&patient_class, n_classes, previous, fractions, o.hyper.seed)?;
+    let assigned: Vec<(String, Split, usize)> = rows
+        .iter()
+        .zip(&class_of)
+        .map(|(r, &c)| (r.patient_id.clone(), plan.assignment[&r.patient_id], c))
+        .collect();
+    split::check(&assigned, &classes)?;
+
+    // Features of every view, through the cache.
+    let cache_dir = o.feature_cache.clone().unwrap_or_else(|| {
+        o.labels
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".cinflow-cache")
+    });
+    let cache = FeatureCache::new(Arc::new(LocalStore::new(&cache_dir)), "");
+    let bar = crate::cli::progress_bar(rows.len() as u64, "features");
+    let t = Instant::now();
+    let (features, stats) = extract(&model, &rows, &labels_name, &cache, Some(&bar))?;
+    bar.finish_and_clear();
+    let feature_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(
+        computed = stats.computed,
+        cached = stats.cached,
+        seconds = feature_seconds,
+        cache = %cache.uri(),
+        "features: {} images through the backbone, {} from the cache",
+        stats.computed,
+        stats.cached
+    );
+    let items: Vec<Item> = rows
+        .into_iter()
+        .zip(class_of)
+        .zip(features)
+        .zip(&assigned)
+        .map(|(((row, class), features), a)| Item {
+            row,
+            class,
+            split: a.1,
+            features,
+        })
+        .collect();
+    let of = |s: Split| items.iter().filter(move |i| i.split == s);
+
+    // Head training.
+    let data = HeadData {
+        task,
+        classes: n_classes,
+        train: of(Split::Train)
+            .map(|i| i.features.views.as_slice())
+            .collect(),
+        train_labels: of(Split::Train).map(|i| i.class).collect(),
+        val: of(Split::Validation)
+            .map(|i| i.features.views[0].as_slice())
+            .collect(),
+        val_labels: of(Split::Validation).map(|i| i.class).collect(),
+    };
+    let bar = crate::cli::progress_bar(o.hyper.max_epochs as u64, "epochs");
+    let t = Instant::now();
+    let trained = train_head(&data, &o.hyper, Some(&bar))?;
+    bar.finish_and_clear();
+    let train_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(
+        epochs = trained.curve.epochs.len(),
+        best_epoch = trained.curve.best_epoch,
+        device = %trained.device,
+        seconds = train_seconds,
+        "head trained: {}",
+        trained.curve.stopped
+    );
+
+    // Evaluation on the locked test split: one view, and the mean over 8 views.
+    let test: Vec<&Item> = of(Split::Test).collect();
+    let truth: Vec<usize> = test.iter().map(|i| i.class).collect();
+    let single = predict(&trained.head, task, &test, false);
+    let tta = predict(&trained.head, task, &test, true);
+    let eval = report::evaluate(&classes, &truth, &single);
+    let eval_tta = report::evaluate(&classes, &truth, &tta);
+
+    // The new bundle version.
+    let now = chrono::Utc::now();
+    let version = o
+        .version
+        .clone()
+        .unwrap_or_else(|| now.format("%Y%m%dT%H%M%SZ").to_string());
+    let name = registry
+        .as_ref()
+        .map(|r| r.name().to_string())
+        .or_else(|| o.name.clone())
+        .unwrap_or_else(|| base.name.clone());
+    let labels_sha = crate::hashing::sha256_file(&o.labels).map_err(|source| TrainError::Io {
+        path: labels_name.clone(),
+        source,
+    })?;
+    let per_split = split_summary(&items, &classes);
+    let mut manifest: Manifest = base.clone();
+    manifest.name = name;
+    manifest.version = version.clone();
+    manifest.task = task;
+    manifest.classes = classes.clone();
+    manifest.parent_version = current
+        .as_ref()
+        .map(|c| c.0.manifest.version.clone())
+        .or(Some(base.version.clone()));
+    manifest.created_at = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    manifest.provenance = serde_json::json!({
+        "tool": "cinflow train",
+        "head": "linear layer on global-average-pooled backbone features, trained with Adam in libtorch (tch)",
+        "labels": labels_name,
+        "labels_sha256": labels_sha,
+        "images": items.len(),
+        "patients": patient_class.len(),
+        "splits": per_split,
+        "split_seed": plan.seed,
+        "data_record": "report/data.csv",
+        "hyper_parameters": o.hyper,
+        "best_epoch": trained.curve.best_epoch,
+        "stopped": trained.curve.stopped,
+        "device": trained.device,
+        "backbone_from": {"name": base.name, "version": base.version, "sha256": model.bundle.backbone_sha256()},
+    });
+    manifest.metrics = serde_json::json!({
+        "test_images": eval.n,
+        "test_accuracy": eval.accuracy,
+        "test_accuracy_ci95": eval.accuracy_ci95,
+        "test_macro_auc": eval.macro_auc,
+        "test_tta_accuracy": eval_tta.accuracy,
+        "test_tta_macro_auc": eval_tta.macro_auc,
+    });
+    let staging = o.out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    model
+        .bundle
+        .write_version(&staging, manifest, &trained.head)?;
+
+    // The current model on the same locked test images, for the promotion decision.
+    let decision = registry.as_ref().map(|_| {
+        let current_auc = current.as_ref().map(|(bundle, _, dir)| {
+            let v = bundle.manifest.version.as_str();
+            if bundle.manifest.classes != classes {
+                return (
+                    v,
+                    None,
+                    Some(format!(
+                        "it has classes {:?}, the new model {:?}",
+                        bundle.manifest.classes, classes
+                    )),
+                );
+            }
+            match current_test_auc(
+                bundle,
+                dir,
+                &test,
+                &truth,
+                &classes,
+                &model,
+                &cache,
+                o,
+                &labels_name,
+            ) {
+                Ok(auc) => (v, auc, None),
+                Err(e) => (
+                    v,
+                    None,
+                    Some(format!("the current model could not be evaluated: {e}")),
+                ),
+            }
+        });
+        o.promotion.decide(
+            &o.alias,
+            &version,
+            eval.macro_auc,
+            current_auc.as_ref().map(|c| (c.0, c.1)),
+            current_auc.and_then(|c| c.2),
+        )
+    });
+
+    // The report, inside the bundle folder.
+    let report_dir = staging.join("report");
+    let new_model = Model::load(&staging, &o.infer)?;
+    let written = super::report_files::write(&super::report_files::ReportInput {
+        dir: &report_dir,
+        model: &new_model,
+        labels: &labels_name,
+        labels_sha256: &labels_sha,
+        items: &items
+            .iter()
+            .map(|i| (&i.row, i.class, i.split, i.features.sha256.as_str()))
+            .collect::<Vec<_>>(),
+        plan: &plan,
+        stats,
+        cache_uri: &cache.uri(),
+        hyper: &o.hyper,
+        trained: &trained,
+        eval: &eval,
+        eval_tta: &eval_tta,
+        predictions: test
+            .iter()
+            .zip(&single)
+            .zip(&tta)
+            .map(|((i, p), q)| (&i.row, i.class, p.as_slice(), q.as_slice()))
+            .collect(),
+        decision: decision.as_ref(),
+        gallery: o.gallery,
+        seconds: [
+            feature_seconds,
+            train_seconds,
+            started.elapsed().as_secs_f64(),
+        ],
+    })?;
+    drop(new_model);
+    if o.out.exists() {
+        std::fs::remove_dir_all(&o.out).map_err(|source| TrainError::Io {
+            path: o.out.display().to_string(),
+            source,
+        })?;
+    }
+    std::fs::rename(&staging, &o.out).map_err(|source| TrainError::Io {
+        path: o.out.display().to_string(),
+        source,
+    })?;
+    tracing::info!(report = %written.display(), "report written");
+
+    // Publish, then promote: an alias only ever points at a complete version.
+    if let (Some(r), Some(d)) = (&registry, &decision) {
+        r.publish(&o.out)?;
+        r.record_decision(d)?;
+        if d.promoted {
+            r.set_alias(&o.alias, &version, &d.reason)?;
+        }
+        tracing::info!(
+            version = %version,
+            promoted = d.promoted,
+            registry = %r.version_uri(&version),
+            "{}",
+            d.reason
+        );
+    }
+    if let Some((_, _, dir)) = &current {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(TrainOutcome {
+        bundle: o.out.clone(),
+        version,
+        report_dir: o.out.join("report"),
+        test: eval,
+        test_tta: eval_tta,
+        features_computed: stats.computed,
+        features_cached: stats.cached,
+        decision,
+    })
+}
+
+/// Probabilities of the test items: the identity view, or the mean over all views.
+fn predict(head: &Head, task: Task, items: &[&Item], tta: bool) -> Vec<Vec<f64>> {
+    items
+        .iter()
+        .map(|i| {
+            let views: &[Vec<f32>] = if tta {
+                &i.features.views
+            } else {
+                &i.features.views[..1]
+            };
+            let mut mean = vec![0f64; head.rows.max(2)];
+            for v in views {
+                for (m, p) in mean.iter_mut().zip(probabilities(task, &head.logits(v))) {
+                    *m += f64::from(p) / views.len() as f64;
+                }
+            }
+            mean
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn current_test_auc(
+    bundle: &Bundle,
+    dir: &Path,
+    test: &[&Item],
+    truth: &[usize],
+    classes: &[String],
+    new_model: &Model,
+    cache: &FeatureCache,
+    o: &TrainOptions,
+    labels: &str,
+) -> Result<Option<f64>, TrainError> {
+    let task = bundle.manifest.task;
+    let probs = if bundle.backbone_sha256() == new_model.bundle.backbone_sha256()
+        && bundle.manifest.input == new_model.manifest().input
+        && bundle.manifest.preprocess == new_model.manifest().preprocess
+    {
+        predict(&bundle.head, task, test, false)
+    } else {
+        let current = Model::load(dir, &o.infer)?;
+        let rows: Vec<LabelRow> = test.iter().map(|i| i.row.clone()).collect();
+        let (feats, _) = extract(&current, &rows, labels, cache, None)?;
+        feats
+            .iter()
+            .map(|f| {
+                probabilities(task, &bundle.head.logits(&f.views[0]))
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            })
+            .collect()
+    };
+    Ok(report::evaluate(classes, truth, &probs).macro_auc)
+}
+
+/// Maps labels to class indices; names every unknown label and missing file by line.
+fn check_rows(
+    rows: &[LabelRow],
+    labels: &str,
+    scheme: ClassScheme,
+    classes: &[String],
+) -> Result<Vec<usize>, TrainError> {
+    let mut problems = Vec::new();
+    let mut class_of = Vec::with_capacity(rows.len());
+    let mut seen = BTreeSet::new();
+    for r in rows {
+        match scheme.index_of_grade(&r.label) {
+            Some(c) => class_of.push(c),
+            None => {
+                problems.push(format!(
+                    "line {}: unknown label {:?} (expected CIN3, CIN2, CIN1, Non-neoplasm or one of {classes:?})",
+                    r.line, r.label
+                ));
+                class_of.push(usize::MAX);
+            }
+        }
+        if !r.path.is_file() {
+            problems.push(format!(
+                "line {}: image {} does not exist",
+                r.line,
+                r.path.display()
+            ));
+        }
+        if !seen.insert(&r.path) {
+            problems.push(format!(
+                "line {}: image {} is listed twice",
+                r.line,
+                r.path.display()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        problems.truncate(10);
+        let more = if n > 10 {
+            format!("\n  ... and {} more", n - 10)
+        } else {
+            String::new()
+        };
+        return Err(TrainError::Data(format!(
+            "{labels}: {n} problem(s):\n  {}{more}",
+            problems.join("\n  ")
+        )));
+    }
+    for (c, name) in classes.iter().enumerate() {
+        if !class_of.contains(&c) {
+            return Err(TrainError::Data(format!(
+                "{labels}: class {name:?} has no labelled images; every class of the {}-class scheme needs examples",
+                classes.len()
+            )));
+        }
+    }
+    Ok(class_of)
+}
+
+/// Images and patients per split and class.
+fn split_summary(items: &[Item], classes: &[String]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for s in Split::ALL {
+        let these: Vec<&Item> = items.iter().filter(|i| i.split == s).collect();
+        let patients: BTreeSet<&str> = these.iter().map(|i| i.row.patient_id.as_str()).collect();
+        let per_class: BTreeMap<&str, usize> = classes
+            .iter()
+            .enumerate()
+            .map(|(c, n)| (n.as_str(), these.iter().filter(|i| i.class == c).count()))
+            .collect();
+        out.insert(
+            s.name().into(),
+            serde_json::json!({"images": these.len(), "patients": patients.len(), "images_per_class": per_class}),
+        );
+    }
+    out.into()
+}
+
+/// The backbone as a bundle folder: the given one, or a bundle made around a bare
+/// ONNX file (kept alive by the returned temporary folder).
+fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDir>), TrainError> {
+    if o.backbone.is_dir() {
+        return Ok((o.backbone.clone(), None));
+    }
+    let io = |source| TrainError::Io {
+        path: o.backbone.display().to_string(),
+        source,
+    };
+    if !o.backbone.is_file() {
+        return Err(TrainError::Data(format!(
+            "backbone {} is neither a bundle folder nor an ONNX file",
+            o.backbone.display()
+        )));
+    }
+    let tmp = tempfile::tempdir().map_err(io)?;
+    let dir = tmp.path().join("backbone");
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::copy(&o.backbone, dir.join(BACKBONE_FILE)).map_err(io)?;
+    let backbone =
+        crate::infer::Backbone::load(&dir.join(BACKBONE_FILE), "image", "features", &o.infer)?;
+    let (w, h) = (800u32, 600u32);
+    let probe = backbone.features(vec![0f32; 3 * (w * h) as usize], 1, h, w)?;
+    let channels = probe[0].channels;
+    let n = o.classes.map(usize::from).unwrap_or(4);
+    let scheme = ClassScheme::from_count(n)
+        .ok_or_else(|| TrainError::Data(format!("no {n}-class scheme")))?;
+    let task = if n == 2 {
+        Task::Binary
+    } else {
+        Task::Multiclass
+    };
+    let rows = if n == 2 { 1 } else { n };
+    let head = Head {
+        rows,
+        channels,
+        weight: vec![0.0; rows * channels],
+        bias: vec![0.0; rows],
+    };
+    let head_bytes = head.to_bytes();
+    std::fs::write(dir.join(crate::model::HEAD_FILE), &head_bytes).map_err(io)?;
+    let manifest = Manifest {
+        schema: crate::model::BUNDLE_SCHEMA.into(),
+        name: o
+            .backbone
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("custom")
+            .to_string(),
+        version: "backbone".into(),
+        architecture: "custom".into(),
+        task,
+        classes: scheme.classes().iter().map(|c| c.to_string()).collect(),
+        input: crate::model::InputSpec {
+            name: "image".into(),
+            width: w,
+            height: h,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        },
+        features: crate::model::FeatureSpec {
+            name: "features".into(),
+            channels,
+        },
+        preprocess: crate::model::PreprocessSpec {
+            version: crate::preprocess::PREPROCESS_VERSION.into(),
+            clahe: Default::default(),
+        },
+        files: [
+            (
+                BACKBONE_FILE.to_string(),
+                crate::hashing::sha256_file(&dir.join(BACKBONE_FILE)).map_err(io)?,
+            ),
+            (
+                crate::model::HEAD_FILE.to_string(),
+                crate::hashing::sha256_hex(&head_bytes),
+            ),
+        ]
+        .into(),
+        provenance: serde_json::json!({"backbone_file": o.backbone.display().to_string()}),
+        metrics: serde_json::Value::Null,
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        parent_version: None,
+    };
+    std::fs::write(
+        dir.join(crate::model::MANIFEST_FILE),
+        serde_json::to_string_pretty(&manifest).expect("manifest serialises"),
+    )
+    .map_err(io)?;
+    Ok((dir, Some(tmp)))
+}

@@ -1,0 +1,300 @@
+//! `cinflow train` end to end on synthetic slides with a tiny exported backbone:
+//! the head beats chance on the locked test split, the metrics match
+//! scikit-learn, a retrain with 10% new images only extracts the new ones, and
+//! the registry promotes a better model but not a worse one.
+#![cfg(feature = "train")]
+
+mod common;
+#[path = "metrics_sklearn.rs"]
+#[allow(dead_code)]
+mod metrics_sklearn;
+
+use std::path::{Path, PathBuf};
+
+use cinflow::model::Registry;
+use cinflow::storage::LocalStore;
+use cinflow::train::{read_labels, train, write_labels, HyperParams, TrainDevice, TrainOptions};
+
+fn options(labels: &Path, backbone: &Path, out: &Path, registry: Option<&Path>) -> TrainOptions {
+    TrainOptions {
+        labels: labels.to_path_buf(),
+        backbone: backbone.to_path_buf(),
+        backbone_sha256: None,
+        out: out.to_path_buf(),
+        classes: None,
+        name: Some("cin-test".into()),
+        version: None,
+        validation_fraction: 0.2,
+        test_fraction: 0.25,
+        feature_cache: None,
+        registry: registry.map(Path::to_path_buf),
+        alias: "current".into(),
+        promotion: Default::default(),
+        gallery: 8,
+        hyper: HyperParams {
+            seed: 11,
+            train_device: TrainDevice::Cpu,
+            ..Default::default()
+        },
+        infer: Default::default(),
+    }
+}
+
+/// Synthetic slides: `n` images, 3 per patient, at 640x480 (the backbone sees 800x600).
+fn dataset(dir: &Path, n: usize, seed: u64) -> PathBuf {
+    cinflow::synth::generate(
+        &cinflow::synth::SynthOptions {
+            out: dir.to_path_buf(),
+            n,
+            width: 640,
+            height: 480,
+            seed,
+            format: cinflow::synth::SynthFormat::Jpeg,
+            images_per_patient: 3,
+        },
+        None,
+    )
+    .unwrap()
+    .labels_csv
+}
+
+fn report(bundle: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(bundle.join("report/report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn train_evaluate_retrain_incrementally_and_promote_only_better_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backbone = common::tiny_bundle(4);
+    let data = tmp.path().join("data");
+    let labels = dataset(&data, 120, 21);
+    let registry_dir = tmp.path().join("registry");
+
+    // v1: seed hyper-parameters, locked test split, report and promotion (no current model).
+    let mut o = options(
+        &labels,
+        &backbone,
+        &tmp.path().join("v1"),
+        Some(&registry_dir),
+    );
+    o.version = Some("v1".into());
+    let v1 = train(&o).unwrap();
+    assert_eq!((v1.features_computed, v1.features_cached), (120, 0));
+    let r1 = report(&v1.bundle);
+    assert_eq!(
+        r1["hyper_parameters"],
+        serde_json::to_value(HyperParams {
+            seed: 11,
+            train_device: TrainDevice::Cpu,
+            ..Default::default()
+        })
+        .unwrap()
+    );
+    assert_eq!(r1["hyper_parameters"]["learning_rate"], 1e-4);
+    assert_eq!(r1["hyper_parameters"]["batch_size"], 16);
+    for f in [
+        "report.html",
+        "training_curves.png",
+        "roc.png",
+        "roc_tta.png",
+        "confusion.png",
+        "gallery.png",
+        "data.csv",
+        "split.json",
+    ] {
+        assert!(v1.report_dir.join(f).is_file(), "{f} missing");
+    }
+    // Clearly better than chance on patients the head never saw: the accuracy's
+    // 95% interval lies above the 25% of guessing, and the macro AUC above 0.5.
+    let auc = v1.test.macro_auc.unwrap();
+    eprintln!(
+        "v1: accuracy {:.3} {:?}, macro AUC {auc:.3}",
+        v1.test.accuracy, v1.test.accuracy_ci95
+    );
+    assert!(
+        auc > 0.6 && v1.test.accuracy_ci95[0] > 0.25,
+        "macro AUC {auc}, accuracy {} on {} test images",
+        v1.test.accuracy,
+        v1.test.n
+    );
+    // The report's figures are those of its own predictions, and match scikit-learn.
+    let preds = r1["predictions"].as_array().unwrap();
+    let truth: Vec<usize> = preds
+        .iter()
+        .map(|p| p["truth"].as_u64().unwrap() as usize)
+        .collect();
+    let probs: Vec<Vec<f64>> = preds
+        .iter()
+        .map(|p| serde_json::from_value(p["probabilities"].clone()).unwrap())
+        .collect();
+    let again = cinflow::report::evaluate(&v1.test.classes, &truth, &probs);
+    assert_eq!(again, v1.test);
+    metrics_sklearn::assert_matches_sklearn(&again, &truth, &probs);
+    let d1 = v1.decision.clone().unwrap();
+    assert!(d1.promoted, "{}", d1.reason);
+
+    // v2: 10% more images (new patients); only they go through the backbone, and
+    // every earlier patient keeps its split.
+    let more = dataset(&tmp.path().join("more"), 12, 99);
+    let mut rows = read_labels(&labels).unwrap();
+    for mut r in read_labels(&more).unwrap() {
+        r.patient_id = format!("new-{}", r.patient_id);
+        rows.push(r);
+    }
+    let labels2 = data.join("labels-v2.csv");
+    write_labels(&labels2, &data, &rows).unwrap();
+    let mut o2 = options(
+        &labels2,
+        &backbone,
+        &tmp.path().join("v2"),
+        Some(&registry_dir),
+    );
+    o2.version = Some("v2".into());
+    let v2 = train(&o2).unwrap();
+    assert_eq!((v2.features_computed, v2.features_cached), (12, 120));
+    let r2 = report(&v2.bundle);
+    assert_eq!(r2["split"]["kept_from_previous_model"], 40);
+    let split1: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v1.report_dir.join("split.json")).unwrap()).unwrap();
+    let split2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v2.report_dir.join("split.json")).unwrap()).unwrap();
+    for (patient, split) in split1["assignment"].as_object().unwrap() {
+        assert_eq!(&split2["assignment"][patient], split, "{patient} moved");
+    }
+    let d2 = v2.decision.clone().unwrap();
+    assert_eq!(d2.current_version.as_deref(), Some("v1"));
+    assert!(d2.current_macro_auc.is_some());
+
+    // v3: the training patients' grades scrambled (mislabelled cases: each
+    // training patient gets the grade of the next one); the validation and locked
+    // test patients are unchanged, so the current model is judged on the same images.
+    let train_patients: Vec<String> = split2["assignment"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| *s == "train")
+        .map(|(p, _)| p.clone())
+        .collect();
+    let grade_of = |p: &str| {
+        rows.iter()
+            .find(|r| r.patient_id == p)
+            .unwrap()
+            .label
+            .clone()
+    };
+    let mut scrambled = rows.clone();
+    for r in scrambled.iter_mut() {
+        if let Some(k) = train_patients.iter().position(|p| *p == r.patient_id) {
+            r.label = grade_of(&train_patients[(k + 1) % train_patients.len()]);
+        }
+    }
+    let labels3 = data.join("labels-v3.csv");
+    write_labels(&labels3, &data, &scrambled).unwrap();
+    let mut o3 = options(
+        &labels3,
+        &backbone,
+        &tmp.path().join("v3"),
+        Some(&registry_dir),
+    );
+    o3.version = Some("v3".into());
+    let v3 = train(&o3).unwrap();
+    assert_eq!(v3.features_computed, 0, "same images, all cached");
+    let d3 = v3.decision.clone().unwrap();
+    eprintln!("v2: {d2:?}\nv3: {d3:?}");
+    assert!(!d3.promoted, "a worse model was promoted: {}", d3.reason);
+    assert_eq!(report(&v3.bundle)["promotion"]["promoted"], false);
+
+    // The registry holds all three versions; the alias points at the best one.
+    let reg = Registry::new(
+        std::sync::Arc::new(LocalStore::new(&registry_dir)),
+        "cin-test",
+    )
+    .unwrap();
+    assert_eq!(reg.versions().unwrap(), vec!["v1", "v2", "v3"]);
+    let current = reg.alias("current").unwrap().unwrap();
+    assert_eq!(current.version, if d2.promoted { "v2" } else { "v1" });
+    assert!(!reg.decision("v3").unwrap().unwrap().promoted);
+    assert!(reg.decision("v1").unwrap().unwrap().promoted);
+
+    // 2 classes (binary cross-entropy) from the same cached features.
+    let mut o4 = options(&labels, &backbone, &tmp.path().join("binary"), None);
+    o4.classes = Some(2);
+    let b = train(&o4).unwrap();
+    assert_eq!((b.features_computed, b.features_cached), (0, 120));
+    assert_eq!(b.test.classes, vec!["CIN", "Non-neoplasm"]);
+    eprintln!("binary: {:?} {:?}", b.test.accuracy, b.test.macro_auc);
+    assert!(b.test.macro_auc.unwrap() > 0.6, "{:?}", b.test.macro_auc);
+    assert!(b.decision.is_none());
+}
+
+#[test]
+fn bad_inputs_are_clear_errors_and_nothing_is_promoted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backbone = common::tiny_bundle(4);
+    let data = tmp.path().join("data");
+    let labels = dataset(&data, 36, 5);
+    let registry_dir = tmp.path().join("registry");
+    let err = |o: &TrainOptions| train(o).map(|_| ()).unwrap_err().to_string();
+    let out = tmp.path().join("out");
+
+    let bad = data.join("bad.csv");
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut fields: Vec<&str> = lines[3].split(',').collect();
+    fields[1] = "CIN-2";
+    lines[3] = fields.join(",");
+    lines[5] = lines[5].replacen(".jpg", "-missing.jpg", 1);
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let e = err(&options(&bad, &backbone, &out, Some(&registry_dir)));
+    assert!(e.contains("line 4: unknown label \"CIN-2\""), "{e}");
+    assert!(
+        e.contains("line 6: image") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    let rows = read_labels(&labels).unwrap();
+    let no_cin1: Vec<_> = rows.iter().filter(|r| r.label != "CIN1").cloned().collect();
+    let f = data.join("no-cin1.csv");
+    write_labels(&f, &data, &no_cin1).unwrap();
+    let e = err(&options(&f, &backbone, &out, Some(&registry_dir)));
+    assert!(e.contains("class \"CIN1\" has no labelled images"), "{e}");
+
+    let mut o = options(&labels, &backbone, &out, Some(&registry_dir));
+    o.backbone_sha256 = Some("0".repeat(64));
+    let e = err(&o);
+    assert!(e.contains("but 0000") && e.contains("was required"), "{e}");
+
+    let tampered = tmp.path().join("tampered");
+    common::copy_dir(&backbone, &tampered);
+    let mut onnx = std::fs::read(tampered.join("backbone.onnx")).unwrap();
+    onnx.push(0);
+    std::fs::write(tampered.join("backbone.onnx"), onnx).unwrap();
+    let e = err(&options(&labels, &tampered, &out, Some(&registry_dir)));
+    assert!(
+        e.contains("sha256 of backbone.onnx") && e.contains("modified"),
+        "{e}"
+    );
+
+    std::fs::write(data.join("empty.csv"), "path,label,patient_id\n").unwrap();
+    let e = err(&options(
+        &data.join("empty.csv"),
+        &backbone,
+        &out,
+        Some(&registry_dir),
+    ));
+    assert!(e.contains("no labelled images"), "{e}");
+
+    let mut o = options(&labels, &backbone, &out, Some(&registry_dir));
+    o.hyper.learning_rate = -1.0;
+    assert!(err(&o).contains("learning rate -1 must be positive"));
+
+    // Nothing reached the registry or the output folder.
+    let reg = Registry::new(
+        std::sync::Arc::new(LocalStore::new(&registry_dir)),
+        "cin-test",
+    )
+    .unwrap();
+    assert!(reg.versions().unwrap().is_empty());
+    assert!(reg.alias("current").unwrap().is_none());
+    assert!(!out.exists());
+}

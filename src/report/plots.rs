@@ -608,7 +608,7 @@ mod tests {
             stopped,
         };
         let dir = tempfile::tempdir().unwrap();
-        let path = Path::new("/tmp/plots-preview").join("training.png");
+        let path = dir.path().join("training.png");
         training_curves(&curve, &path).unwrap();
         decoded(&path, TRAINING_SIZE);
         assert_eq!(
@@ -624,7 +624,7 @@ mod tests {
         eval.roc[1].auc = None;
         eval.roc[1].tpr.iter_mut().for_each(|v| *v = f64::NAN);
         let dir = tempfile::tempdir().unwrap();
-        let path = Path::new("/tmp/plots-preview").join("roc.png");
+        let path = dir.path().join("roc.png");
         roc_curves(&eval, "Test split", &path).unwrap();
         decoded(&path, ROC_SIZE);
     }
@@ -634,7 +634,7 @@ mod tests {
         let eval = evaluation();
         assert_eq!(eval.confusion[0], vec![5, 0, 0, 0]);
         let dir = tempfile::tempdir().unwrap();
-        let path = Path::new("/tmp/plots-preview").join("confusion.png");
+        let path = dir.path().join("confusion.png");
         confusion_matrix(&eval, "Test split", &path).unwrap();
         let l = cm_layout(&eval, "Test split");
         let img = decoded(&path, l.size);
@@ -668,7 +668,7 @@ mod tests {
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();
-        let path = Path::new("/tmp/plots-preview").join("gallery.png");
+        let path = dir.path().join("gallery.png");
         gallery(&items, 3, &path).unwrap();
         let img = decoded(&path, gallery_size(5, 3, 2));
         assert!(img.width() >= 3 * TILE.0 && img.height() >= 2 * TILE.1);
@@ -681,7 +681,7 @@ mod tests {
             (border(0), border(1)),
             ([0, 0x82, 0x3c], [0xc8, 0x1e, 0x1e])
         );
-        let empty = Path::new("/tmp/plots-preview").join("empty.png");
+        let empty = dir.path().join("empty.png");
         gallery(&[], 3, &empty).unwrap();
         decoded(&empty, (MIN_WIDTH, 200));
     }
@@ -689,9 +689,7 @@ mod tests {
     #[test]
     fn an_unwritable_path_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = Path::new("/tmp/plots-preview")
-            .join("missing_dir")
-            .join("roc.png");
+        let path = dir.path().join("missing").join("roc.png");
         let e = roc_curves(&evaluation(), "Test split", &path).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
     }

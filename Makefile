@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	cargo bench --all-features
 	bash scripts/bench-preprocess.sh
+	bash scripts/bench-retrain.sh
 
 lint: setup
 	cargo fmt --check

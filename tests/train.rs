@@ -5,9 +5,6 @@
 #![cfg(feature = "train")]
 
 mod common;
-#[path = "metrics_sklearn.rs"]
-#[allow(dead_code)]
-mod metrics_sklearn;
 
 use std::path::{Path, PathBuf};
 
@@ -129,7 +126,38 @@ fn train_evaluate_retrain_incrementally_and_promote_only_better_models() {
         .collect();
     let again = cinflow::report::evaluate(&v1.test.classes, &truth, &probs);
     assert_eq!(again, v1.test);
-    metrics_sklearn::assert_matches_sklearn(&again, &truth, &probs);
+    common::sklearn::assert_matches_sklearn(&again, &truth, &probs);
+    // Training features come through the serving path: grading the test images
+    // with `cinflow classify`'s code gives the report's probabilities.
+    let graded = tmp.path().join("graded");
+    let paths: Vec<PathBuf> = preds
+        .iter()
+        .map(|p| PathBuf::from(p["image"].as_str().unwrap()))
+        .collect();
+    let served = cinflow::cli::classify(&cinflow::cli::ClassifyArgs {
+        model: v1.bundle.clone(),
+        out: graded,
+        batch_size: 4,
+        infer: Default::default(),
+        inputs: paths.clone(),
+    })
+    .unwrap();
+    assert_eq!(served.failed, 0);
+    for (path, want) in paths.iter().zip(&probs) {
+        let uri = format!("file://{}", path.display());
+        let (_, rec) = served
+            .results
+            .iter()
+            .find(|(_, r)| r.uri == uri)
+            .unwrap_or_else(|| panic!("{uri} not graded"));
+        for (class, p) in v1.test.classes.iter().zip(want) {
+            let got = f64::from(rec.probabilities.as_ref().unwrap()[class]);
+            assert!(
+                (got - p).abs() < 1e-5,
+                "{uri} {class}: served {got}, report {p}"
+            );
+        }
+    }
     let d1 = v1.decision.clone().unwrap();
     assert!(d1.promoted, "{}", d1.reason);
 
@@ -288,6 +316,10 @@ fn bad_inputs_are_clear_errors_and_nothing_is_promoted() {
     o.hyper.learning_rate = -1.0;
     assert!(err(&o).contains("learning rate -1 must be positive"));
 
+    let mut o = options(&labels, &backbone, &out, Some(&registry_dir));
+    o.version = Some("../escape".into());
+    assert!(err(&o).contains("may only contain letters"));
+
     // Nothing reached the registry or the output folder.
     let reg = Registry::new(
         std::sync::Arc::new(LocalStore::new(&registry_dir)),
@@ -297,4 +329,13 @@ fn bad_inputs_are_clear_errors_and_nothing_is_promoted() {
     assert!(reg.versions().unwrap().is_empty());
     assert!(reg.alias("current").unwrap().is_none());
     assert!(!out.exists());
+
+    // A bare ONNX file works as the backbone: the bundle around it is made here.
+    let mut o = options(&labels, &backbone.join("backbone.onnx"), &out, None);
+    o.hyper.max_epochs = 3;
+    let done = train(&o).unwrap();
+    let b = cinflow::model::Bundle::load(&done.bundle).unwrap();
+    assert_eq!(b.manifest.architecture, "custom");
+    assert_eq!(b.manifest.features.channels, 64);
+    assert_eq!(report(&done.bundle)["training"]["epochs_run"], 3);
 }

@@ -29,9 +29,9 @@ pub struct DemoArgs {
     /// Synthetic image size (the scanner size of the research data).
     #[arg(long, default_value = "2560x1920", value_parser = super::parse_size)]
     pub size: (u32, u32),
-    /// Seed of the synthetic data and the tiny backbone.
+    /// Seed of the synthetic data and the tiny backbone (`--seed` seeds training).
     #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    pub data_seed: u64,
     /// Fraction of each grade's patients held out from training and graded (the
     /// locked test split).
     #[arg(long, default_value_t = 0.25)]
@@ -72,7 +72,7 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
                 n: a.n,
                 width: a.size.0,
                 height: a.size.1,
-                seed: a.seed,
+                seed: a.data_seed,
                 format: crate::synth::SynthFormat::Jpeg,
                 images_per_patient: 3,
             },
@@ -294,13 +294,13 @@ fn export_tiny(a: &DemoArgs) -> anyhow::Result<PathBuf> {
     }
     eprintln!(
         "[2/4] exporting a tiny backbone (random weights, seed {}) to {}",
-        a.seed,
+        a.data_seed,
         dir.display()
     );
     let status = std::process::Command::new(&a.python)
         .arg(&a.export_tool)
         .args(["--arch", "tiny", "--classes", "4", "--force", "--seed"])
-        .arg(a.seed.to_string())
+        .arg(a.data_seed.to_string())
         .arg("--out")
         .arg(&dir)
         .status()

@@ -164,6 +164,18 @@ impl Registry {
         &self.name
     }
 
+    /// Checks that `version` can be published: a valid name not used yet.
+    pub fn check_new_version(&self, version: &str) -> Result<(), RegistryError> {
+        check_name("version", version)?;
+        if self.versions()?.iter().any(|v| v == version) {
+            return Err(RegistryError::Exists {
+                name: self.name.clone(),
+                version: version.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn key(&self, parts: &[&str]) -> String {
         let mut all = vec!["models", self.name.as_str()];
         all.extend_from_slice(parts);

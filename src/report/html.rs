@@ -206,9 +206,8 @@ th:first-child,td:first-child{{text-align:left}}img{{max-width:100%;border:1px s
         text(&f["cached"]),
         text(&f["cache"]),
     );
-    let _ = write!(
-        h,
-        "<p class=\"note\">All numbers: <a href=\"report.json\">report.json</a>.</p></body></html>\n"
+    h.push_str(
+        "<p class=\"note\">All numbers: <a href=\"report.json\">report.json</a>.</p></body></html>\n",
     );
     std::fs::write(path, h)
 }

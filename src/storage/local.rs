@@ -12,9 +12,13 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// A store rooted at `root` (created on the first write).
+    /// A store rooted at `root` (created on the first write); a relative root is
+    /// made absolute, so URIs in reports and logs stay meaningful.
     pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into() }
+        let root = root.into();
+        LocalStore {
+            root: std::path::absolute(&root).unwrap_or(root),
+        }
     }
 
     pub fn root(&self) -> &Path {

@@ -176,7 +176,7 @@ pub fn extract(
     // Decoding and CLAHE run in parallel per chunk; the backbone then takes each
     // image's 8 views as two batches of 4 (one per orientation).
     for chunk in rows.chunks(4) {
-        let loaded: Vec<(String, Option<Vec<Vec<f32>>>, Option<Prepared>)> = chunk
+        let loaded: Vec<Loaded> = chunk
             .par_iter()
             .map(|row| {
                 let path = row.path.display().to_string();
@@ -189,7 +189,7 @@ pub fn extract(
                 let sha = crate::hashing::sha256_hex(&bytes);
                 let key = cache.key(m, &backbone_sha, &sha);
                 if let Some(views) = cache.load(&key, channels) {
-                    return Ok((sha, Some(views), None));
+                    return Ok(Loaded::Cached(sha, views));
                 }
                 let prepared = model.prepare(&bytes).map_err(|e| FeatureError::Image {
                     labels: labels.to_string(),
@@ -197,22 +197,21 @@ pub fn extract(
                     path,
                     detail: e.to_string(),
                 })?;
-                Ok((sha, None, Some(prepared)))
+                Ok(Loaded::Fresh(sha, Box::new(prepared)))
             })
             .collect::<Result<_, FeatureError>>()?;
-        for (sha, cached, prepared) in loaded {
-            let views = match (cached, prepared) {
-                (Some(v), _) => {
+        for item in loaded {
+            let (sha, views) = match item {
+                Loaded::Cached(sha, v) => {
                     stats.cached += 1;
-                    v
+                    (sha, v)
                 }
-                (None, Some(p)) => {
+                Loaded::Fresh(sha, p) => {
                     let v = view_features(model, &p)?;
                     cache.save(&cache.key(m, &backbone_sha, &sha), &v)?;
                     stats.computed += 1;
-                    v
+                    (sha, v)
                 }
-                (None, None) => unreachable!("either cached or prepared"),
             };
             out.push(ImageFeatures { sha256: sha, views });
         }
@@ -221,6 +220,13 @@ pub fn extract(
         }
     }
     Ok((out, stats))
+}
+
+/// An image of a chunk: its sha256 and either its cached features or its
+/// preprocessed pixels for the backbone.
+enum Loaded {
+    Cached(String, Vec<Vec<f32>>),
+    Fresh(String, Box<Prepared>),
 }
 
 /// Pooled features of the 8 views of one prepared image.

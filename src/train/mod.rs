@@ -19,7 +19,7 @@ pub mod split;
 pub mod views;
 
 pub use features::{
-    extract, preprocess_key, ExtractStats, FeatureCache, FeatureError, ImageFeatures,
+    extract, preprocess_key, view_features, ExtractStats, FeatureCache, FeatureError, ImageFeatures,
 };
 #[cfg(feature = "train")]
 pub use head::{train_head, HeadData, HeadTrainError, TrainedHead};

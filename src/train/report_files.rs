@@ -60,21 +60,19 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
     // Which images trained this version, and the locked split for the next one.
     let data_csv = r.dir.join("data.csv");
     let mut w = csv::Writer::from_path(&data_csv).map_err(|e| TrainError::Report(e.to_string()))?;
-    let mut write_row = |fields: [&str; 5]| {
-        w.write_record(fields)
-            .map_err(|e| TrainError::Report(format!("{}: {e}", data_csv.display())))
-    };
-    write_row(["path", "label", "patient_id", "split", "sha256"])?;
+    let csv_err = |e: csv::Error| TrainError::Report(format!("{}: {e}", data_csv.display()));
+    w.write_record(["path", "label", "patient_id", "split", "sha256"])
+        .map_err(csv_err)?;
     for (row, _, split, sha) in r.items {
-        write_row([
-            &row.path.display().to_string(),
+        w.write_record([
+            row.path.display().to_string().as_str(),
             &row.label,
             &row.patient_id,
             split.name(),
             sha,
-        ])?;
+        ])
+        .map_err(csv_err)?;
     }
-    drop(write_row);
     w.flush().map_err(io(&data_csv))?;
     let split_json = r.dir.join("split.json");
     std::fs::write(

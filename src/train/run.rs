@@ -84,10 +84,17 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         }
         None => None,
     };
+    if let (Some(r), Some(v)) = (&registry, &o.version) {
+        r.check_new_version(v)?;
+    }
+    let scratch = tempfile::tempdir().map_err(|source| TrainError::Io {
+        path: std::env::temp_dir().display().to_string(),
+        source,
+    })?;
     let current = match &registry {
         Some(r) => match r.alias(&o.alias)? {
             Some(a) => {
-                let dir = o.out.with_extension("current-model");
+                let dir = scratch.path().join("current-model");
                 let bundle = r.fetch(&a.version, &dir)?;
                 let previous_split = r
                     .get_file(&a.version, "report/split.json")
@@ -245,6 +252,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     });
     let staging = o.out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
+    let mut staged = RemoveOnDrop(Some(staging.clone()));
     model
         .bundle
         .write_version(&staging, manifest, &trained.head)?;
@@ -335,7 +343,11 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         path: o.out.display().to_string(),
         source,
     })?;
-    tracing::info!(report = %written.display(), "report written");
+    staged.0 = None;
+    tracing::info!(
+        report = %o.out.join("report").join(written.file_name().unwrap_or_default()).display(),
+        "report written"
+    );
 
     // Publish, then promote: an alias only ever points at a complete version.
     if let (Some(r), Some(d)) = (&registry, &decision) {
@@ -352,9 +364,6 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
             d.reason
         );
     }
-    if let Some((_, _, dir)) = &current {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     Ok(TrainOutcome {
         bundle: o.out.clone(),
         version,
@@ -365,6 +374,17 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         features_cached: stats.cached,
         decision,
     })
+}
+
+/// Removes a half-written bundle folder when a run fails after starting it.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
 }
 
 /// Probabilities of the test items: the identity view, or the mean over all views.

@@ -244,6 +244,7 @@ fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
     })
 }
 
+#[cfg(feature = "train")]
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {

@@ -12,7 +12,7 @@ CARGO_FLAGS := --release --locked --all-features
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup build demo test bench lint clean-demo
+.PHONY: setup build demo test bench lint clean-demo s3-start s3-stop
 
 setup:
 	bash scripts/setup.sh
@@ -23,8 +23,10 @@ build: setup
 demo: build
 	cargo run $(CARGO_FLAGS) --quiet -- demo --out demo-out
 
+# The tests use the RabbitMQ on 127.0.0.1:5672 and a Garage S3 server that
+# scripts/garage.sh builds once (cached) and starts on loopback.
 test: setup
-	cargo test $(CARGO_FLAGS)
+	eval "$$(bash scripts/garage.sh start)" && cargo test $(CARGO_FLAGS)
 
 bench: setup
 	cargo bench --all-features
@@ -37,3 +39,9 @@ lint: setup
 
 clean-demo:
 	rm -rf demo-out
+
+s3-start:
+	bash scripts/garage.sh start
+
+s3-stop:
+	bash scripts/garage.sh stop

@@ -6,8 +6,10 @@
 //! blocking threads.
 
 mod local;
+mod s3;
 
 pub use local::LocalStore;
+pub use s3::{classify, S3Config, S3Store};
 
 /// Why an object store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,12 @@ pub enum StoreError {
     TooLarge { uri: String, size: u64, limit: u64 },
     #[error("{key:?} is not a valid object key: {reason}")]
     BadKey { key: String, reason: &'static str },
+    /// Throttling, 5xx, timeouts, connection errors: worth retrying later.
+    #[error("{uri}: object store unavailable: {detail}")]
+    Unavailable { uri: String, detail: String },
+    /// Refused for good (access denied, no such bucket, bad request).
+    #[error("{uri}: {detail}")]
+    Backend { uri: String, detail: String },
     #[error("{uri}: {source}")]
     Io {
         uri: String,
@@ -30,6 +38,7 @@ impl StoreError {
     /// Whether trying again later could succeed (a local folder never recovers by itself).
     pub fn is_retriable(&self) -> bool {
         match self {
+            StoreError::Unavailable { .. } => true,
             StoreError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut

@@ -125,3 +125,32 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (shape, data)
 }
+
+/// The Garage server's S3 settings from the environment that
+/// `scripts/garage.sh start` prints (`make test` exports them).
+pub fn s3_config() -> cinflow::storage::S3Config {
+    let endpoint = std::env::var("CINFLOW_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!("CINFLOW_S3_ENDPOINT is not set: run `eval \"$(bash scripts/garage.sh start)\"` first (make test does)")
+    });
+    cinflow::storage::S3Config {
+        endpoint: Some(endpoint),
+        region: std::env::var("AWS_REGION").unwrap_or_else(|_| "garage".into()),
+        bucket: std::env::var("CINFLOW_S3_BUCKET").unwrap_or_else(|_| "cinflow-test".into()),
+        force_path_style: true,
+        attempts: 3,
+        backoff_ms: 50,
+        timeout_s: 10,
+    }
+}
+
+/// A key prefix no other test run uses.
+pub fn unique_prefix(what: &str) -> String {
+    format!(
+        "test-{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

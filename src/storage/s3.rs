@@ -6,6 +6,10 @@
 //! operation is retried here with exponential backoff when [`classify`] says the
 //! failure is transient (throttling, 5xx, timeouts, connection errors), so the
 //! policy lives in one place.
+//!
+//! The store owns a small tokio runtime and blocks on it, like every
+//! [`ObjectStore`]: call it from blocking threads (`spawn_blocking`), never from
+//! inside an async task.
 
 use std::time::Duration;
 

@@ -16,6 +16,7 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod queue;
 pub mod report;
 pub mod result;
 pub mod storage;

@@ -3,6 +3,7 @@
 
 mod classify;
 mod demo;
+mod enqueue;
 mod fit_head;
 mod inputs;
 mod registry;
@@ -54,6 +55,10 @@ pub enum Command {
     FitHead(FitHeadArgs),
     /// Inspect a model registry folder or move an alias by hand.
     Registry(registry::RegistryArgs),
+    /// Publish inference jobs for images in S3 (one job per slide) and print their ids.
+    Enqueue(Box<enqueue::EnqueueArgs>),
+    /// Publish a training job (what the nightly CronJob runs) and print its id.
+    EnqueueTrain(Box<enqueue::EnqueueTrainArgs>),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
     Verify {
         /// Bundle folder.
@@ -220,6 +225,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(a) => registry::run(&a),
+        Command::Enqueue(a) => enqueue::enqueue(&a),
+        Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
         Command::FitHead(a) => {
             fit_head::fit_head(&a)?;
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,150 @@
+//! `cinflow enqueue` and `cinflow enqueue-train`: publish jobs with confirms and
+//! print their ids (what scanners' upload hooks and the nightly CronJob run).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::queue::enqueue::{group_into_jobs, publish_jobs, publish_train, Grouping};
+use crate::queue::messages::{check_s3_uri, new_job_id, TrainMessage, TRAIN_SCHEMA};
+use crate::queue::AmqpConfig;
+use crate::storage::{ObjectStore, S3Config, S3Store};
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "tif", "tiff"];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnqueueArgs {
+    /// Image URIs (s3://bucket/key).
+    pub images: Vec<String>,
+    /// A file with one image URI per line (blank lines and # comments ignored).
+    #[arg(long)]
+    pub list: Option<PathBuf>,
+    /// Every image under this s3://bucket/prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// How images become slides: one slide per folder, or per image.
+    #[arg(long, env = "CINFLOW_ENQUEUE_GROUP", default_value = "folder")]
+    pub group: Grouping,
+    /// Registry alias or version to grade with (default: the workers' alias).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnqueueTrainArgs {
+    /// s3:// URI of the labels manifest (path or uri, label, patient_id).
+    #[arg(long, env = "CINFLOW_TRAIN_LABELS")]
+    pub labels: String,
+    /// Model name in the registry.
+    #[arg(long, env = "CINFLOW_MODEL_NAME")]
+    pub model: String,
+    /// Registry version whose backbone to use (default: the current one's).
+    #[arg(long)]
+    pub base_version: Option<String>,
+    /// Hyper-parameter override as NAME=VALUE (JSON value), repeatable: --set max_epochs=100.
+    #[arg(long = "set", value_parser = parse_override)]
+    pub overrides: Vec<(String, serde_json::Value)>,
+    /// Promotion margin on macro AUC (default: the worker's).
+    #[arg(long)]
+    pub promotion_margin: Option<f64>,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+}
+
+fn parse_override(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+    Ok((k.trim().to_string(), value))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Collects the URIs from arguments, the list file and the S3 prefix.
+fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
+    let mut uris = a.images.clone();
+    if let Some(list) = &a.list {
+        let text = std::fs::read_to_string(list)
+            .with_context(|| format!("cannot read {}", list.display()))?;
+        uris.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    if let Some(prefix) = &a.prefix {
+        let (bucket, key_prefix) = prefix
+            .strip_prefix("s3://")
+            .and_then(|r| r.split_once('/').or(Some((r, ""))))
+            .filter(|(b, _)| !b.is_empty())
+            .with_context(|| format!("{prefix:?} is not s3://bucket/prefix"))?;
+        let store = S3Store::new(&S3Config {
+            bucket: bucket.to_string(),
+            ..a.s3.clone()
+        })?;
+        let found: Vec<String> = store
+            .list(key_prefix)?
+            .into_iter()
+            .filter(|k| {
+                k.rsplit_once('.').is_some_and(|(_, ext)| {
+                    IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
+                })
+            })
+            .map(|k| format!("s3://{bucket}/{k}"))
+            .collect();
+        anyhow::ensure!(!found.is_empty(), "no images under {prefix}");
+        uris.extend(found);
+    }
+    anyhow::ensure!(
+        !uris.is_empty(),
+        "no images given (arguments, --list or --prefix)"
+    );
+    for (i, u) in uris.iter().enumerate() {
+        check_s3_uri(&format!("image {}", i + 1), u)?;
+    }
+    Ok(uris)
+}
+
+pub(super) fn enqueue(a: &EnqueueArgs) -> anyhow::Result<ExitCode> {
+    let uris = collect(a)?;
+    let jobs = group_into_jobs(&uris, a.group, a.model.as_deref());
+    let ids = runtime()?.block_on(publish_jobs(&a.amqp, &jobs))?;
+    for (id, job) in ids.iter().zip(&jobs) {
+        println!("{id}\t{}\t{} image(s)", job.slide_id, job.images.len());
+    }
+    eprintln!(
+        "published {} job(s) of {} image(s) to {}",
+        ids.len(),
+        uris.len(),
+        a.amqp.jobs_exchange
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn enqueue_train(a: &EnqueueTrainArgs) -> anyhow::Result<ExitCode> {
+    let job = TrainMessage {
+        schema: TRAIN_SCHEMA.into(),
+        job_id: new_job_id(),
+        labels: a.labels.clone(),
+        model: a.model.clone(),
+        base_version: a.base_version.clone(),
+        hyper_parameters: a.overrides.iter().cloned().collect(),
+        promotion_margin: a.promotion_margin,
+    };
+    // Validate exactly as the worker will, before anything is published.
+    TrainMessage::parse(&serde_json::to_vec(&job)?)?;
+    runtime()?.block_on(publish_train(&a.amqp, &job))?;
+    println!("{}", job.job_id);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,288 @@
+//! RabbitMQ (AMQP 0-9-1, lapin): the topology the workers declare, publishing
+//! with confirms, and the message schemas.
+//!
+//! Topology (every name configurable; tests use unique ones):
+//! - direct exchange `cinflow.jobs`: routing key `infer` -> quorum queue
+//!   `cinflow.infer`, key `train` -> quorum queue `cinflow.train`;
+//! - both queues have a delivery limit and dead-letter into the direct exchange
+//!   `cinflow.jobs.dlx`, which routes to `cinflow.infer.dlq` / `cinflow.train.dlq`;
+//! - topic exchange `cinflow.results` for result events.
+
+pub mod enqueue;
+pub mod messages;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+/// Routing key of inference jobs.
+pub const INFER_KEY: &str = "infer";
+/// Routing key of training jobs.
+pub const TRAIN_KEY: &str = "train";
+
+/// Broker connection and topology names.
+#[derive(Clone, clap::Args)]
+pub struct AmqpConfig {
+    /// Broker URL (amqp:// or amqps://); the password is never logged.
+    #[arg(
+        long = "amqp-url",
+        env = "CINFLOW_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub url: String,
+    /// Exchange that jobs are published to.
+    #[arg(long, env = "CINFLOW_JOBS_EXCHANGE", default_value = "cinflow.jobs")]
+    pub jobs_exchange: String,
+    /// Quorum queue of inference jobs.
+    #[arg(long, env = "CINFLOW_INFER_QUEUE", default_value = "cinflow.infer")]
+    pub infer_queue: String,
+    /// Quorum queue of training jobs.
+    #[arg(long, env = "CINFLOW_TRAIN_QUEUE", default_value = "cinflow.train")]
+    pub train_queue: String,
+    /// Exchange of result events.
+    #[arg(
+        long,
+        env = "CINFLOW_RESULTS_EXCHANGE",
+        default_value = "cinflow.results"
+    )]
+    pub results_exchange: String,
+    /// Deliveries of one message before it is dead-lettered (poison messages).
+    #[arg(long, env = "CINFLOW_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("jobs_exchange", &self.jobs_exchange)
+            .field("infer_queue", &self.infer_queue)
+            .field("train_queue", &self.train_queue)
+            .field("results_exchange", &self.results_exchange)
+            .field("delivery_limit", &self.delivery_limit)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl AmqpConfig {
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.jobs_exchange)
+    }
+
+    pub fn infer_dlq(&self) -> String {
+        format!("{}.dlq", self.infer_queue)
+    }
+
+    pub fn train_dlq(&self) -> String {
+        format!("{}.dlq", self.train_queue)
+    }
+}
+
+/// Why a broker operation failed (all of these are worth retrying after a reconnect).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("broker {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker: {what}: {source}")]
+    Amqp {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker refused the message {message_id} ({what})")]
+    Nacked { message_id: String, what: String },
+    #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: message {message_id} was returned (is the topology declared?)")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+        message_id: String,
+    },
+}
+
+fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> QueueError {
+    let what = what.into();
+    move |source| QueueError::Amqp { what, source }
+}
+
+/// Opens a connection.
+pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, QueueError> {
+    Connection::connect(
+        &cfg.url,
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+    .map_err(|source| QueueError::Connect {
+        url: redact_url(&cfg.url),
+        source,
+    })
+}
+
+fn quorum_args(cfg: &AmqpConfig, dead_letter_key: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongInt(cfg.delivery_limit as i32),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange())),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(LongString::from(dead_letter_key)),
+    );
+    args
+}
+
+/// Declares every exchange, queue and binding (idempotent: declaring the same
+/// topology again changes nothing).
+pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), QueueError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (name, kind) in [
+        (cfg.jobs_exchange.clone(), ExchangeKind::Direct),
+        (cfg.dead_letter_exchange(), ExchangeKind::Direct),
+        (cfg.results_exchange.clone(), ExchangeKind::Topic),
+    ] {
+        ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await
+            .map_err(amqp(format!("declare exchange {name}")))?;
+    }
+    for (queue, key, dlq) in [
+        (&cfg.infer_queue, INFER_KEY, cfg.infer_dlq()),
+        (&cfg.train_queue, TRAIN_KEY, cfg.train_dlq()),
+    ] {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            quorum_args(cfg, &dlq),
+        )
+        .await
+        .map_err(amqp(format!("declare queue {queue}")))?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            cfg.jobs_exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("bind {queue}")))?;
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        ch.queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions::durable(),
+            dlq_args,
+        )
+        .await
+        .map_err(amqp(format!("declare queue {dlq}")))?;
+        ch.queue_bind(
+            dlq.as_str().into(),
+            cfg.dead_letter_exchange().as_str().into(),
+            dlq.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("bind {dlq}")))?;
+    }
+    Ok(())
+}
+
+/// A channel with publisher confirms on.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, QueueError> {
+    let ch = conn.create_channel().await.map_err(amqp("open channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("enable publisher confirms"))?;
+    Ok(ch)
+}
+
+/// Publishes a persistent JSON message and waits for the broker's confirm; a
+/// message no queue takes is an error, not a silent drop.
+pub async fn publish_json(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    payload: &[u8],
+    headers: Option<FieldTable>,
+) -> Result<(), QueueError> {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into());
+    if let Some(h) = headers {
+        props = props.with_headers(h);
+    }
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            props,
+        )
+        .await
+        .map_err(amqp(format!("publish {message_id}")))?
+        .await
+        .map_err(amqp(format!("confirm {message_id}")))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(QueueError::Unroutable {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            message_id: message_id.to_string(),
+        }),
+        Confirmation::Nack(_) => Err(QueueError::Nacked {
+            message_id: message_id.to_string(),
+            what: format!("exchange {exchange}, key {routing_key}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("amqp://guest:secret@10.0.0.1:5672/%2f"),
+            "amqp://guest:***@10.0.0.1:5672/%2f"
+        );
+        assert_eq!(super::redact_url("amqp://host/"), "amqp://host/");
+    }
+}

@@ -1,0 +1,209 @@
+//! The broker side against the real RabbitMQ on 127.0.0.1:5672: the topology is
+//! idempotent, `enqueue` publishes one confirmed, persistent job per slide with
+//! message_id = job_id, a rejected job is dead-lettered into the DLQ, and a
+//! message that no queue takes is an error, not a silent drop.
+
+mod common;
+
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+
+use cinflow::queue::enqueue::{group_into_jobs, publish_jobs, Grouping};
+use cinflow::queue::messages::JobMessage;
+use cinflow::queue::{
+    confirm_channel, connect, declare_topology, publish_json, AmqpConfig, QueueError,
+};
+
+fn config() -> AmqpConfig {
+    let p = common::unique_prefix("q");
+    AmqpConfig {
+        url: std::env::var("CINFLOW_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        jobs_exchange: format!("{p}.jobs"),
+        infer_queue: format!("{p}.infer"),
+        train_queue: format!("{p}.train"),
+        results_exchange: format!("{p}.results"),
+        delivery_limit: 3,
+    }
+}
+
+async fn get(ch: &lapin::Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+    for _ in 0..50 {
+        if let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            return Some(m);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn enqueue_publishes_jobs_that_dead_letter_when_rejected() {
+    let cfg = config();
+    let conn = connect(&cfg, "cinflow-test").await.unwrap();
+    let ch = confirm_channel(&conn).await.unwrap();
+    declare_topology(&ch, &cfg).await.unwrap();
+    declare_topology(&ch, &cfg).await.unwrap(); // idempotent
+
+    let uris: Vec<String> = [
+        "s3://b/scan/S1/a.jpg",
+        "s3://b/scan/S2/a.jpg",
+        "s3://b/scan/S1/b.jpg",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let jobs = group_into_jobs(&uris, Grouping::Folder, None);
+    let ids = publish_jobs(&cfg, &jobs).await.unwrap();
+    assert_eq!(ids.len(), 2);
+
+    let first = get(&ch, &cfg.infer_queue)
+        .await
+        .expect("a job in the queue");
+    let job = JobMessage::parse(&first.delivery.data).unwrap();
+    assert_eq!(job.job_id, ids[0]);
+    assert_eq!(job.slide_id, "S1");
+    assert_eq!(job.images.len(), 2);
+    let props = &first.delivery.properties;
+    assert_eq!(
+        props.message_id().as_ref().map(|m| m.to_string()),
+        Some(ids[0].clone())
+    );
+    assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+
+    // Rejected without requeue: the broker dead-letters it into the DLQ.
+    first
+        .delivery
+        .nack(BasicNackOptions {
+            requeue: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dead = get(&ch, &cfg.infer_dlq())
+        .await
+        .expect("the job in the DLQ");
+    assert_eq!(
+        JobMessage::parse(&dead.delivery.data).unwrap().job_id,
+        ids[0]
+    );
+
+    let second = get(&ch, &cfg.infer_queue).await.expect("the second job");
+    assert_eq!(
+        JobMessage::parse(&second.delivery.data).unwrap().job_id,
+        ids[1]
+    );
+
+    // A routing key no queue is bound to: returned, reported, not lost silently.
+    let e = publish_json(&ch, &cfg.jobs_exchange, "nowhere", "m1", b"{}", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueueError::Unroutable { .. }), "{e}");
+
+    for q in [
+        &cfg.infer_queue,
+        &cfg.train_queue,
+        &cfg.infer_dlq(),
+        &cfg.train_dlq(),
+    ] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    for x in [
+        &cfg.jobs_exchange,
+        &cfg.dead_letter_exchange(),
+        &cfg.results_exchange,
+    ] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_clear_error() {
+    let cfg = AmqpConfig {
+        url: "amqp://guest:secret@127.0.0.1:9/%2f".into(),
+        ..config()
+    };
+    let e = connect(&cfg, "cinflow-test").await.unwrap_err().to_string();
+    assert!(e.contains("127.0.0.1:9") && !e.contains("secret"), "{e}");
+}
+
+#[tokio::test]
+async fn enqueue_command_turns_an_s3_prefix_into_one_job_per_slide() {
+    use cinflow::storage::ObjectStore;
+
+    let s3 = common::s3_config();
+    let p = common::unique_prefix("scans");
+    let (s3b, pb) = (s3.clone(), p.clone());
+    // The S3 store blocks on its own runtime: use it from a blocking thread.
+    tokio::task::spawn_blocking(move || {
+        let store = cinflow::storage::S3Store::new(&s3b).unwrap();
+        for k in ["S-7/1.jpg", "S-7/2.jpg", "S-8/1.tif", "S-8/notes.txt"] {
+            store
+                .put(&format!("{pb}/{k}"), b"x", "application/octet-stream")
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+
+    let cfg = config();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cinflow"))
+        .args(["enqueue", "--prefix"])
+        .arg(format!("s3://{}/{p}/", s3.bucket))
+        .args(["--jobs-exchange", &cfg.jobs_exchange])
+        .args(["--infer-queue", &cfg.infer_queue])
+        .args(["--train-queue", &cfg.train_queue])
+        .args(["--results-exchange", &cfg.results_exchange])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!((lines[0][1], lines[0][2]), ("S-7", "2 image(s)"));
+    assert_eq!((lines[1][1], lines[1][2]), ("S-8", "1 image(s)"));
+
+    let conn = connect(&cfg, "cinflow-test").await.unwrap();
+    let ch = confirm_channel(&conn).await.unwrap();
+    for line in &lines {
+        let m = get(&ch, &cfg.infer_queue).await.expect("a job");
+        let job = JobMessage::parse(&m.delivery.data).unwrap();
+        assert_eq!(job.job_id, line[0]);
+        assert!(job
+            .images
+            .iter()
+            .all(|u| u.starts_with("s3://") && !u.ends_with(".txt")));
+    }
+    for q in [
+        &cfg.infer_queue,
+        &cfg.train_queue,
+        &cfg.infer_dlq(),
+        &cfg.train_dlq(),
+    ] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    for x in [
+        &cfg.jobs_exchange,
+        &cfg.dead_letter_exchange(),
+        &cfg.results_exchange,
+    ] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

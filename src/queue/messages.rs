@@ -1,5 +1,6 @@
 //! The JSON messages on the broker (DESIGN.md, "Messages"), each versioned by its
-//! `schema` field and documented as JSON Schema in `schemas/`.
+//! `schema` field and documented as JSON Schema in `src/queue/schemas/`, for
+//! publishers written in any language.
 
 use serde::{Deserialize, Serialize};
 
@@ -185,6 +186,31 @@ mod tests {
         assert!(e(&job(&["s3://b/../etc/passwd"])).contains("images[0]"));
         let no_slide = br#"{"schema":"cinflow.job/v1","job_id":"j","images":["s3://b/k"]}"#;
         assert!(e(no_slide).contains("slide_id"));
+    }
+
+    #[test]
+    fn the_json_schema_examples_are_accepted() {
+        for (text, train) in [
+            (include_str!("schemas/job.v1.schema.json"), false),
+            (include_str!("schemas/train.v1.schema.json"), true),
+        ] {
+            let schema: serde_json::Value = serde_json::from_str(text).unwrap();
+            for ex in schema["examples"].as_array().unwrap() {
+                let bytes = serde_json::to_vec(ex).unwrap();
+                if train {
+                    TrainMessage::parse(&bytes).unwrap();
+                } else {
+                    JobMessage::parse(&bytes).unwrap();
+                }
+            }
+            let required: Vec<&str> = schema["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(required.contains(&"schema") && required.contains(&"job_id"));
+        }
     }
 
     #[test]

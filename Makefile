@@ -26,6 +26,7 @@ demo: build
 # The tests use the RabbitMQ on 127.0.0.1:5672 and a Garage S3 server that
 # scripts/garage.sh builds once (cached) and starts on loopback.
 test: setup
+	bash scripts/rabbitmq.sh
 	eval "$$(bash scripts/garage.sh start)" && cargo test $(CARGO_FLAGS)
 
 bench: setup

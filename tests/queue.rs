@@ -42,6 +42,29 @@ async fn get(ch: &lapin::Channel, queue: &str) -> Option<lapin::message::BasicGe
     None
 }
 
+/// Removes a test's queues and exchanges.
+async fn delete_topology(ch: &lapin::Channel, cfg: &AmqpConfig) {
+    for q in [
+        &cfg.infer_queue,
+        &cfg.train_queue,
+        &cfg.infer_dlq(),
+        &cfg.train_dlq(),
+    ] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    for x in [
+        &cfg.jobs_exchange,
+        &cfg.dead_letter_exchange(),
+        &cfg.results_exchange,
+    ] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn enqueue_publishes_jobs_that_dead_letter_when_rejected() {
     let cfg = config();
@@ -105,25 +128,7 @@ async fn enqueue_publishes_jobs_that_dead_letter_when_rejected() {
         .unwrap_err();
     assert!(matches!(e, QueueError::Unroutable { .. }), "{e}");
 
-    for q in [
-        &cfg.infer_queue,
-        &cfg.train_queue,
-        &cfg.infer_dlq(),
-        &cfg.train_dlq(),
-    ] {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
-    for x in [
-        &cfg.jobs_exchange,
-        &cfg.dead_letter_exchange(),
-        &cfg.results_exchange,
-    ] {
-        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_topology(&ch, &cfg).await;
 }
 
 #[tokio::test]
@@ -187,23 +192,5 @@ async fn enqueue_command_turns_an_s3_prefix_into_one_job_per_slide() {
             .iter()
             .all(|u| u.starts_with("s3://") && !u.ends_with(".txt")));
     }
-    for q in [
-        &cfg.infer_queue,
-        &cfg.train_queue,
-        &cfg.infer_dlq(),
-        &cfg.train_dlq(),
-    ] {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
-    for x in [
-        &cfg.jobs_exchange,
-        &cfg.dead_letter_exchange(),
-        &cfg.results_exchange,
-    ] {
-        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_topology(&ch, &cfg).await;
 }

@@ -13,10 +13,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::fit_head::{read_labels, LabelRow};
 use super::{classify, ClassifyArgs};
 use crate::infer::InferConfig;
 use crate::model::Bundle;
+use crate::train::{read_labels, LabelRow};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -177,32 +177,25 @@ fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
     let report = a.out.join("report");
     let _ = std::fs::remove_dir_all(&report);
     copy_dir(&out.report_dir, &report)?;
-    let test_files: std::collections::HashSet<String> =
-        csv::Reader::from_path(out.report_dir.join("data.csv"))?
-            .records()
-            .filter_map(Result::ok)
-            .filter(|r| r.get(3) == Some("test"))
-            .filter_map(|r| r.get(0).map(str::to_string))
-            .collect();
     let held_out = rows
         .into_iter()
-        .filter(|r| test_files.contains(&r.path.display().to_string()))
+        .filter(|r| out.test_images.contains(&r.path))
         .collect();
-    let e = &out.test;
     Ok(Fitted {
         model: out.bundle.clone(),
         held_out,
         summary: format!(
-            "tch head, {} features computed / {} cached; locked test accuracy {:.1}% (95% CI {:.1}-{:.1}%), macro AUC {}; {}",
+            "tch head, {} features computed / {} cached; locked test {}; {}",
             out.features_computed,
             out.features_cached,
-            100.0 * e.accuracy,
-            100.0 * e.accuracy_ci95[0],
-            100.0 * e.accuracy_ci95[1],
-            e.macro_auc.map_or("n/a".into(), |v| format!("{v:.3}")),
+            out.test.headline(),
             out.decision.as_ref().map_or(String::new(), |d| format!(
                 "{} in {}",
-                if d.promoted { "promoted" } else { "not promoted" },
+                if d.promoted {
+                    "promoted"
+                } else {
+                    "not promoted"
+                },
                 a.out.join("registry").display()
             )),
         ),

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::infer::InferConfig;
 use crate::model::{fit_diagonal_lda, ClassScheme, Head};
 use crate::pipeline::Model;
-pub use crate::train::{read_labels, LabelRow};
+use crate::train::read_labels;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FitHeadArgs {

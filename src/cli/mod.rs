@@ -255,24 +255,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Prints what a training run produced.
 #[cfg(feature = "train")]
 pub fn print_train_outcome(o: &crate::train::TrainOutcome) {
-    let auc = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.3}"));
-    let e = &o.test;
     println!("trained {} -> {}", o.version, o.bundle.display());
     println!(
         "  features:        {} images computed, {} from the cache",
         o.features_computed, o.features_cached
     );
-    println!(
-        "  locked test:     {}/{} correct ({:.1}%, 95% CI {:.1}-{:.1}%), macro AUC {}; mean of 8 views: {:.1}%, macro AUC {}",
-        e.correct,
-        e.n,
-        100.0 * e.accuracy,
-        100.0 * e.accuracy_ci95[0],
-        100.0 * e.accuracy_ci95[1],
-        auc(e.macro_auc),
-        100.0 * o.test_tta.accuracy,
-        auc(o.test_tta.macro_auc)
-    );
+    println!("  locked test:     {}", o.test.headline());
+    println!("  mean of 8 views: {}", o.test_tta.headline());
     if let Some(d) = &o.decision {
         println!(
             "  registry:        {} ({})",

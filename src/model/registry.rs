@@ -244,13 +244,20 @@ impl Registry {
     /// Where `alias` points, if anywhere.
     pub fn alias(&self, alias: &str) -> Result<Option<AliasRecord>, RegistryError> {
         check_name("alias", alias)?;
-        let key = self.key(&["aliases", &format!("{alias}.json")]);
-        match self.store.get(&key) {
+        self.get_json(&self.key(&["aliases", &format!("{alias}.json")]))
+    }
+
+    /// A JSON record, or None when the object does not exist.
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
+        match self.store.get(key) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
                     .map_err(|e| RegistryError::Corrupt {
-                        uri: self.store.uri(&key),
+                        uri: self.store.uri(key),
                         detail: e.to_string(),
                     })
             }
@@ -301,17 +308,7 @@ impl Registry {
 
     /// The recorded decision of a version, if any.
     pub fn decision(&self, version: &str) -> Result<Option<Decision>, RegistryError> {
-        let key = self.key(&["decisions", &format!("{version}.json")]);
-        match self.store.get(&key) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| RegistryError::Corrupt {
-                    uri: self.store.uri(&key),
-                    detail: e.to_string(),
-                }),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.get_json(&self.key(&["decisions", &format!("{version}.json")]))
     }
 
     /// Reads one file of a version (for example `report/split.json`).

@@ -24,8 +24,13 @@ fn slide_name(s: &str) -> String {
                 '_'
             }
         })
+        .take(200)
         .collect();
-    cleaned.chars().take(200).collect()
+    if cleaned.is_empty() {
+        "slide".into()
+    } else {
+        cleaned
+    }
 }
 
 /// Groups `s3://` image URIs into one job per slide (order of first appearance).
@@ -34,43 +39,31 @@ pub fn group_into_jobs(
     grouping: Grouping,
     model: Option<&str>,
 ) -> Vec<JobMessage> {
-    let mut slides: Vec<(String, Vec<String>)> = Vec::new();
+    // (group key, slide id, images)
+    let mut slides: Vec<(&str, String, Vec<String>)> = Vec::new();
     for uri in uris {
         let key = uri.strip_prefix("s3://").unwrap_or(uri);
-        let folder = key.rsplit_once('/').map_or("", |(f, _)| f);
-        let group_key = match grouping {
-            Grouping::Folder => folder.to_string(),
-            Grouping::Image => uri.clone(),
+        let (folder, file) = key.rsplit_once('/').unwrap_or(("", key));
+        let (group, name) = match grouping {
+            Grouping::Folder => (folder, folder.rsplit('/').next().unwrap_or(folder)),
+            Grouping::Image => (key, file.rsplit_once('.').map_or(file, |(stem, _)| stem)),
         };
-        match slides.iter_mut().find(|(k, _)| *k == group_key) {
-            Some((_, v)) => v.push(uri.clone()),
-            None => slides.push((group_key, vec![uri.clone()])),
+        match slides.iter_mut().find(|s| s.0 == group) {
+            Some(s) => s.2.push(uri.clone()),
+            None => slides.push((group, slide_name(name), vec![uri.clone()])),
         }
     }
     slides
         .into_iter()
-        .map(|(group, images)| {
-            let slide_id = match grouping {
-                Grouping::Folder => slide_name(group.rsplit('/').next().unwrap_or(&group)),
-                Grouping::Image => {
-                    let file = group.rsplit('/').next().unwrap_or(&group);
-                    slide_name(file.rsplit_once('.').map_or(file, |(stem, _)| stem))
-                }
-            };
-            JobMessage {
-                schema: JOB_SCHEMA.into(),
-                job_id: new_job_id(),
-                slide_id: if slide_id.is_empty() {
-                    "slide".into()
-                } else {
-                    slide_id
-                },
-                images,
-                model: model.map(str::to_string),
-                accession_id: None,
-                patient_id: None,
-                specimen_id: None,
-            }
+        .map(|(_, slide_id, images)| JobMessage {
+            schema: JOB_SCHEMA.into(),
+            job_id: new_job_id(),
+            slide_id,
+            images,
+            model: model.map(str::to_string),
+            accession_id: None,
+            patient_id: None,
+            specimen_id: None,
         })
         .collect()
 }

@@ -64,6 +64,22 @@ pub struct Evaluation {
     pub macro_auc: Option<f64>,
 }
 
+impl Evaluation {
+    /// One line for people: "25/60 correct (41.7%, 95% CI 30.1-54.3%), macro AUC 0.721".
+    pub fn headline(&self) -> String {
+        format!(
+            "{}/{} correct ({:.1}%, 95% CI {:.1}-{:.1}%), macro AUC {}",
+            self.correct,
+            self.n,
+            100.0 * self.accuracy,
+            100.0 * self.accuracy_ci95[0],
+            100.0 * self.accuracy_ci95[1],
+            self.macro_auc
+                .map_or("n/a".to_string(), |a| format!("{a:.3}"))
+        )
+    }
+}
+
 /// Evaluates predictions. `truth[i]` indexes `classes`; `probs[i]` holds one
 /// probability per class; the prediction is the most probable class (first on ties).
 pub fn evaluate(classes: &[String], truth: &[usize], probs: &[Vec<f64>]) -> Evaluation {

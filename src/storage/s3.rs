@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 
@@ -79,33 +80,36 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
-/// What one failed S3 call means.
-pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+/// What one failed S3 call means: not found, transient (throttling, 5xx,
+/// timeouts, connection errors) or permanent.
+pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     uri: &str,
-    err: &SdkError<E, R>,
-    status: Option<u16>,
+    err: &SdkError<E, HttpResponse>,
 ) -> StoreError {
-    let detail = match err {
-        SdkError::ServiceError(s) => {
-            let e = s.err();
-            format!(
-                "{}: {}",
-                e.code().unwrap_or("error"),
-                e.message().unwrap_or("no message")
-            )
-        }
-        other => format!("{}", aws_sdk_s3::error::DisplayErrorContext(other)),
-    };
+    let status = err.raw_response().map(|r| r.status().as_u16());
     let code = match err {
-        SdkError::ServiceError(s) => s.err().code().map(str::to_string),
+        SdkError::ServiceError(s) => s.err().code(),
         _ => None,
     };
+    let detail = match err {
+        SdkError::ServiceError(s) => format!(
+            "{}: {}",
+            code.unwrap_or("error"),
+            s.err().message().unwrap_or("no message")
+        ),
+        other => format!("{}", aws_sdk_s3::error::DisplayErrorContext(other)),
+    };
+    if matches!(code, Some("NoSuchKey" | "NotFound")) || status == Some(404) {
+        return StoreError::NotFound {
+            uri: uri.to_string(),
+        };
+    }
     let transient = matches!(
         err,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
     ) || status.is_some_and(|s| s == 429 || s >= 500)
         || matches!(
-            code.as_deref(),
+            code,
             Some(
                 "SlowDown"
                     | "Throttling"
@@ -115,36 +119,11 @@ pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::f
                     | "ServiceUnavailable"
             )
         );
-    if matches!(code.as_deref(), Some("NoSuchKey" | "NotFound")) || status == Some(404) {
-        return StoreError::NotFound {
-            uri: uri.to_string(),
-        };
-    }
+    let uri = uri.to_string();
     if transient {
-        StoreError::Unavailable {
-            uri: uri.to_string(),
-            detail,
-        }
+        StoreError::Unavailable { uri, detail }
     } else {
-        StoreError::Backend {
-            uri: uri.to_string(),
-            detail,
-        }
-    }
-}
-
-fn status_of<E, R: HasStatus>(err: &SdkError<E, R>) -> Option<u16> {
-    err.raw_response().map(|r| r.status_code())
-}
-
-/// The HTTP status of a raw SDK response.
-pub trait HasStatus {
-    fn status_code(&self) -> u16;
-}
-
-impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
+        StoreError::Backend { uri, detail }
     }
 }
 
@@ -224,7 +203,7 @@ impl ObjectStore for S3Store {
                 .key(key)
                 .send()
                 .await
-                .map_err(|e| classify(&uri, &e, status_of(&e)))?;
+                .map_err(|e| classify(&uri, &e))?;
             let declared = out.content_length().unwrap_or(0).max(0) as u64;
             if declared > limit {
                 return Err(StoreError::TooLarge {
@@ -268,7 +247,7 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| classify(&uri, &e, status_of(&e)))
+                .map_err(|e| classify(&uri, &e))
         })
     }
 
@@ -285,7 +264,7 @@ impl ObjectStore for S3Store {
                 .await
             {
                 Ok(_) => Ok(true),
-                Err(e) => match classify(&uri, &e, status_of(&e)) {
+                Err(e) => match classify(&uri, &e) {
                     StoreError::NotFound { .. } => Ok(false),
                     other => Err(other),
                 },
@@ -307,7 +286,7 @@ impl ObjectStore for S3Store {
                     .set_continuation_token(token.clone())
                     .send()
                     .await
-                    .map_err(|e| classify(&uri, &e, status_of(&e)))?;
+                    .map_err(|e| classify(&uri, &e))?;
                 keys.extend(
                     out.contents()
                         .iter()
@@ -334,7 +313,7 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| classify(&uri, &e, status_of(&e)))
+                .map_err(|e| classify(&uri, &e))
         })
     }
 

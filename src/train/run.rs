@@ -26,6 +26,8 @@ pub struct TrainOutcome {
     pub report_dir: PathBuf,
     pub test: Evaluation,
     pub test_tta: Evaluation,
+    /// The locked test split's images, in evaluation order.
+    pub test_images: Vec<PathBuf>,
     pub features_computed: usize,
     pub features_cached: usize,
     pub decision: Option<Decision>,
@@ -194,6 +196,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
 
     // Evaluation on the locked test split: one view, and the mean over 8 views.
     let test: Vec<&Item> = of(Split::Test).collect();
+    let test_images: Vec<PathBuf> = test.iter().map(|i| i.row.path.clone()).collect();
     let truth: Vec<usize> = test.iter().map(|i| i.class).collect();
     let single = predict(&trained.head, task, &test, false);
     let tta = predict(&trained.head, task, &test, true);
@@ -370,6 +373,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         report_dir: o.out.join("report"),
         test: eval,
         test_tta: eval_tta,
+        test_images,
         features_computed: stats.computed,
         features_cached: stats.cached,
         decision,

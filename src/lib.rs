@@ -7,7 +7,9 @@
 //! pooling, head) -> `cam` (Grad-CAM maps and overlays) -> `pipeline` (the per-image
 //! path that the CLI and the workers share) -> `result` (the `cinflow.result/v1` record).
 //! `model` holds the bundle (manifest, backbone, head) and `synth` the synthetic
-//! CIN-like images used by the demo, tests and benchmarks.
+//! CIN-like images used by the demo, tests and benchmarks. `storage` (local folder
+//! and S3), `queue` (RabbitMQ topology and messages) and `worker` (the inference
+//! and training workers) put the pipeline behind the broker.
 
 pub mod cam;
 pub mod cli;
@@ -22,3 +24,4 @@ pub mod result;
 pub mod storage;
 pub mod synth;
 pub mod train;
+pub mod worker;

@@ -25,6 +25,8 @@ fn config() -> AmqpConfig {
         train_queue: format!("{p}.train"),
         results_exchange: format!("{p}.results"),
         delivery_limit: 3,
+        heartbeat_s: 30,
+        ca_file: None,
     }
 }
 

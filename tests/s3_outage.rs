@@ -1,6 +1,8 @@
 //! The S3 server goes away and comes back: a write in progress keeps retrying
-//! with backoff and lands once the server is back, and nothing written before
-//! is lost. Its own test binary, because it stops the shared Garage server.
+//! with backoff and lands once the server is back, nothing written before is
+//! lost, and an inference worker finishes the job it was fetching images for.
+//! Its own test binary, because it stops the shared Garage server; the tests
+//! here take turns.
 
 mod common;
 
@@ -8,6 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cinflow::storage::{ObjectStore, S3Store};
+
+static OUTAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn garage(action: &str) {
     let out = Command::new("bash")
@@ -24,6 +28,7 @@ fn garage(action: &str) {
 
 #[test]
 fn writes_survive_an_s3_outage() {
+    let _turn = OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
     let mut cfg = common::s3_config();
     cfg.attempts = 10;
     cfg.backoff_ms = 250;
@@ -48,4 +53,25 @@ fn writes_survive_an_s3_outage() {
     );
     assert_eq!(s.get(&format!("{p}/before")).unwrap(), b"before");
     assert_eq!(s.get(&format!("{p}/during")).unwrap(), b"during");
+}
+
+#[test]
+fn a_worker_finishes_its_job_across_an_s3_outage() {
+    let _turn = OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = common::worker::Fixture::new("s3down", 4);
+    let img = fx.images(2, 640, 480);
+    let w = fx.spawn("infer", &[]);
+    fx.publish(&fx.job("before", &img));
+    fx.wait_result("before", "v1", &w);
+
+    garage("stop");
+    fx.publish(&fx.job("during", &img));
+    std::thread::sleep(Duration::from_secs(4));
+    garage("start");
+    let r = fx.wait_result("during", "v1", &w);
+    assert_eq!(r.status, cinflow::result::ImageStatus::Ok);
+    assert!(w.log().contains("retrying"), "{}", w.log());
+    assert!(fx
+        .get(&fx.amqp.infer_dlq(), Duration::from_secs(1))
+        .is_none());
 }

@@ -34,6 +34,10 @@ fn options(labels: &Path, backbone: &Path, out: &Path, registry: Option<&Path>) 
             ..Default::default()
         },
         infer: Default::default(),
+        registry_store: None,
+        feature_store: None,
+        labels_uri: None,
+        labels_rows: None,
     }
 }
 

@@ -4,7 +4,7 @@
 //! decode, CLAHE, resize on the rayon pool) and writing batch n-1 (CAM overlays,
 //! PNG encoding) run while the backbone works on batch n.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::inputs::{expand, file_uri, output_key};
 use crate::infer::InferConfig;
 use crate::pipeline::{render_artifacts, Graded, Model, Prepared};
-use crate::result::{HeatmapRef, ImageResult, ImageStatus, RawMapRef, ResultRecord};
+use crate::result::{class_slug, HeatmapRef, ImageResult, ImageStatus, RawMapRef, ResultRecord};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClassifyArgs {
@@ -165,29 +165,18 @@ fn write_outputs(
             }
             let raw = format!("{}.cam.npy", item.key);
             write(out, &raw, &art.raw_npy)?;
-            ImageResult {
+            ImageResult::graded(
                 uri,
-                sha256: Some(prepared.sha256.clone()),
-                status: ImageStatus::Ok,
-                error: None,
-                original_size: Some([prepared.original_size.0, prepared.original_size.1]),
-                probabilities: Some(
-                    m.classes
-                        .iter()
-                        .cloned()
-                        .zip(g.probabilities.iter().copied())
-                        .collect::<BTreeMap<_, _>>(),
-                ),
-                predicted_class: Some(m.classes[g.predicted].clone()),
-                logits: Some(g.logits.clone()),
+                prepared,
+                &g,
+                m,
                 heatmaps,
-                raw_map: Some(RawMapRef {
+                RawMapRef {
                     uri: raw,
                     shape: art.raw_shape,
                     units: "logit".into(),
-                }),
-                timings: Some(g.timings),
-            }
+                },
+            )
         }
         (Ok(prepared), Err(e)) => ImageResult::failed(uri, Some(prepared.sha256.clone()), e),
         (Err(e), _) => {
@@ -204,20 +193,6 @@ fn write_outputs(
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
     let path = dir.join(name);
     std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// File-name form of a class name ("Non-neoplasm" stays, "CIN2-3" stays).
-pub fn class_slug(class: &str) -> String {
-    class
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn write_summary(

@@ -172,6 +172,10 @@ fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
         gallery: 12,
         hyper: a.hyper.clone(),
         infer: a.infer.clone(),
+        registry_store: None,
+        feature_store: None,
+        labels_uri: None,
+        labels_rows: None,
     };
     let out = crate::train::train(&opts)?;
     let report = a.out.join("report");

@@ -1,5 +1,6 @@
 //! Command-line interface: local mode (`classify`, `preprocess`, `synth`, `demo`,
-//! `train`, `fit-head`, `verify`, `registry`). Errors are reported here with `anyhow`.
+//! `train`, `fit-head`, `verify`, `registry`), the broker side (`enqueue`,
+//! `enqueue-train`) and the queue workers (`worker`). Errors are reported here with `anyhow`.
 
 mod classify;
 mod demo;
@@ -7,6 +8,7 @@ mod enqueue;
 mod fit_head;
 mod inputs;
 mod registry;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +61,8 @@ pub enum Command {
     Enqueue(Box<enqueue::EnqueueArgs>),
     /// Publish a training job (what the nightly CronJob runs) and print its id.
     EnqueueTrain(Box<enqueue::EnqueueTrainArgs>),
+    /// Run a queue worker (`infer` or `train`) against RabbitMQ and S3.
+    Worker(worker::WorkerArgs),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
     Verify {
         /// Bundle folder.
@@ -227,6 +231,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Registry(a) => registry::run(&a),
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
+        Command::Worker(a) => {
+            worker::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::FitHead(a) => {
             fit_head::fit_head(&a)?;
             Ok(ExitCode::SUCCESS)

@@ -31,10 +31,16 @@ pub enum ModelError {
 /// Milliseconds spent in each stage for one image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageTimings {
+    /// Download from the object store (workers only).
+    #[serde(default)]
+    pub fetch_ms: f64,
     pub decode_ms: f64,
     pub preprocess_ms: f64,
     pub infer_ms: f64,
     pub cam_ms: f64,
+    /// Rendering and uploading the heatmaps (workers only).
+    #[serde(default)]
+    pub upload_ms: f64,
 }
 
 fn ms(since: Instant) -> f64 {

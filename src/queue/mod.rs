@@ -15,7 +15,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -54,6 +56,12 @@ pub struct AmqpConfig {
     /// Deliveries of one message before it is dead-lettered (poison messages).
     #[arg(long, env = "CINFLOW_DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
+    /// Heartbeat interval in seconds asked of the broker (unless the URL sets `heartbeat`).
+    #[arg(long, env = "CINFLOW_AMQP_HEARTBEAT_S", default_value_t = 30)]
+    pub heartbeat_s: u16,
+    /// PEM file of the CA that signed the broker's certificate (amqps:// with a private CA).
+    #[arg(long = "amqp-ca-file", env = "CINFLOW_AMQP_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -65,6 +73,8 @@ impl std::fmt::Debug for AmqpConfig {
             .field("train_queue", &self.train_queue)
             .field("results_exchange", &self.results_exchange)
             .field("delivery_limit", &self.delivery_limit)
+            .field("heartbeat_s", &self.heartbeat_s)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -95,9 +105,11 @@ impl AmqpConfig {
     }
 }
 
-/// Why a broker operation failed (all of these are worth retrying after a reconnect).
+/// Why a broker operation failed (all but `Config` are worth retrying after a reconnect).
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    #[error("broker {url}: {detail}")]
+    Config { url: String, detail: String },
     #[error("broker {url}: {source}")]
     Connect {
         url: String,
@@ -125,17 +137,37 @@ fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> QueueError {
     move |source| QueueError::Amqp { what, source }
 }
 
-/// Opens a connection.
+/// Opens a connection: heartbeats at `heartbeat_s` unless the URL sets them, and
+/// for amqps:// the CA file (if given) added to the trusted roots.
 pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, QueueError> {
-    Connection::connect(
-        &cfg.url,
+    let url = redact_url(&cfg.url);
+    let mut uri: AMQPUri = cfg.url.parse().map_err(|e| QueueError::Config {
+        url: url.clone(),
+        detail: format!("not an AMQP URL: {e}"),
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(cfg.heartbeat_s);
+    }
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(ca) = &cfg.ca_file {
+        let pem = std::fs::read_to_string(ca).map_err(|e| QueueError::Config {
+            url: url.clone(),
+            detail: format!("cannot read CA file {}: {e}", ca.display()),
+        })?;
+        tls.cert_chain = Some(pem);
+    }
+    let runtime = lapin::runtime::default_runtime().map_err(|source| QueueError::Connect {
+        url: url.clone(),
+        source,
+    })?;
+    Connection::connect_uri_with_config(
+        uri,
         ConnectionProperties::default().with_connection_name(name.into()),
+        tls,
+        runtime,
     )
     .await
-    .map_err(|source| QueueError::Connect {
-        url: redact_url(&cfg.url),
-        source,
-    })
+    .map_err(|source| QueueError::Connect { url, source })
 }
 
 fn quorum_args(cfg: &AmqpConfig, dead_letter_key: &str) -> FieldTable {

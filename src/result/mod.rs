@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Manifest;
-use crate::pipeline::StageTimings;
+use crate::pipeline::{Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
 
 pub const RESULT_SCHEMA: &str = "cinflow.result/v1";
@@ -114,6 +114,37 @@ pub enum ImageStatus {
 }
 
 impl ImageResult {
+    /// A graded image with its heatmaps and raw map.
+    pub fn graded(
+        uri: String,
+        prepared: &Prepared,
+        graded: &Graded,
+        manifest: &Manifest,
+        heatmaps: Vec<HeatmapRef>,
+        raw_map: RawMapRef,
+    ) -> Self {
+        ImageResult {
+            uri,
+            sha256: Some(prepared.sha256.clone()),
+            status: ImageStatus::Ok,
+            error: None,
+            original_size: Some([prepared.original_size.0, prepared.original_size.1]),
+            probabilities: Some(
+                manifest
+                    .classes
+                    .iter()
+                    .cloned()
+                    .zip(graded.probabilities.iter().copied())
+                    .collect(),
+            ),
+            predicted_class: Some(manifest.classes[graded.predicted].clone()),
+            logits: Some(graded.logits.clone()),
+            heatmaps,
+            raw_map: Some(raw_map),
+            timings: Some(graded.timings),
+        }
+    }
+
     /// An image that could not be graded, with the reason.
     pub fn failed(uri: String, sha256: Option<String>, error: String) -> Self {
         ImageResult {
@@ -158,6 +189,33 @@ pub fn slide_grade(classes: &[String], images: &[ImageResult]) -> Option<SlideGr
         })
 }
 
+/// Wall-clock milliseconds of a worker job's stages (all images together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobTimings {
+    /// From the publisher's AMQP timestamp to the worker receiving the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_wait_ms: Option<f64>,
+    /// Downloading, decoding and preprocessing every image (they overlap).
+    pub fetch_prepare_ms: f64,
+    /// Backbone, head and Grad-CAM of the whole batch.
+    pub infer_ms: f64,
+    /// Rendering and uploading heatmaps, raw maps and the result.
+    pub upload_ms: f64,
+    /// Receipt to result written.
+    pub total_ms: f64,
+}
+
+/// Identifiers of the job, for the LIS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobIds {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accession_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specimen_id: Option<String>,
+}
+
 /// A `cinflow.result/v1` record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultRecord {
@@ -166,13 +224,28 @@ pub struct ResultRecord {
     pub job_id: Option<String>,
     #[serde(default)]
     pub slide_id: Option<String>,
+    #[serde(default, flatten)]
+    pub ids: JobIds,
     pub status: ImageStatus,
+    /// Why the job failed (a bad message, or the images that could not be graded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where this record is stored (worker results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_uri: Option<String>,
     pub model: ModelInfo,
     pub preprocess: PreprocessInfo,
     pub execution_provider: String,
     pub images: Vec<ImageResult>,
     #[serde(default)]
     pub slide_grade: Option<SlideGrade>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<JobTimings>,
+    /// Which delivery of the job produced this record (1 = the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     pub created_at: String,
 }
 
@@ -185,24 +258,76 @@ impl ResultRecord {
         provider: &str,
         images: Vec<ImageResult>,
     ) -> Self {
-        let status = if images.iter().all(|i| i.status == ImageStatus::Ok) {
-            ImageStatus::Ok
+        let failed: Vec<String> = images
+            .iter()
+            .filter(|i| i.status == ImageStatus::Error)
+            .map(|i| format!("{}: {}", i.uri, i.error.as_deref().unwrap_or("error")))
+            .collect();
+        let (status, error) = if failed.is_empty() {
+            (ImageStatus::Ok, None)
         } else {
-            ImageStatus::Error
+            (
+                ImageStatus::Error,
+                Some(format!(
+                    "{} of {} images not graded: {}",
+                    failed.len(),
+                    images.len(),
+                    failed.join("; ")
+                )),
+            )
         };
         ResultRecord {
             schema: RESULT_SCHEMA.into(),
             job_id,
             slide_id,
+            ids: JobIds::default(),
             status,
+            error,
+            result_uri: None,
             model: ModelInfo::from_manifest(manifest),
             preprocess: PreprocessInfo::from_manifest(manifest),
             execution_provider: provider.into(),
             slide_grade: slide_grade(&manifest.classes, &images),
             images,
+            timings: None,
+            attempt: None,
+            worker: None,
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
+
+    /// An error record for a job that was refused as a whole (bad message, poison).
+    pub fn rejected(
+        job_id: String,
+        manifest: &Manifest,
+        provider: &str,
+        images: Vec<String>,
+        reason: &str,
+    ) -> Self {
+        let images = images
+            .into_iter()
+            .map(|uri| ImageResult::failed(uri, None, reason.to_string()))
+            .collect();
+        ResultRecord {
+            status: ImageStatus::Error,
+            error: Some(reason.to_string()),
+            ..ResultRecord::new(Some(job_id), None, manifest, provider, images)
+        }
+    }
+}
+
+/// File-name form of a class name ("Non-neoplasm" stays, "CIN2-3" stays).
+pub fn class_slug(class: &str) -> String {
+    class
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ pub struct S3Config {
         default_value_t = 30
     )]
     pub timeout_s: u64,
+    /// PEM file of the CA that signed the endpoint's certificate (https:// with a
+    /// private CA); added to the system's trusted roots.
+    #[arg(long = "s3-ca-file", env = "CINFLOW_S3_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// A bucket as an object store.
@@ -127,6 +131,35 @@ pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// An HTTPS client that trusts the system roots plus the CA in `ca` (PEM).
+fn https_client_trusting(
+    ca: &std::path::Path,
+) -> Result<aws_sdk_s3::config::SharedHttpClient, StoreError> {
+    use aws_smithy_http_client::tls;
+    let uri = format!("CA file {}", ca.display());
+    let pem = std::fs::read(ca).map_err(|source| StoreError::Io {
+        uri: uri.clone(),
+        source,
+    })?;
+    let ctx = tls::TlsContext::builder()
+        .with_trust_store(
+            tls::TrustStore::default()
+                .with_native_roots(true)
+                .with_pem_certificate(pem),
+        )
+        .build()
+        .map_err(|e| StoreError::Backend {
+            uri,
+            detail: e.to_string(),
+        })?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(ctx)
+        .build_https())
+}
+
 impl S3Store {
     /// Connects (lazily: the first request opens the connection).
     pub fn new(cfg: &S3Config) -> Result<S3Store, StoreError> {
@@ -139,11 +172,12 @@ impl S3Store {
                 uri: "s3 runtime".into(),
                 source,
             })?;
-        let shared = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(cfg.region.clone()))
-                .load(),
-        );
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(cfg.region.clone()));
+        if let Some(ca) = &cfg.ca_file {
+            loader = loader.http_client(https_client_trusting(ca)?);
+        }
+        let shared = rt.block_on(loader.load());
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(cfg.force_path_style)
             .retry_config(aws_config::retry::RetryConfig::disabled())

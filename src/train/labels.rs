@@ -40,11 +40,36 @@ pub struct LabelRow {
 pub fn read_labels(csv_path: &Path) -> Result<Vec<LabelRow>, LabelsError> {
     let p = csv_path.display().to_string();
     let base = csv_path.parent().unwrap_or(Path::new("."));
+    let bytes = std::fs::read(csv_path).map_err(|e| LabelsError::Read {
+        path: p.clone(),
+        detail: e.to_string(),
+    })?;
+    parse_labels(&p, &bytes, &|raw: &str| {
+        if let Some(rest) = raw.strip_prefix("file://") {
+            Ok(PathBuf::from(rest))
+        } else if let Some((scheme, _)) = raw.split_once("://") {
+            Err(format!(
+                "{raw:?}: {scheme}:// images are read by the training worker; local mode reads files"
+            ))
+        } else {
+            Ok(base.join(raw))
+        }
+    })
+}
+
+/// Parses labels CSV bytes named `p` (for messages); `resolve` turns each
+/// image reference into the local file to read, or says why it cannot.
+pub fn parse_labels(
+    p: &str,
+    bytes: &[u8],
+    resolve: &dyn Fn(&str) -> Result<PathBuf, String>,
+) -> Result<Vec<LabelRow>, LabelsError> {
+    let p = p.to_string();
     let read_err = |detail: String| LabelsError::Read {
         path: p.clone(),
         detail,
     };
-    let mut r = csv::Reader::from_path(csv_path).map_err(|e| read_err(e.to_string()))?;
+    let mut r = csv::Reader::from_reader(bytes);
     let headers: Vec<String> = r
         .headers()
         .map_err(|e| read_err(e.to_string()))?
@@ -79,16 +104,7 @@ pub fn read_labels(csv_path: &Path) -> Result<Vec<LabelRow>, LabelsError> {
                 "path, label and patient_id must all be set".into(),
             ));
         }
-        let raw = get(cp);
-        let path = if let Some(rest) = raw.strip_prefix("file://") {
-            PathBuf::from(rest)
-        } else if let Some((scheme, _)) = raw.split_once("://") {
-            return Err(line_err(format!(
-                "{raw:?}: {scheme}:// images are read by the training worker; local mode reads files"
-            )));
-        } else {
-            base.join(raw)
-        };
+        let path = resolve(get(cp)).map_err(line_err)?;
         rows.push(LabelRow {
             line,
             path,

@@ -24,15 +24,17 @@ pub use features::{
 #[cfg(feature = "train")]
 pub use head::{train_head, HeadData, HeadTrainError, TrainedHead};
 pub use hyper::{HyperParams, TrainDevice};
-pub use labels::{read_labels, write_labels, LabelRow, LabelsError};
+pub use labels::{parse_labels, read_labels, write_labels, LabelRow, LabelsError};
 #[cfg(feature = "train")]
 pub use run::{train, TrainOutcome};
 pub use split::{Split, SplitFractions, SplitPlan};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::infer::InferConfig;
 use crate::model::PromotionPolicy;
+use crate::storage::ObjectStore;
 
 /// Everything `cinflow train` needs.
 #[derive(Debug, Clone, clap::Args)]
@@ -85,6 +87,19 @@ pub struct TrainOptions {
     pub hyper: HyperParams,
     #[command(flatten)]
     pub infer: InferConfig,
+    /// The registry's store when it is not a local folder (the training worker's S3).
+    #[arg(skip)]
+    pub registry_store: Option<Arc<dyn ObjectStore>>,
+    /// The feature cache's store and key prefix when it is not a local folder.
+    #[arg(skip)]
+    pub feature_store: Option<(Arc<dyn ObjectStore>, String)>,
+    /// What to call the labels in the report and provenance (their S3 URI).
+    #[arg(skip)]
+    pub labels_uri: Option<String>,
+    /// The labels already read, with their images staged locally (the training
+    /// worker); `labels` is then only hashed for the provenance.
+    #[arg(skip)]
+    pub labels_rows: Option<Vec<LabelRow>>,
 }
 
 /// Why training failed. Data problems are permanent; store hiccups may pass.

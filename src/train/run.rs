@@ -47,8 +47,14 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     if let Some(p) = o.hyper.problems() {
         return Err(TrainError::Data(p));
     }
-    let labels_name = o.labels.display().to_string();
-    let rows = read_labels(&o.labels)?;
+    let labels_name = o
+        .labels_uri
+        .clone()
+        .unwrap_or_else(|| o.labels.display().to_string());
+    let rows = match &o.labels_rows {
+        Some(rows) => rows.clone(),
+        None => read_labels(&o.labels)?,
+    };
 
     // The frozen backbone, exactly as the inference workers load it.
     let (backbone_dir, _tmp) = backbone_bundle(o)?;
@@ -79,10 +85,16 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
 
     // The registry's current model: its split is kept, and it is what the new
     // model must beat.
-    let registry = match &o.registry {
-        Some(dir) => {
+    let registry_store: Option<Arc<dyn crate::storage::ObjectStore>> =
+        match (&o.registry_store, &o.registry) {
+            (Some(store), _) => Some(store.clone()),
+            (None, Some(dir)) => Some(Arc::new(LocalStore::new(dir))),
+            (None, None) => None,
+        };
+    let registry = match registry_store {
+        Some(store) => {
             let name = o.name.clone().unwrap_or_else(|| base.name.clone());
-            Some(Registry::new(Arc::new(LocalStore::new(dir)), &name)?)
+            Some(Registry::new(store, &name)?)
         }
         None => None,
     };
@@ -138,7 +150,10 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
             .unwrap_or(Path::new("."))
             .join(".cinflow-cache")
     });
-    let cache = FeatureCache::new(Arc::new(LocalStore::new(&cache_dir)), "");
+    let cache = match &o.feature_store {
+        Some((store, prefix)) => FeatureCache::new(store.clone(), prefix),
+        None => FeatureCache::new(Arc::new(LocalStore::new(&cache_dir)), ""),
+    };
     let bar = crate::cli::progress_bar(rows.len() as u64, "features");
     let t = Instant::now();
     let (features, stats) = extract(&model, &rows, &labels_name, &cache, Some(&bar))?;

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod sklearn;
+pub mod worker;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -140,6 +141,7 @@ pub fn s3_config() -> cinflow::storage::S3Config {
         attempts: 3,
         backoff_ms: 50,
         timeout_s: 10,
+        ca_file: None,
     }
 }
 

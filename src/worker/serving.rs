@@ -1,0 +1,178 @@
+//! The model an inference worker serves: the registry alias's version, switched
+//! to a newly promoted version between jobs. A new version is downloaded and
+//! verified (every file's sha256 against its manifest) and its session started
+//! before it replaces the old one; if any of that fails the old model stays.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::infer::InferConfig;
+use crate::model::{Registry, RegistryError};
+use crate::pipeline::{Model, ModelError};
+
+/// Why a model could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("model {name}: no alias or version {want:?} in the registry")]
+    Unknown { name: String, want: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("model {name} version {version}: {source}")]
+    Load {
+        name: String,
+        version: String,
+        #[source]
+        source: Box<ModelError>,
+    },
+}
+
+impl ServingError {
+    /// Whether the registry's store was only unavailable.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, ServingError::Registry(RegistryError::Store(e)) if e.is_retriable())
+    }
+}
+
+/// The served model and the registry it comes from. Blocking: call from
+/// blocking threads.
+#[derive(Debug)]
+pub struct Serving {
+    registry: Registry,
+    alias: String,
+    cache: PathBuf,
+    infer: InferConfig,
+    current: RwLock<Arc<Model>>,
+    /// A version that failed to load, so it is not retried on every poll.
+    failed: Mutex<Option<String>>,
+    /// Versions that jobs asked for by name (`model` field), kept loaded.
+    others: Mutex<HashMap<String, Arc<Model>>>,
+}
+
+const MAX_OTHER_MODELS: usize = 2;
+
+impl Serving {
+    /// Loads the version `alias` points at.
+    pub fn start(
+        registry: Registry,
+        alias: &str,
+        cache: PathBuf,
+        infer: InferConfig,
+    ) -> Result<Serving, ServingError> {
+        let version = registry
+            .alias(alias)?
+            .ok_or_else(|| ServingError::Unknown {
+                name: registry.name().to_string(),
+                want: alias.to_string(),
+            })?
+            .version;
+        let model = load(&registry, &cache, &infer, &version)?;
+        Ok(Serving {
+            registry,
+            alias: alias.to_string(),
+            cache,
+            infer,
+            current: RwLock::new(Arc::new(model)),
+            failed: Mutex::new(None),
+            others: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The model new jobs use.
+    pub fn current(&self) -> Arc<Model> {
+        self.current.read().expect("model lock").clone()
+    }
+
+    pub fn alias(&self) -> &str {
+        &self.alias
+    }
+
+    /// Follows the alias: loads and switches to the version it points at now.
+    /// Returns the new version when it switched.
+    pub fn refresh(&self) -> Result<Option<String>, ServingError> {
+        let Some(target) = self.registry.alias(&self.alias)? else {
+            return Ok(None);
+        };
+        let version = target.version;
+        if self.current().manifest().version == version {
+            return Ok(None);
+        }
+        if self.failed.lock().expect("lock").as_deref() == Some(version.as_str()) {
+            return Ok(None);
+        }
+        match load(&self.registry, &self.cache, &self.infer, &version) {
+            Ok(model) => {
+                let old = std::mem::replace(
+                    &mut *self.current.write().expect("model lock"),
+                    Arc::new(model),
+                );
+                tracing::info!(
+                    model = %self.registry.name(),
+                    from = %old.manifest().version,
+                    to = %version,
+                    "switched to the newly promoted model"
+                );
+                Ok(Some(version))
+            }
+            Err(e) if e.is_retriable() => Err(e),
+            Err(e) => {
+                *self.failed.lock().expect("lock") = Some(version.clone());
+                tracing::error!(
+                    error = %e,
+                    serving = %self.current().manifest().version,
+                    "the promoted model cannot be loaded; keeping the current one"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The model a job names: an alias or a version of the served model name.
+    pub fn get(&self, want: &str) -> Result<Arc<Model>, ServingError> {
+        let current = self.current();
+        if want == self.alias || want == current.manifest().version {
+            return Ok(current);
+        }
+        let version = match self.registry.alias(want) {
+            Ok(Some(a)) => a.version,
+            Ok(None) => want.to_string(),
+            // Not a valid alias name: maybe a version, checked below.
+            Err(RegistryError::BadName { .. }) => want.to_string(),
+            Err(e) => return Err(e.into()),
+        };
+        if version == current.manifest().version {
+            return Ok(current);
+        }
+        if let Some(m) = self.others.lock().expect("lock").get(&version) {
+            return Ok(m.clone());
+        }
+        if !self.registry.versions()?.contains(&version) {
+            return Err(ServingError::Unknown {
+                name: self.registry.name().to_string(),
+                want: want.to_string(),
+            });
+        }
+        let model = Arc::new(load(&self.registry, &self.cache, &self.infer, &version)?);
+        let mut others = self.others.lock().expect("lock");
+        if others.len() >= MAX_OTHER_MODELS {
+            others.clear();
+        }
+        others.insert(version, model.clone());
+        Ok(model)
+    }
+}
+
+fn load(
+    registry: &Registry,
+    cache: &std::path::Path,
+    infer: &InferConfig,
+    version: &str,
+) -> Result<Model, ServingError> {
+    let dir = cache.join(registry.name()).join(version);
+    registry.fetch(version, &dir)?;
+    Model::load(&dir, infer).map_err(|source| ServingError::Load {
+        name: registry.name().to_string(),
+        version: version.to_string(),
+        source: Box::new(source),
+    })
+}

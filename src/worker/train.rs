@@ -1,0 +1,465 @@
+//! `cinflow worker train`: runs `cinflow.train/v1` jobs (prefetch 1) with the
+//! training code against S3: the labels manifest and images are staged from
+//! S3, features are cached in the bucket, the new version is published to the
+//! S3 registry (manifest last) and the alias moves only after the promotion
+//! decision, so a crash mid-training leaves no promoted half-model; the job is
+//! then redelivered. The outcome is written to `<train-results>/<job_id>.json`
+//! and announced on the results exchange; the job is acked at the end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::consume::{Broker, Handler, Incoming, Outcome};
+use super::stores::{split_s3_uri, Stores};
+use super::{blocking, Step, WorkerConfig};
+use crate::infer::InferConfig;
+use crate::model::{Decision, PromotionPolicy, Registry};
+use crate::queue::messages::TrainMessage;
+use crate::queue::AmqpConfig;
+use crate::storage::{join_key, ObjectStore, S3Config};
+use crate::train::{parse_labels, HyperParams, TrainOptions};
+
+/// Schema tag of a training outcome.
+pub const TRAIN_RESULT_SCHEMA: &str = "cinflow.train-result/v1";
+
+/// `cinflow worker train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainWorkerArgs {
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub s3: S3Config,
+    #[command(flatten)]
+    pub infer: InferConfig,
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+    /// Alias that a better model is promoted to (and that names the base model).
+    #[arg(
+        long = "model-alias",
+        env = "CINFLOW_MODEL_ALIAS",
+        default_value = "current"
+    )]
+    pub alias: String,
+    /// Key prefix of the feature cache in the bucket.
+    #[arg(long, env = "CINFLOW_FEATURE_PREFIX", default_value = "features")]
+    pub feature_prefix: String,
+    /// Key prefix of training outcomes in the bucket.
+    #[arg(
+        long,
+        env = "CINFLOW_TRAIN_RESULTS_PREFIX",
+        default_value = "train-results"
+    )]
+    pub train_results_prefix: String,
+    /// Share of patients for validation (early stopping).
+    #[arg(long, env = "CINFLOW_TRAIN_VALIDATION_FRACTION", default_value_t = 0.2)]
+    pub validation_fraction: f64,
+    /// Share of patients locked away for the test evaluation.
+    #[arg(long, env = "CINFLOW_TRAIN_TEST_FRACTION", default_value_t = 0.1)]
+    pub test_fraction: f64,
+    /// Test images shown in the report's Grad-CAM gallery.
+    #[arg(long, env = "CINFLOW_TRAIN_GALLERY", default_value_t = 12)]
+    pub gallery: usize,
+    #[command(flatten)]
+    pub promotion: PromotionPolicy,
+    #[command(flatten)]
+    pub hyper: HyperParams,
+}
+
+/// What a training job produced (`cinflow.train-result/v1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainResult {
+    pub schema: String,
+    pub job_id: String,
+    pub model: String,
+    pub status: crate::result::ImageStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_macro_auc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features_computed: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features_cached: Option<usize>,
+    pub attempt: u32,
+    pub worker: String,
+    pub created_at: String,
+}
+
+/// The training handler.
+#[derive(Debug)]
+pub struct TrainWorker {
+    pub stores: Arc<Stores>,
+    pub args: TrainWorkerArgs,
+    pub worker_name: String,
+}
+
+fn step(e: impl std::fmt::Display, retriable: bool) -> Step {
+    if retriable {
+        Step::Transient(e.to_string())
+    } else {
+        Step::Permanent(e.to_string())
+    }
+}
+
+impl TrainWorker {
+    fn result(&self, job_id: &str, model: &str, msg: &Incoming) -> TrainResult {
+        TrainResult {
+            schema: TRAIN_RESULT_SCHEMA.into(),
+            job_id: job_id.to_string(),
+            model: model.to_string(),
+            status: crate::result::ImageStatus::Error,
+            error: None,
+            version: None,
+            version_uri: None,
+            report_uri: None,
+            decision: None,
+            test_accuracy: None,
+            test_macro_auc: None,
+            features_computed: None,
+            features_cached: None,
+            attempt: msg.delivery_count + 1,
+            worker: self.worker_name.clone(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }
+    }
+
+    async fn record(&self, r: &TrainResult, broker: &Broker) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(r).expect("train result serialises");
+        let key = join_key(&[
+            &self.args.train_results_prefix,
+            &format!("{}.json", r.job_id),
+        ]);
+        let stores = self.stores.clone();
+        let body = json.clone();
+        super::retrying(&self.args.worker, "write training outcome", move || {
+            stores
+                .home()
+                .and_then(|h| h.put(&key, &body, "application/json"))
+                .map_err(|e| step(&e, true))
+        })
+        .await
+        .map_err(|e| e.text())?;
+        let status = match r.status {
+            crate::result::ImageStatus::Ok => "ok",
+            crate::result::ImageStatus::Error => "error",
+        };
+        broker
+            .publish_event(&format!("train.{status}"), &r.job_id, &json)
+            .await
+            .map_err(|e| format!("training event: {e}"))
+    }
+
+    async fn refuse(&self, mut r: TrainResult, reason: String, broker: &Broker) -> Outcome {
+        r.error = Some(reason.clone());
+        match self.record(&r, broker).await {
+            Ok(()) => Outcome::Rejected { reason },
+            Err(e) => Outcome::Retry {
+                reason: format!("cannot record the failure ({reason}): {e}"),
+            },
+        }
+    }
+
+    async fn run_job(&self, msg: Incoming, job: TrainMessage, broker: Broker) -> Outcome {
+        let mut r = self.result(&job.job_id, &job.model, &msg);
+        let (stores, args, j) = (self.stores.clone(), self.args.clone(), job.clone());
+        let outcome = blocking(move || train_from_s3(&stores, &args, &j)).await;
+        match outcome {
+            Ok(done) => {
+                r.status = crate::result::ImageStatus::Ok;
+                r.version_uri = Some(done.version_uri);
+                r.report_uri = Some(done.report_uri);
+                r.version = Some(done.outcome.version.clone());
+                r.decision = done.outcome.decision.clone();
+                r.test_accuracy = Some(done.outcome.test.accuracy);
+                r.test_macro_auc = done.outcome.test.macro_auc;
+                r.features_computed = Some(done.outcome.features_computed);
+                r.features_cached = Some(done.outcome.features_cached);
+                match self.record(&r, &broker).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            version = ?r.version,
+                            promoted = r.decision.as_ref().is_some_and(|d| d.promoted),
+                            "training job done"
+                        );
+                        Outcome::Done
+                    }
+                    Err(e) => Outcome::Retry { reason: e },
+                }
+            }
+            Err(Step::Permanent(e)) => self.refuse(r, e, &broker).await,
+            Err(Step::Transient(e)) => Outcome::Retry { reason: e },
+        }
+    }
+}
+
+struct Trained {
+    outcome: crate::train::TrainOutcome,
+    version_uri: String,
+    report_uri: String,
+}
+
+/// Stages the labels and images from S3 and runs one training with the
+/// registry and feature cache in the bucket.
+fn train_from_s3(
+    stores: &Stores,
+    a: &TrainWorkerArgs,
+    job: &TrainMessage,
+) -> Result<Trained, Step> {
+    let home = stores.home().map_err(|e| step(&e, e.is_retriable()))?;
+    let registry = Registry::new(home.clone(), &job.model).map_err(|e| step(&e, false))?;
+    let scratch = tempfile::tempdir().map_err(|e| step(format!("scratch folder: {e}"), true))?;
+
+    // The backbone: the base version's bundle (by default the alias's).
+    let base = match &job.base_version {
+        Some(v) => v.clone(),
+        None => {
+            registry
+                .alias(&a.alias)
+                .map_err(|e| registry_step(&e))?
+                .ok_or_else(|| {
+                    Step::Permanent(format!(
+                        "model {} has no {:?} alias to train from; name a base_version",
+                        job.model, a.alias
+                    ))
+                })?
+                .version
+        }
+    };
+    let base_dir = scratch.path().join("base");
+    registry
+        .fetch(&base, &base_dir)
+        .map_err(|e| registry_step(&e))?;
+
+    // The labels manifest and its images.
+    let labels_bytes = stores
+        .get_uri(&job.labels, 64 << 20)
+        .map_err(|e| step(format!("labels {}: {e}", job.labels), e.is_retriable()))?;
+    let labels_path = scratch.path().join("labels.csv");
+    std::fs::write(&labels_path, &labels_bytes).map_err(|e| step(e, true))?;
+    let (labels_bucket, labels_key) =
+        split_s3_uri(&job.labels).ok_or_else(|| Step::Permanent("labels URI".into()))?;
+    let labels_dir = labels_key.rsplit_once('/').map_or("", |(d, _)| d);
+    let images_dir = scratch.path().join("images");
+    let wanted = std::sync::Mutex::new(Vec::<(String, PathBuf)>::new());
+    let rows = parse_labels(&job.labels, &labels_bytes, &|raw: &str| {
+        let uri = if raw.starts_with("s3://") {
+            raw.to_string()
+        } else if raw.contains("://") || raw.starts_with('/') {
+            return Err(format!(
+                "{raw:?}: the training worker reads s3:// URIs or keys relative to the labels file"
+            ));
+        } else {
+            format!("s3://{labels_bucket}/{}", join_key(&[labels_dir, raw]))
+        };
+        let (bucket, key) =
+            split_s3_uri(&uri).ok_or_else(|| format!("{raw:?} is not s3://bucket/key"))?;
+        crate::storage::check_key(key).map_err(|e| e.to_string())?;
+        let local = images_dir.join(bucket).join(key);
+        wanted.lock().expect("lock").push((uri, local.clone()));
+        Ok(local)
+    })
+    .map_err(|e| step(e, false))?;
+    let wanted = wanted.into_inner().expect("lock");
+    stage_images(stores, &wanted, a.worker.max_image_bytes)?;
+
+    // Hyper-parameters: the worker's, with the job's overrides by name.
+    let hyper = override_hyper(&a.hyper, &job.hyper_parameters).map_err(Step::Permanent)?;
+    let mut promotion = a.promotion;
+    if let Some(m) = job.promotion_margin {
+        promotion.promotion_margin = m;
+    }
+    let o = TrainOptions {
+        labels: labels_path,
+        backbone: base_dir,
+        backbone_sha256: None,
+        out: scratch.path().join("out"),
+        classes: None,
+        name: Some(job.model.clone()),
+        version: None,
+        validation_fraction: a.validation_fraction,
+        test_fraction: a.test_fraction,
+        feature_cache: None,
+        registry: None,
+        alias: a.alias.clone(),
+        promotion,
+        gallery: a.gallery,
+        hyper,
+        infer: a.infer.clone(),
+        registry_store: Some(home.clone()),
+        feature_store: Some((home.clone(), a.feature_prefix.clone())),
+        labels_uri: Some(job.labels.clone()),
+        labels_rows: Some(rows),
+    };
+    let outcome = crate::train::train(&o).map_err(|e| step(&e, e.is_retriable()))?;
+    let version_uri = registry.version_uri(&outcome.version);
+    Ok(Trained {
+        report_uri: format!("{version_uri}/report/report.html"),
+        version_uri,
+        outcome,
+    })
+}
+
+fn registry_step(e: &crate::model::RegistryError) -> Step {
+    match e {
+        crate::model::RegistryError::Store(s) => step(e, s.is_retriable()),
+        _ => step(e, false),
+    }
+}
+
+/// Downloads the images (in parallel) to their staging paths.
+fn stage_images(stores: &Stores, wanted: &[(String, PathBuf)], limit: u64) -> Result<(), Step> {
+    use rayon::prelude::*;
+    wanted.par_iter().try_for_each(|(uri, local)| {
+        if local.exists() {
+            return Ok(());
+        }
+        let bytes = stores
+            .get_uri(uri, limit)
+            .map_err(|e| step(&e, e.is_retriable()))?;
+        if let Some(dir) = local.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| step(e, true))?;
+        }
+        std::fs::write(local, bytes).map_err(|e| step(e, true))
+    })
+}
+
+/// The worker's hyper-parameters with a job's overrides (field names of
+/// [`HyperParams`]); an unknown name or a wrong type is the job's error.
+pub fn override_hyper(
+    base: &HyperParams,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<HyperParams, String> {
+    let mut v = serde_json::to_value(base).expect("hyper-parameters serialise");
+    let obj = v.as_object_mut().expect("an object");
+    for (k, val) in overrides {
+        if !obj.contains_key(k) {
+            let mut known: Vec<&String> = obj.keys().collect();
+            known.sort();
+            return Err(format!(
+                "hyper_parameters: unknown {k:?} (known: {})",
+                known
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        obj.insert(k.clone(), val.clone());
+    }
+    let h: HyperParams = serde_json::from_value(v).map_err(|e| format!("hyper_parameters: {e}"))?;
+    if let Some(p) = h.problems() {
+        return Err(format!("hyper_parameters: {p}"));
+    }
+    Ok(h)
+}
+
+impl Handler for TrainWorker {
+    async fn handle(self: Arc<Self>, msg: Incoming, broker: Broker) -> Outcome {
+        let job = match TrainMessage::parse(&msg.data) {
+            Ok(j) => j,
+            Err(e) => {
+                let id = msg.message_id.clone().unwrap_or_else(|| {
+                    format!(
+                        "unidentified-{}",
+                        &crate::hashing::sha256_hex(&msg.data)[..32]
+                    )
+                });
+                let r = self.result(&sanitize(&id), "-", &msg);
+                return self.refuse(r, e.to_string(), &broker).await;
+            }
+        };
+        let span = tracing::info_span!("train_job", job_id = %job.job_id, model = %job.model);
+        self.run_job(msg, job, broker).instrument(span).await
+    }
+
+    async fn poison(self: Arc<Self>, msg: Incoming, reason: String, broker: Broker) -> Outcome {
+        let (id, model) = match TrainMessage::parse(&msg.data) {
+            Ok(j) => (j.job_id, j.model),
+            Err(_) => (
+                sanitize(
+                    &msg.message_id
+                        .clone()
+                        .unwrap_or_else(|| "unidentified".into()),
+                ),
+                "-".into(),
+            ),
+        };
+        let r = self.result(&id, &model, &msg);
+        self.refuse(r, reason, &broker).await
+    }
+}
+
+/// A job id usable as a key segment.
+fn sanitize(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .take(200)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-:".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with('.') {
+        format!("id{s}")
+    } else {
+        s
+    }
+}
+
+/// Runs the training worker until SIGTERM/SIGINT.
+pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
+    let shutdown = super::shutdown_signal()?;
+    let name = super::worker_name("train");
+    tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
+    let handler = Arc::new(TrainWorker {
+        stores: Arc::new(Stores::new(args.s3.clone())),
+        args: args.clone(),
+        worker_name: name.clone(),
+    });
+    let opts = super::consume_options(
+        &args.amqp,
+        &args.worker,
+        args.amqp.train_queue.clone(),
+        args.amqp.train_dlq(),
+        1,
+        &name,
+    );
+    super::consume::run(handler, opts, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hyper_parameter_overrides_are_checked() {
+        let base = HyperParams::default();
+        let mut o = serde_json::Map::new();
+        o.insert("max_epochs".into(), 7.into());
+        assert_eq!(override_hyper(&base, &o).unwrap().max_epochs, 7);
+        o.insert("epochs".into(), 7.into());
+        assert!(override_hyper(&base, &o)
+            .unwrap_err()
+            .contains("unknown \"epochs\""));
+        let mut o = serde_json::Map::new();
+        o.insert("learning_rate".into(), "fast".into());
+        assert!(override_hyper(&base, &o).is_err());
+        assert_eq!(sanitize("a/b"), "a_b");
+    }
+}

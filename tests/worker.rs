@@ -1,0 +1,399 @@
+//! `cinflow worker infer` as a process against the real RabbitMQ and Garage:
+//! happy paths for 4- and 2-class models and multi-image slides, every kind of
+//! bad input dead-lettered with its reason and an error result while the worker
+//! keeps consuming, a poison message, SIGKILL mid-job, a dropped broker
+//! connection, a promoted model picked up without a restart (and a corrupt one
+//! refused), and a graceful SIGTERM.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cinflow::result::ImageStatus;
+use common::worker::{bundle_as_version, close_broker_connection, Fixture};
+
+/// Independent check of a result: its probabilities against local-mode
+/// classification of the same bytes with the same bundle.
+fn check_against_local(fx: &Fixture, r: &cinflow::result::ResultRecord) {
+    let dir = fx
+        .tmp
+        .path()
+        .join(format!("local-{}", r.job_id.as_deref().unwrap()));
+    let inputs: Vec<std::path::PathBuf> = r
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let key = img.uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
+            let p = dir.join(format!("in/{i:03}.jpg"));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(
+                &p,
+                cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap(),
+            )
+            .unwrap();
+            p
+        })
+        .collect();
+    let local = cinflow::cli::classify(&cinflow::cli::ClassifyArgs {
+        model: fx.bundle.clone(),
+        out: dir.join("out"),
+        batch_size: 4,
+        infer: cinflow::infer::InferConfig {
+            device: cinflow::infer::Device::Cpu,
+            ..Default::default()
+        },
+        inputs,
+    })
+    .unwrap();
+    for (img, (_, want)) in r.images.iter().zip(&local.results) {
+        let (got, probs) = (
+            img.probabilities.as_ref().unwrap(),
+            want.probabilities.as_ref().unwrap(),
+        );
+        for (c, p) in probs {
+            assert!(
+                (got[c] - p).abs() < 1e-5,
+                "{c}: worker {} vs local {p}",
+                got[c]
+            );
+        }
+        assert_eq!(img.sha256, want.sha256);
+    }
+}
+
+fn happy_path(classes: u32) {
+    let fx = Fixture::new(&format!("happy{classes}"), classes);
+    let w = fx.spawn("infer", &[]);
+    let slide = fx.images(3, 640, 480);
+    fx.publish(&fx.job("slide-a", &slide));
+    fx.publish(&fx.job("single", &slide[1..2]));
+    for (job, n) in [("slide-a", 3), ("single", 1)] {
+        let r = fx.wait_result(job, "v1", &w);
+        assert_eq!(r.status, ImageStatus::Ok, "{r:?}");
+        assert_eq!(r.images.len(), n);
+        assert_eq!(
+            r.ids.accession_id.as_deref(),
+            Some(format!("ACC-{job}").as_str())
+        );
+        assert_eq!(r.model.classes.len(), classes as usize);
+        for img in &r.images {
+            let p = img.probabilities.as_ref().unwrap();
+            let sum: f32 = p.values().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "{sum}");
+            assert_eq!(img.heatmaps.len(), classes as usize);
+            for h in &img.heatmaps {
+                let key = h
+                    .overlay
+                    .split_once(&format!("{}/", fx.s3.bucket))
+                    .unwrap()
+                    .1;
+                let png = cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap();
+                assert_eq!(&png[1..4], b"PNG");
+            }
+        }
+        // The slide grade is the most severe image's class (classes are ordered most severe first).
+        let worst = r
+            .images
+            .iter()
+            .map(|i| {
+                let c = i.predicted_class.as_ref().unwrap();
+                r.model.classes.iter().position(|x| x == c).unwrap()
+            })
+            .min()
+            .unwrap();
+        assert_eq!(
+            r.slide_grade.as_ref().unwrap().grade,
+            r.model.classes[worst]
+        );
+        check_against_local(&fx, &r);
+        // Result JSON, one raw map and one overlay per class per image.
+        assert_eq!(fx.result_objects(job).len(), 1 + n * (1 + classes as usize));
+    }
+    let events = fx.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events
+        .iter()
+        .all(|(k, e)| k == "result.ok" && e["schema"] == "cinflow.result/v1"));
+}
+
+#[test]
+fn grades_slides_with_a_four_class_model() {
+    happy_path(4);
+}
+
+#[test]
+fn grades_slides_with_a_two_class_model() {
+    happy_path(2);
+}
+
+/// A PNG announcing `w x h` pixels in its header, with one tiny compressed
+/// data chunk: a decompression bomb's shape.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for b in bytes {
+            c ^= *b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |body: &[u8]| {
+        png.extend_from_slice(&(body.len() as u32 - 4).to_be_bytes());
+        png.extend_from_slice(body);
+        png.extend_from_slice(&crc32(body).to_be_bytes());
+    };
+    chunk(&ihdr);
+    // zlib stream of a few zero bytes (stored block).
+    chunk(b"IDAT\x78\x01\x01\x04\x00\xfb\xff\x00\x00\x00\x00\x00\x04\x00\x01");
+    chunk(b"IEND");
+    png
+}
+
+#[test]
+fn bad_jobs_are_dead_lettered_with_reasons_and_error_results() {
+    let fx = Fixture::new("bad", 4);
+    let good = fx.images(1, 640, 480);
+    let jpeg = cinflow::storage::ObjectStore::get(
+        &*fx.store,
+        good[0].split_once(&format!("{}/", fx.s3.bucket)).unwrap().1,
+    )
+    .unwrap();
+
+    // A poison message: every worker that took it "crashed" (here: returned it
+    // unsettled) until the delivery limit.
+    fx.publish(&fx.job("poison", &good));
+    fx.rt.block_on(async {
+        use lapin::options::{BasicGetOptions, BasicNackOptions};
+        for _ in 0..fx.amqp.delivery_limit {
+            let m = loop {
+                if let Some(m) = fx
+                    .channel
+                    .basic_get(
+                        fx.amqp.infer_queue.as_str().into(),
+                        BasicGetOptions::default(),
+                    )
+                    .await
+                    .unwrap()
+                {
+                    break m;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            m.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    });
+
+    fx.publish_raw("bad-json", b"{\"schema\": \"cinflow.job/v1\", \"job_id\": ");
+    fx.publish_raw(
+        "wrong-schema",
+        br#"{"schema": "cinflow.job/v9", "job_id": "wrong-schema", "slide_id": "s", "images": ["s3://b/k.jpg"]}"#,
+    );
+    let missing = format!("s3://{}/{}/no/such/image.jpg", fx.s3.bucket, fx.prefix);
+    fx.publish(&fx.job("missing", &[missing]));
+    fx.publish(&fx.job(
+        "not-image",
+        &[fx.put("bad/notes.jpg", b"this is a text file, not an image")],
+    ));
+    fx.publish(&fx.job(
+        "truncated",
+        &[fx.put("bad/cut.jpg", &jpeg[..jpeg.len() / 2])],
+    ));
+    fx.publish(&fx.job(
+        "huge",
+        &[fx.put("bad/huge.png", &png_header(100_000, 100_000))],
+    ));
+    // One good and one bad image: the good one is graded, the job is still an error.
+    fx.publish(&fx.job(
+        "mixed",
+        &[good[0].clone(), fx.put("bad/cut2.jpg", &jpeg[..100])],
+    ));
+
+    let w = fx.spawn("infer", &[]);
+    let expected = [
+        ("poison", "poison message: delivered 4 times"),
+        ("bad-json", "not valid JSON"),
+        ("wrong-schema", "expected \"cinflow.job/v1\""),
+        ("missing", "no such object"),
+        ("not-image", "unsupported image format"),
+        ("truncated", "truncated"),
+        ("huge", "100000x100000 exceeds limit"),
+        ("mixed", "1 of 2 images not graded"),
+    ];
+    let dead = fx.dead_letters(expected.len());
+    assert_eq!(dead.len(), expected.len(), "{dead:?}\n{}", w.log());
+    for (id, want) in expected {
+        let (_, reason, _) = dead
+            .iter()
+            .find(|(m, _, _)| m == id)
+            .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"));
+        assert!(reason.contains(want), "{id}: {reason:?} lacks {want:?}");
+        let r = fx.wait_result(id, "v1", &w);
+        assert_eq!(r.status, ImageStatus::Error);
+        assert!(
+            r.error.as_deref().unwrap().contains(want),
+            "{id}: {:?}",
+            r.error
+        );
+    }
+    let mixed = fx.result("mixed", "v1").unwrap();
+    assert_eq!(mixed.images[0].status, ImageStatus::Ok);
+    assert_eq!(mixed.images[1].status, ImageStatus::Error);
+
+    // Still consuming.
+    fx.publish(&fx.job("after", &good));
+    assert_eq!(fx.wait_result("after", "v1", &w).status, ImageStatus::Ok);
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
+}
+
+#[test]
+fn a_killed_worker_job_is_redelivered_and_written_once() {
+    let fx = Fixture::new("kill", 4);
+    let slide = fx.images(6, 2560, 1920);
+    let mut a = fx.spawn("infer", &[("CINFLOW_CONCURRENCY", "1")]);
+    // Wait until worker A holds the job (no longer ready), then kill it mid-job.
+    fx.publish(&fx.job("killed", &slide));
+    let t = Instant::now();
+    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10)).expect("killed");
+    let before = fx.result("killed", "v1");
+    eprintln!("result before the restart: {}", before.is_some());
+
+    let b = fx.spawn("infer", &[]);
+    let r = fx.wait_result("killed", "v1", &b);
+    let r = if before.is_some() {
+        // A finished before the kill landed; B must not make a second result set.
+        std::thread::sleep(Duration::from_secs(2));
+        fx.result("killed", "v1").unwrap()
+    } else {
+        r
+    };
+    assert_eq!(r.status, ImageStatus::Ok);
+    if before.is_none() {
+        assert_eq!(r.attempt, Some(2), "the second delivery finished the job");
+    }
+    // Exactly one result set: the deterministic keys, nothing else.
+    let objects = fx.result_objects("killed");
+    assert_eq!(objects.len(), 1 + 6 * 5, "{objects:#?}");
+    assert!(objects
+        .iter()
+        .all(|k| k.contains("/killed/") && k.contains("/v1/")));
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
+}
+
+#[test]
+fn a_dropped_broker_connection_is_reestablished() {
+    let fx = Fixture::new("drop", 4);
+    let img = fx.images(1, 640, 480);
+    let w = fx.spawn("infer", &[]);
+    fx.publish(&fx.job("first", &img));
+    fx.wait_result("first", "v1", &w);
+    close_broker_connection(w.pid());
+    fx.publish(&fx.job("second", &img));
+    let r = fx.wait_result("second", "v1", &w);
+    assert_eq!(r.status, ImageStatus::Ok);
+    assert!(w.log().contains("reconnecting"), "{}", w.log());
+}
+
+#[test]
+fn a_promoted_model_is_picked_up_and_a_corrupt_one_refused() {
+    let fx = Fixture::new("promote", 4);
+    let img = fx.images(1, 640, 480);
+    let w = fx.spawn("infer", &[]);
+    fx.publish(&fx.job("one", &img));
+    fx.wait_result("one", "v1", &w);
+
+    // A version whose backbone does not match its manifest's sha256.
+    let registry = fx.registry();
+    for f in ["head.safetensors", "manifest.json", "backbone.onnx"] {
+        let mut bytes = std::fs::read(fx.bundle.join(f)).unwrap();
+        if f == "manifest.json" {
+            let mut m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            m["version"] = "v-bad".into();
+            bytes = serde_json::to_vec(&m).unwrap();
+        }
+        if f == "backbone.onnx" {
+            bytes.push(0);
+        }
+        let key = format!("models/{}/versions/v-bad/{f}", fx.model);
+        cinflow::storage::ObjectStore::put(&*fx.store, &key, &bytes, "application/octet-stream")
+            .unwrap();
+    }
+    registry
+        .set_alias("current", "v-bad", "test: corrupt")
+        .unwrap();
+    let t = Instant::now();
+    while !w.log().contains("keeping the current one") && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fx.publish(&fx.job("two", &img));
+    assert_eq!(fx.wait_result("two", "v1", &w).model.version, "v1");
+    assert!(w.log().contains("sha256"), "{}", w.log());
+
+    // A good new version: the next jobs use it, without a restart.
+    let v2 = bundle_as_version(&fx.bundle, &fx.tmp.path().join("v2"), &fx.model, "v2");
+    registry.publish(&v2).unwrap();
+    registry.set_alias("current", "v2", "test: better").unwrap();
+    let t = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("three-{n}");
+        fx.publish(&fx.job(&id, &img));
+        std::thread::sleep(Duration::from_millis(500));
+        if fx.result(&id, "v2").is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "v2 never served:\n{}",
+            w.log()
+        );
+    }
+    // A job can still ask for the old version by name.
+    let mut job = fx.job("pinned", &img);
+    job.model = Some("v1".into());
+    fx.publish(&job);
+    assert_eq!(fx.wait_result("pinned", "v1", &w).model.version, "v1");
+}
+
+#[test]
+fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
+    let fx = Fixture::new("term", 4);
+    let slide = fx.images(4, 2560, 1920);
+    let mut w = fx.spawn("infer", &[("CINFLOW_CONCURRENCY", "1")]);
+    fx.publish(&fx.job("draining", &slide));
+    let t = Instant::now();
+    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert!(status.success(), "{status:?}\n{}", w.log());
+    let r = fx
+        .result("draining", "v1")
+        .expect("the in-flight job finished");
+    assert_eq!(r.status, ImageStatus::Ok);
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
+}

@@ -1,0 +1,163 @@
+//! `cinflow worker train` as a process: `cinflow enqueue-train` publishes a job
+//! whose labels manifest and images are in the Garage bucket; the worker stages
+//! them, caches features in the bucket, trains the head with libtorch, publishes
+//! the new version to the S3 registry with its report and promotion decision,
+//! records the outcome, announces it and acks. A second run reuses the cached
+//! features. A job naming a labels file that does not exist is dead-lettered
+//! with the reason.
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cinflow::storage::ObjectStore;
+use common::worker::Fixture;
+
+fn upload_dir(fx: &Fixture, dir: &Path, root: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            upload_dir(fx, &p, root);
+        } else {
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .replace('\\', "/");
+            fx.put(&format!("data/{rel}"), &std::fs::read(&p).unwrap());
+        }
+    }
+}
+
+fn enqueue_train(fx: &Fixture, labels: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cinflow"))
+        .args([
+            "enqueue-train",
+            "--labels",
+            labels,
+            "--model",
+            &fx.model,
+            "--set",
+            "max_epochs=40",
+            "--set",
+            "early_stopping_start=5",
+            "--set",
+            "patience=5",
+            "--set",
+            "learning_rate=0.01",
+        ])
+        .env("CINFLOW_AMQP_URL", &fx.amqp.url)
+        .env("CINFLOW_JOBS_EXCHANGE", &fx.amqp.jobs_exchange)
+        .env("CINFLOW_INFER_QUEUE", &fx.amqp.infer_queue)
+        .env("CINFLOW_TRAIN_QUEUE", &fx.amqp.train_queue)
+        .env("CINFLOW_RESULTS_EXCHANGE", &fx.amqp.results_exchange)
+        .env("CINFLOW_DELIVERY_LIMIT", fx.amqp.delivery_limit.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn wait_outcome(fx: &Fixture, job: &str, w: &common::worker::Worker) -> serde_json::Value {
+    let key = format!("{}/train-results/{job}.json", fx.prefix);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(300) {
+        match fx.store.get(&key) {
+            Ok(b) => return serde_json::from_slice(&b).unwrap(),
+            Err(e) if e.is_not_found() => std::thread::sleep(Duration::from_millis(500)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no training outcome for {job}:\n{}", w.log());
+}
+
+#[test]
+fn the_training_worker_retrains_from_s3_and_records_the_decision() {
+    let fx = Fixture::new("trainw", 4);
+    let data = fx.tmp.path().join("data");
+    cinflow::synth::generate(
+        &cinflow::synth::SynthOptions {
+            out: data.clone(),
+            n: 48,
+            width: 400,
+            height: 300,
+            seed: 5,
+            format: cinflow::synth::SynthFormat::Jpeg,
+            images_per_patient: 3,
+        },
+        None,
+    )
+    .unwrap();
+    upload_dir(&fx, &data, &data);
+    let labels = format!("s3://{}/{}/data/labels.csv", fx.s3.bucket, fx.prefix);
+
+    let w = fx.spawn(
+        "train",
+        &[
+            ("CINFLOW_TRAIN_DEVICE", "cpu"),
+            ("CINFLOW_TRAIN_TEST_FRACTION", "0.25"),
+        ],
+    );
+    let job = enqueue_train(&fx, &labels);
+    let first = wait_outcome(&fx, &job, &w);
+    assert_eq!(first["status"], "ok", "{first:#}\n{}", w.log());
+    let version = first["version"].as_str().unwrap().to_string();
+    assert_eq!(first["features_computed"], 48);
+    let registry = fx.registry();
+    assert!(registry.versions().unwrap().contains(&version));
+    let decision = registry
+        .decision(&version)
+        .unwrap()
+        .expect("decision recorded");
+    assert_eq!(first["decision"]["promoted"], decision.promoted);
+    let alias = registry.alias("current").unwrap().unwrap();
+    assert_eq!(alias.version == version, decision.promoted, "{decision:?}");
+    let report = registry.get_file(&version, "report/report.html").unwrap();
+    assert!(String::from_utf8_lossy(&report).contains("<html"));
+    let events = fx.events();
+    assert!(
+        events
+            .iter()
+            .any(|(k, e)| k == "train.ok" && e["job_id"] == job.as_str()),
+        "{events:?}"
+    );
+
+    // Again: every feature comes from the S3 cache.
+    let job2 = enqueue_train(&fx, &labels);
+    let second = wait_outcome(&fx, &job2, &w);
+    assert_eq!(second["status"], "ok", "{second:#}");
+    assert_eq!(second["features_cached"], 48);
+    assert_eq!(second["features_computed"], 0);
+
+    // A labels file that is not there: an error outcome and a dead letter.
+    let job3 = enqueue_train(
+        &fx,
+        &format!("s3://{}/{}/data/nope.csv", fx.s3.bucket, fx.prefix),
+    );
+    let third = wait_outcome(&fx, &job3, &w);
+    assert_eq!(third["status"], "error");
+    assert!(
+        third["error"].as_str().unwrap().contains("no such object"),
+        "{third:#}"
+    );
+    let dead = fx
+        .get(&fx.amqp.train_dlq(), Duration::from_secs(10))
+        .expect("dead-lettered");
+    assert_eq!(
+        dead.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        job3
+    );
+}

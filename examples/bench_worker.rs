@@ -23,6 +23,9 @@ use cinflow::queue::messages::{JobMessage, JOB_SCHEMA};
 use cinflow::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
 use cinflow::result::ResultRecord;
 use cinflow::storage::{ObjectStore, S3Config, S3Store};
+use futures_lite::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 
 struct Opts {
     images: usize,
@@ -202,7 +205,38 @@ fn main() -> anyhow::Result<()> {
         let conn = connect(&amqp, "cinflow-bench").await?;
         let ch = confirm_channel(&conn).await?;
         declare_topology(&ch, &amqp).await?;
-        anyhow::Ok((conn, ch))
+        // Result events tell when each job is done (polling S3 would load the machine).
+        let events = format!("{tag}.events");
+        ch.queue_declare(
+            events.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            events.as_str().into(),
+            amqp.results_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let consumer = ch
+            .basic_consume(
+                events.as_str().into(),
+                "bench".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        anyhow::Ok((conn, ch, consumer))
     })?;
     let t = Instant::now();
     while !std::fs::read_to_string(&log)?.contains("consuming") {
@@ -239,36 +273,24 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let keys: Vec<String> = (0..o.images)
-        .map(|i| {
-            format!(
-                "{tag}/results/job{i:04}/{}/v1/result.json",
-                manifest_name(&bundle)
-            )
-        })
-        .collect();
-    let mut results: Vec<Option<ResultRecord>> = vec![None; o.images];
-    while results.iter().any(Option::is_none) {
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(3600),
-            "results missing after an hour:\n{}",
-            std::fs::read_to_string(&log)?
-        );
-        for (r, k) in results.iter_mut().zip(&keys) {
-            if r.is_none() {
-                if let Ok(b) = store.get(k) {
-                    *r = Some(serde_json::from_slice(&b)?);
-                }
-            }
+    let mut results: Vec<ResultRecord> = rt.block_on(async {
+        let mut out = Vec::new();
+        let mut consumer = ch.2;
+        while out.len() < o.images {
+            let next = tokio::time::timeout(Duration::from_secs(3600), consumer.next())
+                .await
+                .context("no result event within an hour")?
+                .context("event consumer closed")??;
+            out.push(serde_json::from_slice::<ResultRecord>(&next.data)?);
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        anyhow::Ok(out)
+    })?;
+    results.sort_by(|a, b| a.job_id.cmp(&b.job_id));
     let wall = t0.elapsed().as_secs_f64();
     let _ = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status();
     let _ = worker.wait();
-    let results: Vec<ResultRecord> = results.into_iter().flatten().collect();
     anyhow::ensure!(
         results
             .iter()
@@ -286,11 +308,12 @@ fn main() -> anyhow::Result<()> {
         o.images, o.size.0, o.size.1, o.arch, o.concurrency, provider
     );
     println!("stage latency (ms)      median      p90");
-    let rows: [(&str, Stage); 8] = [
+    let rows: [(&str, Stage); 9] = [
         ("queue wait", |r| job(r).queue_wait_ms.unwrap_or(f64::NAN)),
         ("fetch", |r| img(r).fetch_ms),
         ("decode", |r| img(r).decode_ms),
         ("CLAHE + resize", |r| img(r).preprocess_ms),
+        ("wait for backbone", |r| img(r).infer_wait_ms),
         ("backbone", |r| img(r).infer_ms),
         ("head + Grad-CAM", |r| img(r).cam_ms),
         ("render + upload", |r| img(r).upload_ms),
@@ -324,12 +347,6 @@ fn img(r: &ResultRecord) -> cinflow::pipeline::StageTimings {
 
 fn job(r: &ResultRecord) -> cinflow::result::JobTimings {
     r.timings.unwrap_or_default()
-}
-
-fn manifest_name(bundle: &std::path::Path) -> String {
-    cinflow::model::Bundle::load(bundle)
-        .map(|b| b.manifest.name)
-        .unwrap_or_default()
 }
 
 fn s3_from_env() -> anyhow::Result<S3Config> {

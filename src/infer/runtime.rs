@@ -151,6 +151,10 @@ impl Backbone {
         let mut builder = Session::builder(env)
             .map_err(serr)?
             .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| serr(e.into()))?
+            // Decoding and CLAHE of the next images run beside inference: idle
+            // ONNX Runtime threads must sleep, not spin on the cores they need.
+            .with_intra_op_spinning(false)
             .map_err(|e| serr(e.into()))?;
         if cfg.intra_threads > 0 {
             builder = builder
@@ -214,11 +218,25 @@ impl Backbone {
         height: u32,
         width: u32,
     ) -> Result<Vec<FeatureMap>, InferError> {
+        self.features_timed(batch, n, height, width).map(|(f, _)| f)
+    }
+
+    /// [`Backbone::features`], also returning how long the call waited for the
+    /// session (another thread's inference) before it ran.
+    pub fn features_timed(
+        &self,
+        batch: Vec<f32>,
+        n: usize,
+        height: u32,
+        width: u32,
+    ) -> Result<(Vec<FeatureMap>, std::time::Duration), InferError> {
         let shape = [n, 3, height as usize, width as usize];
         debug_assert_eq!(batch.len(), shape.iter().product::<usize>());
         let tensor =
             Tensor::from_array((shape, batch)).map_err(|e| InferError::Run(e.to_string()))?;
+        let waiting = std::time::Instant::now();
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let waited = waiting.elapsed();
         let outputs = session
             .run(ort::inputs![self.input.as_str() => tensor])
             .map_err(|e| InferError::Run(e.to_string()))?;
@@ -235,7 +253,7 @@ impl Backbone {
             });
         }
         let (k, h, w) = (dims[1] as usize, dims[2] as usize, dims[3] as usize);
-        Ok(data
+        let maps = data
             .chunks_exact(k * h * w)
             .map(|chunk| FeatureMap {
                 channels: k,
@@ -243,6 +261,7 @@ impl Backbone {
                 width: w,
                 data: chunk.to_vec(),
             })
-            .collect())
+            .collect();
+        Ok((maps, waited))
     }
 }

@@ -36,6 +36,10 @@ pub struct StageTimings {
     pub fetch_ms: f64,
     pub decode_ms: f64,
     pub preprocess_ms: f64,
+    /// Waiting for the backbone while another job's batch ran on it.
+    #[serde(default)]
+    pub infer_wait_ms: f64,
+    /// Backbone time per image (the batch's run divided by its size).
     pub infer_ms: f64,
     pub cam_ms: f64,
     /// Rendering and uploading the heatmaps (workers only).
@@ -104,6 +108,15 @@ impl Model {
         self.backbone.provider()
     }
 
+    /// Runs one inference on a blank image, so that the first real job does not
+    /// pay for ONNX Runtime's lazy initialisation (memory arenas, kernels).
+    pub fn warm_up(&self) -> Result<(), InferError> {
+        let m = self.manifest();
+        let (w, h) = (m.input.width, m.input.height);
+        self.backbone_features(vec![0f32; 3 * (w * h) as usize], 1, h, w)
+            .map(|_| ())
+    }
+
     /// Decodes and preprocesses one image's bytes as this model expects.
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {
         prepare(bytes, self.manifest())
@@ -111,12 +124,38 @@ impl Model {
 
     /// Backbone feature maps for a batch of prepared images.
     pub fn features(&self, batch: &[&Prepared]) -> Result<Vec<FeatureMap>, InferError> {
+        self.features_timed(batch).map(|(f, _)| f)
+    }
+
+    /// [`Model::features`] and how long it waited for the session.
+    fn features_timed(
+        &self,
+        batch: &[&Prepared],
+    ) -> Result<(Vec<FeatureMap>, std::time::Duration), InferError> {
         let m = self.manifest();
         let mut input = Vec::with_capacity(batch.iter().map(|p| p.tensor.len()).sum());
         for p in batch {
             input.extend_from_slice(&p.tensor);
         }
-        self.backbone_features(input, batch.len(), m.input.height, m.input.width)
+        let (maps, waited) =
+            self.backbone
+                .features_timed(input, batch.len(), m.input.height, m.input.width)?;
+        self.check_channels(&maps)?;
+        Ok((maps, waited))
+    }
+
+    fn check_channels(&self, maps: &[FeatureMap]) -> Result<(), InferError> {
+        let m = self.manifest();
+        if let Some(f) = maps.iter().find(|f| f.channels != m.features.channels) {
+            return Err(InferError::Interface {
+                path: self.bundle.backbone_path().display().to_string(),
+                detail: format!(
+                    "backbone gives {} feature channels, the manifest says {}",
+                    f.channels, m.features.channels
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Backbone feature maps for `n` normalised CHW images of `height x width`
@@ -128,17 +167,8 @@ impl Model {
         height: u32,
         width: u32,
     ) -> Result<Vec<FeatureMap>, InferError> {
-        let m = self.manifest();
         let maps = self.backbone.features(input, n, height, width)?;
-        if let Some(f) = maps.iter().find(|f| f.channels != m.features.channels) {
-            return Err(InferError::Interface {
-                path: self.bundle.backbone_path().display().to_string(),
-                detail: format!(
-                    "backbone gives {} feature channels, the manifest says {}",
-                    f.channels, m.features.channels
-                ),
-            });
-        }
+        self.check_channels(&maps)?;
         Ok(maps)
     }
 
@@ -148,8 +178,9 @@ impl Model {
             return Ok(Vec::new());
         }
         let t = Instant::now();
-        let features = self.features(batch)?;
-        let infer_ms = ms(t) / batch.len() as f64;
+        let (features, waited) = self.features_timed(batch)?;
+        let wait_ms = waited.as_secs_f64() * 1e3;
+        let infer_ms = (ms(t) - wait_ms) / batch.len() as f64;
         let m = self.manifest();
         let head = &self.bundle.head;
         Ok(features
@@ -167,6 +198,7 @@ impl Model {
                     predicted,
                     maps,
                     timings: StageTimings {
+                        infer_wait_ms: wait_ms,
                         infer_ms,
                         cam_ms: ms(t),
                         ..p.timings

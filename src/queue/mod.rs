@@ -274,7 +274,8 @@ pub async fn publish_json(
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(message_id.into());
+        .with_message_id(message_id.into())
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
     if let Some(h) = headers {
         props = props.with_headers(h);
     }

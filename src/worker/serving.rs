@@ -170,9 +170,13 @@ fn load(
 ) -> Result<Model, ServingError> {
     let dir = cache.join(registry.name()).join(version);
     registry.fetch(version, &dir)?;
-    Model::load(&dir, infer).map_err(|source| ServingError::Load {
+    let err = |source: ModelError| ServingError::Load {
         name: registry.name().to_string(),
         version: version.to_string(),
         source: Box::new(source),
-    })
+    };
+    let model = Model::load(&dir, infer).map_err(err)?;
+    // A model that cannot run one inference is not served.
+    model.warm_up().map_err(|e| err(e.into()))?;
+    Ok(model)
 }

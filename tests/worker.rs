@@ -110,8 +110,34 @@ fn happy_path(classes: u32) {
         // Result JSON, one raw map and one overlay per class per image.
         assert_eq!(fx.result_objects(job).len(), 1 + n * (1 + classes as usize));
     }
+    // The schema file's example, as a minimal publisher sends it: no message_id,
+    // no timestamp, no content type.
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../src/queue/schemas/job.v1.schema.json")).unwrap();
+    let mut example = schema["examples"][0].clone();
+    example["job_id"] = "schema-example".into();
+    example["images"] = serde_json::json!(&slide[..2]);
+    fx.rt.block_on(async {
+        fx.channel
+            .basic_publish(
+                fx.amqp.jobs_exchange.as_str().into(),
+                "infer".into(),
+                Default::default(),
+                &serde_json::to_vec(&example).unwrap(),
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let r = fx.wait_result("schema-example", "v1", &w);
+    assert_eq!((r.status, r.images.len()), (ImageStatus::Ok, 2));
+    assert_eq!(r.ids.accession_id.as_deref(), Some("A-778812"));
+    assert_eq!(r.slide_id.as_deref(), Some("S-2026-00123"));
+
     let events = fx.events();
-    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events.len(), 3, "{events:?}");
     assert!(events
         .iter()
         .all(|(k, e)| k == "result.ok" && e["schema"] == "cinflow.result/v1"));

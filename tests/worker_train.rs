@@ -79,9 +79,8 @@ fn wait_outcome(fx: &Fixture, job: &str, w: &common::worker::Worker) -> serde_js
     panic!("no training outcome for {job}:\n{}", w.log());
 }
 
-#[test]
-fn the_training_worker_retrains_from_s3_and_records_the_decision() {
-    let fx = Fixture::new("trainw", 4);
+/// 48 synthetic images of 16 patients with their labels manifest, in the bucket.
+fn dataset(fx: &Fixture) -> String {
     let data = fx.tmp.path().join("data");
     cinflow::synth::generate(
         &cinflow::synth::SynthOptions {
@@ -96,8 +95,14 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
         None,
     )
     .unwrap();
-    upload_dir(&fx, &data, &data);
-    let labels = format!("s3://{}/{}/data/labels.csv", fx.s3.bucket, fx.prefix);
+    upload_dir(fx, &data, &data);
+    format!("s3://{}/{}/data/labels.csv", fx.s3.bucket, fx.prefix)
+}
+
+#[test]
+fn the_training_worker_retrains_from_s3_and_records_the_decision() {
+    let fx = Fixture::new("trainw", 4);
+    let labels = dataset(&fx);
 
     let w = fx.spawn(
         "train",
@@ -160,4 +165,40 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
             .as_str(),
         job3
     );
+}
+
+#[test]
+fn a_training_worker_killed_mid_run_promotes_nothing_and_the_job_is_redelivered() {
+    let fx = Fixture::new("trainkill", 4);
+    let labels = dataset(&fx);
+    let env = [
+        ("CINFLOW_TRAIN_DEVICE", "cpu"),
+        ("CINFLOW_TRAIN_TEST_FRACTION", "0.25"),
+    ];
+    let mut a = fx.spawn("train", &env);
+    let job = enqueue_train(&fx, &labels);
+    let t = Instant::now();
+    while fx.ready(&fx.amqp.train_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10)).expect("killed");
+    let key = format!("{}/train-results/{job}.json", fx.prefix);
+    let finished_before = fx.store.exists(&key).unwrap();
+    eprintln!("training finished before the kill: {finished_before}");
+    let registry = fx.registry();
+    if !finished_before {
+        assert_eq!(registry.versions().unwrap(), vec!["v1".to_string()]);
+        assert_eq!(registry.alias("current").unwrap().unwrap().version, "v1");
+    }
+
+    let b = fx.spawn("train", &env);
+    let outcome = wait_outcome(&fx, &job, &b);
+    assert_eq!(outcome["status"], "ok", "{outcome:#}\n{}", b.log());
+    if !finished_before {
+        assert_eq!(outcome["attempt"], 2);
+    }
+    assert_eq!(registry.versions().unwrap().len(), 2);
+    assert_eq!(fx.ready(&fx.amqp.train_queue), 0);
 }

@@ -24,9 +24,13 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         .thread_name("cinflow-worker")
         .enable_all()
         .build()?;
-    match a.kind {
+    let r = match a.kind {
         WorkerKind::Infer(args) => rt.block_on(crate::worker::run_infer(*args)),
         #[cfg(feature = "train")]
         WorkerKind::Train(args) => rt.block_on(crate::worker::train::run(*args)),
-    }
+    };
+    // Jobs past the drain limit were returned to the queue: do not wait for
+    // their blocking work to finish.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    r
 }

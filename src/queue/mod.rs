@@ -318,4 +318,28 @@ mod tests {
         );
         assert_eq!(super::redact_url("amqp://host/"), "amqp://host/");
     }
+
+    #[tokio::test]
+    async fn a_missing_ca_file_or_a_bad_url_is_named() {
+        let cfg = super::AmqpConfig {
+            url: "amqps://guest:secret@127.0.0.1:5671/%2f".into(),
+            jobs_exchange: "j".into(),
+            infer_queue: "i".into(),
+            train_queue: "t".into(),
+            results_exchange: "r".into(),
+            delivery_limit: 5,
+            heartbeat_s: 30,
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        };
+        let e = super::connect(&cfg, "test").await.unwrap_err().to_string();
+        assert!(e.contains("cannot read CA file /nonexistent/ca.pem"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        let bad = super::AmqpConfig {
+            url: "not a url".into(),
+            ca_file: None,
+            ..cfg
+        };
+        let e = super::connect(&bad, "test").await.unwrap_err().to_string();
+        assert!(e.contains("not an AMQP URL"), "{e}");
+    }
 }

@@ -355,3 +355,22 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{key}", self.bucket)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_ca_file_is_named() {
+        let cfg = super::S3Config {
+            endpoint: Some("https://s3.lab.internal".into()),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            force_path_style: true,
+            attempts: 1,
+            backoff_ms: 1,
+            timeout_s: 1,
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        };
+        let e = super::S3Store::new(&cfg).unwrap_err().to_string();
+        assert!(e.contains("CA file /nonexistent/ca.pem"), "{e}");
+    }
+}

@@ -306,7 +306,8 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     let before = fx.result("killed", "v1");
     eprintln!("result before the restart: {}", before.is_some());
 
-    let b = fx.spawn("infer", &[]);
+    // B with one-second heartbeats: they must keep flowing while it grades.
+    let b = fx.spawn("infer", &[("CINFLOW_AMQP_HEARTBEAT_S", "1")]);
     let r = fx.wait_result("killed", "v1", &b);
     let r = if before.is_some() {
         // A finished before the kill landed; B must not make a second result set.
@@ -326,6 +327,7 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
         .iter()
         .all(|k| k.contains("/killed/") && k.contains("/v1/")));
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
+    assert!(!b.log().contains("connection lost"), "{}", b.log());
 }
 
 #[test]

@@ -315,5 +315,26 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+        // debug_assert only checks in debug builds; the suite runs --release, and
+        // two flattened settings with one id would silently share a value.
+        fn unique(cmd: &clap::Command, path: &str) {
+            let mut seen = std::collections::HashSet::new();
+            for a in cmd.get_arguments() {
+                for key in [
+                    Some(format!("id {}", a.get_id())),
+                    a.get_long().map(|l| format!("--{l}")),
+                    a.get_env().map(|e| format!("env {}", e.to_string_lossy())),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    assert!(seen.insert(key.clone()), "{path}: {key} is used twice");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                unique(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        unique(&Cli::command(), "cinflow");
     }
 }

@@ -60,7 +60,11 @@ pub struct AmqpConfig {
     #[arg(long, env = "CINFLOW_AMQP_HEARTBEAT_S", default_value_t = 30)]
     pub heartbeat_s: u16,
     /// PEM file of the CA that signed the broker's certificate (amqps:// with a private CA).
-    #[arg(long = "amqp-ca-file", env = "CINFLOW_AMQP_CA_FILE")]
+    #[arg(
+        id = "amqp_ca_file",
+        long = "amqp-ca-file",
+        env = "CINFLOW_AMQP_CA_FILE"
+    )]
     pub ca_file: Option<std::path::PathBuf>,
 }
 

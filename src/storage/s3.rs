@@ -62,7 +62,7 @@ pub struct S3Config {
     pub timeout_s: u64,
     /// PEM file of the CA that signed the endpoint's certificate (https:// with a
     /// private CA); added to the system's trusted roots.
-    #[arg(long = "s3-ca-file", env = "CINFLOW_S3_CA_FILE")]
+    #[arg(id = "s3_ca_file", long = "s3-ca-file", env = "CINFLOW_S3_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
 }
 
@@ -72,7 +72,8 @@ pub struct S3Store {
     bucket: String,
     endpoint: String,
     cfg: S3Config,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped (see `Drop`).
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -195,7 +196,7 @@ impl S3Store {
             bucket: cfg.bucket.clone(),
             endpoint: cfg.endpoint.clone().unwrap_or_else(|| "aws".into()),
             cfg: cfg.clone(),
-            rt,
+            rt: Some(rt),
         })
     }
 
@@ -212,7 +213,7 @@ impl S3Store {
         let mut delay = Duration::from_millis(self.cfg.backoff_ms);
         let mut attempt = 1;
         loop {
-            match self.rt.block_on(op()) {
+            match self.rt.as_ref().expect("runtime until drop").block_on(op()) {
                 Err(e) if e.is_retriable() && attempt < self.cfg.attempts.max(1) => {
                     tracing::warn!(key, attempt, error = %e, "S3 {what} failed; retrying in {delay:?}");
                     std::thread::sleep(delay);
@@ -221,6 +222,16 @@ impl S3Store {
                 }
                 other => return other,
             }
+        }
+    }
+}
+
+impl Drop for S3Store {
+    /// The last reference may go away inside an async task (a worker giving up
+    /// at start-up): shut the store's runtime down without blocking there.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }

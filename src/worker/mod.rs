@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::infer::InferConfig;
@@ -155,7 +154,7 @@ where
 pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
     let (tx, rx) = watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
+        .map_err(|e| anyhow::anyhow!("cannot listen for SIGTERM: {e}"))?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
@@ -205,23 +204,36 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     let name = worker_name("infer");
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
     let stores = Arc::new(stores::Stores::new(args.s3.clone()));
-    let serving = {
+    // The model first: nothing is consumed before it is loaded. An unreachable
+    // S3 is waited for (up to --retry-for-s); a missing alias or a bad bundle is
+    // an error at once.
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(args.worker.retry_backoff_ms.max(1));
+    let serving = loop {
         let (stores, src, infer) = (stores.clone(), args.model.clone(), args.infer.clone());
-        let start = move || -> anyhow::Result<serving::Serving> {
-            let registry = Registry::new(stores.home()?, &src.name)?;
-            Ok(serving::Serving::start(
-                registry,
-                &src.alias,
-                src.cache.clone(),
-                infer,
-            )?)
+        let start = move || -> Result<serving::Serving, serving::ServingError> {
+            let home = stores.home().map_err(crate::model::RegistryError::from)?;
+            let registry = Registry::new(home, &src.name)?;
+            serving::Serving::start(registry, &src.alias, src.cache.clone(), infer)
         };
-        blocking(start).await.with_context(|| {
-            format!(
-                "cannot load model {} ({}) from the registry in s3://{}",
-                args.model.name, args.model.alias, args.s3.bucket
-            )
-        })?
+        match blocking(start).await {
+            Ok(s) => break s,
+            Err(e)
+                if e.is_retriable()
+                    && started.elapsed() < Duration::from_secs(args.worker.retry_for_s)
+                    && !*shutdown.borrow() =>
+            {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot load the model yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(args.worker.retry_backoff_max_ms));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot load model {} ({}) from the registry in s3://{}",
+                    args.model.name, args.model.alias, args.s3.bucket
+                )))
+            }
+        }
     };
     let serving = Arc::new(serving);
     {

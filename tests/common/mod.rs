@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod sklearn;
+pub mod tls;
 pub mod worker;
 
 /// The repository root.

@@ -425,3 +425,74 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     assert_eq!(r.status, ImageStatus::Ok);
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
 }
+
+#[test]
+fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
+    let fx = Fixture::new("replay", 4);
+    let w = fx.spawn("infer", &[]);
+    let late = format!("s3://{}/{}/late/a.jpg", fx.s3.bucket, fx.prefix);
+    fx.publish(&fx.job("late-upload", std::slice::from_ref(&late)));
+    let first = fx.wait_result("late-upload", "v1", &w);
+    assert_eq!(first.status, ImageStatus::Error);
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cinflow"))
+            .arg("dead-letters")
+            .args(args)
+            .env("CINFLOW_AMQP_URL", &fx.amqp.url)
+            .env("CINFLOW_JOBS_EXCHANGE", &fx.amqp.jobs_exchange)
+            .env("CINFLOW_INFER_QUEUE", &fx.amqp.infer_queue)
+            .env("CINFLOW_TRAIN_QUEUE", &fx.amqp.train_queue)
+            .env("CINFLOW_RESULTS_EXCHANGE", &fx.amqp.results_exchange)
+            .env("CINFLOW_DELIVERY_LIMIT", fx.amqp.delivery_limit.to_string())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // The dead letter is listed with its reason (and stays queued).
+    let t = Instant::now();
+    let listed = loop {
+        let (ok, out, err) = cli(&["list"]);
+        assert!(ok, "{err}");
+        if !out.is_empty() || t.elapsed() > Duration::from_secs(30) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(listed.starts_with("late-upload\t"), "{listed}");
+    assert!(listed.contains("no such object"), "{listed}");
+    assert_eq!(
+        cli(&["list"]).1,
+        listed,
+        "listing leaves the messages queued"
+    );
+    let (ok, _, err) = cli(&["requeue", "no-such-job"]);
+    assert!(!ok && err.contains("no-such-job is not in"), "{err}");
+
+    // The image arrives; the job goes back and its result becomes a graded one.
+    let jpeg =
+        std::fs::read(&common::synth_images(&fx.tmp.path().join("late"), 1, 640, 480)[0]).unwrap();
+    fx.put("late/a.jpg", &jpeg);
+    let (ok, out, err) = cli(&["requeue", "late-upload"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "late-upload");
+    let t = Instant::now();
+    loop {
+        let r = fx.result("late-upload", "v1").unwrap();
+        if r.status == ImageStatus::Ok {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not re-graded:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cli(&["list"]).1, "", "the dead-letter queue is empty");
+    assert_eq!(fx.result_objects("late-upload").len(), 1 + 1 + 4);
+}

@@ -3,6 +3,7 @@
 //! `enqueue-train`) and the queue workers (`worker`). Errors are reported here with `anyhow`.
 
 mod classify;
+mod deadletters;
 mod demo;
 mod enqueue;
 mod fit_head;
@@ -61,6 +62,8 @@ pub enum Command {
     Enqueue(Box<enqueue::EnqueueArgs>),
     /// Publish a training job (what the nightly CronJob runs) and print its id.
     EnqueueTrain(Box<enqueue::EnqueueTrainArgs>),
+    /// List the dead-letter queue with each message's reason, or send messages back to work.
+    DeadLetters(Box<deadletters::DeadLettersArgs>),
     /// Run a queue worker (`infer` or `train`) against RabbitMQ and S3.
     Worker(worker::WorkerArgs),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
@@ -231,6 +234,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Registry(a) => registry::run(&a),
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
+        Command::DeadLetters(a) => deadletters::run(&a),
         Command::Worker(a) => {
             worker::run(a)?;
             Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@
 //!   `cinflow.jobs.dlx`, which routes to `cinflow.infer.dlq` / `cinflow.train.dlq`;
 //! - topic exchange `cinflow.results` for result events.
 
+pub mod deadletters;
 pub mod enqueue;
 pub mod messages;
 

@@ -21,8 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
 
-/// Header with the human-readable reason a message was dead-lettered.
-pub const REASON_HEADER: &str = "x-cinflow-reason";
+pub use crate::queue::deadletters::REASON_HEADER;
 
 /// How a job ended; it decides how the message is settled.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,181 @@
+//! The dead-letter queues, for the people who fix what went wrong: list what is
+//! there with its reasons, and send messages back to their work queue once the
+//! cause is fixed (an image uploaded late, a model alias set).
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Channel;
+
+use super::{publish_json, AmqpConfig, QueueError, INFER_KEY, TRAIN_KEY};
+
+/// Header with the reason a message was dead-lettered (set by the workers).
+pub const REASON_HEADER: &str = "x-cinflow-reason";
+/// Header set on a message sent back from a dead-letter queue: its last reason.
+pub const REQUEUED_HEADER: &str = "x-cinflow-requeued-after";
+
+/// Which work queue's dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkQueue {
+    Infer,
+    Train,
+}
+
+impl WorkQueue {
+    pub fn dlq(self, cfg: &AmqpConfig) -> String {
+        match self {
+            WorkQueue::Infer => cfg.infer_dlq(),
+            WorkQueue::Train => cfg.train_dlq(),
+        }
+    }
+
+    fn routing_key(self) -> &'static str {
+        match self {
+            WorkQueue::Infer => INFER_KEY,
+            WorkQueue::Train => TRAIN_KEY,
+        }
+    }
+}
+
+/// One dead-lettered message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub reason: String,
+    pub dead_lettered_at: String,
+    pub body: Vec<u8>,
+}
+
+fn header_text(headers: Option<&FieldTable>, name: &str) -> String {
+    match headers.and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn amqp(what: &str) -> impl FnOnce(lapin::Error) -> QueueError + '_ {
+    move |source| QueueError::Amqp {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Takes up to `limit` messages off the queue (unacknowledged, on `ch`).
+async fn take(
+    ch: &Channel,
+    queue: &str,
+    limit: usize,
+) -> Result<Vec<lapin::message::BasicGetMessage>, QueueError> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(amqp("read the dead-letter queue"))?
+        {
+            Some(m) => out.push(m),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+fn describe(m: &lapin::message::BasicGetMessage) -> DeadLetter {
+    let p = &m.delivery.properties;
+    let h = p.headers().as_ref();
+    DeadLetter {
+        message_id: p
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
+        reason: header_text(h, REASON_HEADER),
+        dead_lettered_at: header_text(h, "x-cinflow-dead-lettered-at"),
+        body: m.delivery.data.clone(),
+    }
+}
+
+async fn give_back(messages: Vec<lapin::message::BasicGetMessage>) -> Result<(), QueueError> {
+    for m in messages {
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(amqp("return a message to the dead-letter queue"))?;
+    }
+    Ok(())
+}
+
+/// The first `limit` dead letters, left in the queue.
+pub async fn list(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    queue: WorkQueue,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, QueueError> {
+    let taken = take(ch, &queue.dlq(cfg), limit).await?;
+    let out = taken.iter().map(describe).collect();
+    give_back(taken).await?;
+    Ok(out)
+}
+
+/// Sends dead letters back to their work queue (all of the first `limit`, or
+/// those whose message id is in `ids`), with the broker's and workers' headers
+/// removed and the last reason kept in [`REQUEUED_HEADER`]. `ch` must have
+/// publisher confirms on; a message leaves the dead-letter queue only after its
+/// copy is confirmed. Returns the ids sent back.
+pub async fn requeue(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    queue: WorkQueue,
+    ids: &[String],
+    limit: usize,
+) -> Result<Vec<String>, QueueError> {
+    let taken = take(ch, &queue.dlq(cfg), limit).await?;
+    let mut sent = Vec::new();
+    let mut keep = Vec::new();
+    for m in taken {
+        let d = describe(&m);
+        if !ids.is_empty() && !ids.contains(&d.message_id) {
+            keep.push(m);
+            continue;
+        }
+        let mut headers = FieldTable::default();
+        if let Some(h) = m.delivery.properties.headers().as_ref() {
+            for (k, v) in h.inner() {
+                let k = k.as_str();
+                if !(k.starts_with("x-cinflow-")
+                    || k.starts_with("x-death")
+                    || k == "x-delivery-count"
+                    || k.starts_with("x-first-death")
+                    || k.starts_with("x-last-death"))
+                {
+                    headers.insert(ShortString::from(k), v.clone());
+                }
+            }
+        }
+        headers.insert(
+            ShortString::from(REQUEUED_HEADER),
+            AMQPValue::LongString(LongString::from(d.reason.as_str())),
+        );
+        publish_json(
+            ch,
+            &cfg.jobs_exchange,
+            queue.routing_key(),
+            &d.message_id,
+            &d.body,
+            Some(headers),
+        )
+        .await?;
+        m.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(amqp("remove a requeued message from the dead-letter queue"))?;
+        sent.push(d.message_id);
+    }
+    give_back(keep).await?;
+    Ok(sent)
+}

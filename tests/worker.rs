@@ -64,7 +64,8 @@ fn check_against_local(fx: &Fixture, r: &cinflow::result::ResultRecord) {
 
 fn happy_path(classes: u32) {
     let fx = Fixture::new(&format!("happy{classes}"), classes);
-    let w = fx.spawn("infer", &[]);
+    // Batches of 2: the 3-image slide is graded in two batches.
+    let w = fx.spawn("infer", &[("CINFLOW_BATCH_SIZE", "2")]);
     let slide = fx.images(3, 640, 480);
     fx.publish(&fx.job("slide-a", &slide));
     fx.publish(&fx.job("single", &slide[1..2]));

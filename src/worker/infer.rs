@@ -209,62 +209,24 @@ impl InferWorker {
         let m = model.manifest().clone();
         let keys = Keys::new(&self.cfg.results_prefix, &job.job_id, &m);
 
-        // Fetch and prepare every image (transient store failures retried).
-        let t = Instant::now();
-        let prepared = {
-            let (stores, model, uris, limit) = (
-                self.stores.clone(),
-                model.clone(),
-                job.images.clone(),
-                self.cfg.max_image_bytes,
-            );
-            let fetch = move || fetch_and_prepare(&stores, &model, &uris, limit);
-            match super::retrying(&self.cfg, "fetch images", fetch).await {
-                Ok(p) => p,
+        // The slide's images in batches, so memory stays bounded however many
+        // images a job has.
+        let mut images = Vec::with_capacity(job.images.len());
+        let (mut fetch_prepare_ms, mut infer_ms, mut upload_ms) = (0.0, 0.0, 0.0);
+        let batch = self.cfg.batch_size.max(1);
+        for (n, chunk) in job.images.chunks(batch).enumerate() {
+            let done = match self
+                .grade_batch(&model, &keys, n * batch, chunk.to_vec())
+                .await
+            {
+                Ok(d) => d,
                 Err(e) => return Outcome::Retry { reason: e.text() },
-            }
-        };
-        let fetch_prepare_ms = ms(t);
-
-        // Backbone, head and Grad-CAM on the batch.
-        let t = Instant::now();
-        let prepared = Arc::new(prepared);
-        let graded = {
-            let (model, prepared) = (model.clone(), prepared.clone());
-            let grade = move || {
-                let ok: Vec<&Prepared> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
-                model.grade(&ok).map_err(|e| Step::Transient(e.to_string()))
             };
-            match super::retrying(&self.cfg, "inference", grade).await {
-                Ok(g) => g,
-                Err(e) => return Outcome::Retry { reason: e.text() },
-            }
-        };
-        let infer_ms = ms(t);
-
-        // Heatmaps and raw maps, then the result record.
-        let t = Instant::now();
-        let images = {
-            let (stores, model, prepared, keys_prefix, uris) = (
-                self.stores.clone(),
-                model.clone(),
-                prepared.clone(),
-                keys.prefix.clone(),
-                job.images.clone(),
-            );
-            let graded = Arc::new(graded);
-            let upload = move || {
-                let keys = Keys {
-                    prefix: keys_prefix.clone(),
-                };
-                upload_artifacts(&stores, &model, &keys, &uris, &prepared, &graded)
-            };
-            match super::retrying(&self.cfg, "upload heatmaps", upload).await {
-                Ok(i) => i,
-                Err(e) => return Outcome::Retry { reason: e.text() },
-            }
-        };
-        let upload_ms = ms(t);
+            images.extend(done.images);
+            fetch_prepare_ms += done.fetch_prepare_ms;
+            infer_ms += done.infer_ms;
+            upload_ms += done.upload_ms;
+        }
         let mut record = ResultRecord::new(
             Some(job.job_id.clone()),
             Some(job.slide_id.clone()),
@@ -297,6 +259,68 @@ impl InferWorker {
             }
             Some(reason) => Outcome::Rejected { reason },
         }
+    }
+}
+
+/// One batch of a job's images, graded and uploaded.
+struct BatchDone {
+    images: Vec<ImageResult>,
+    fetch_prepare_ms: f64,
+    infer_ms: f64,
+    upload_ms: f64,
+}
+
+impl InferWorker {
+    /// Fetches, prepares, grades and uploads `uris` (the job's images from
+    /// index `first` on); transient failures are retried within the budget.
+    async fn grade_batch(
+        &self,
+        model: &Arc<Model>,
+        keys: &Keys,
+        first: usize,
+        uris: Vec<String>,
+    ) -> Result<BatchDone, Step> {
+        let t = Instant::now();
+        let prepared = {
+            let (stores, model, uris, limit) = (
+                self.stores.clone(),
+                model.clone(),
+                uris.clone(),
+                self.cfg.max_image_bytes,
+            );
+            let fetch = move || fetch_and_prepare(&stores, &model, &uris, limit);
+            Arc::new(super::retrying(&self.cfg, "fetch images", fetch).await?)
+        };
+        let fetch_prepare_ms = ms(t);
+
+        let t = Instant::now();
+        let graded = {
+            let (model, prepared) = (model.clone(), prepared.clone());
+            let grade = move || {
+                let ok: Vec<&Prepared> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+                model.grade(&ok).map_err(|e| Step::Transient(e.to_string()))
+            };
+            Arc::new(super::retrying(&self.cfg, "inference", grade).await?)
+        };
+        let infer_ms = ms(t);
+
+        let t = Instant::now();
+        let images = {
+            let (stores, model, prefix) = (self.stores.clone(), model.clone(), keys.prefix.clone());
+            let upload = move || {
+                let keys = Keys {
+                    prefix: prefix.clone(),
+                };
+                upload_artifacts(&stores, &model, &keys, first, &uris, &prepared, &graded)
+            };
+            super::retrying(&self.cfg, "upload heatmaps", upload).await?
+        };
+        Ok(BatchDone {
+            images,
+            fetch_prepare_ms,
+            infer_ms,
+            upload_ms: ms(t),
+        })
     }
 }
 
@@ -337,11 +361,12 @@ fn fetch_and_prepare(
 }
 
 /// Renders and uploads each graded image's overlays and raw map; returns the
-/// per-image results in job order.
+/// per-image results in job order (`first`: the job index of `uris[0]`).
 fn upload_artifacts(
     stores: &Stores,
     model: &Model,
     keys: &Keys,
+    first: usize,
     uris: &[String],
     prepared: &[PreparedImage],
     graded: &[Graded],
@@ -353,7 +378,8 @@ fn upload_artifacts(
         .iter()
         .zip(prepared)
         .enumerate()
-        .map(|(i, (uri, p))| match p {
+        .map(|(i, (uri, p))| (first + i, uri, p))
+        .map(|(i, uri, p)| match p {
             Ok(p) => (
                 i,
                 uri,

@@ -334,6 +334,16 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
 #[test]
 fn a_dropped_broker_connection_is_reestablished() {
     let fx = Fixture::new("drop", 4);
+    // Nobody listens to result events here: jobs must still finish.
+    fx.rt.block_on(async {
+        fx.channel
+            .queue_delete(
+                format!("{}.events", fx.prefix).as_str().into(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    });
     let img = fx.images(1, 640, 480);
     let w = fx.spawn("infer", &[]);
     fx.publish(&fx.job("first", &img));
@@ -343,6 +353,9 @@ fn a_dropped_broker_connection_is_reestablished() {
     let r = fx.wait_result("second", "v1", &w);
     assert_eq!(r.status, ImageStatus::Ok);
     assert!(w.log().contains("reconnecting"), "{}", w.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
+    assert!(!w.log().contains("returned to the queue"), "{}", w.log());
 }
 
 #[test]

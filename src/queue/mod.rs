@@ -276,6 +276,40 @@ pub async fn publish_json(
     payload: &[u8],
     headers: Option<FieldTable>,
 ) -> Result<(), QueueError> {
+    publish(
+        ch,
+        exchange,
+        routing_key,
+        message_id,
+        payload,
+        headers,
+        true,
+    )
+    .await
+}
+
+/// Publishes a persistent JSON event and waits for the broker's confirm. Unlike
+/// jobs, an event that no queue is bound to is fine: the results are in S3,
+/// and a lab may not subscribe to events at all.
+pub async fn publish_event(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    payload: &[u8],
+) -> Result<(), QueueError> {
+    publish(ch, exchange, routing_key, message_id, payload, None, false).await
+}
+
+async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    payload: &[u8],
+    headers: Option<FieldTable>,
+    mandatory: bool,
+) -> Result<(), QueueError> {
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -289,7 +323,7 @@ pub async fn publish_json(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 ..Default::default()
             },
             payload,

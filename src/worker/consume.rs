@@ -55,20 +55,20 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Publishes an event on the results exchange and waits for the confirm.
+    /// Publishes an event on the results exchange and waits for the confirm
+    /// (an exchange with no queue bound takes it too).
     pub async fn publish_event(
         &self,
         routing_key: &str,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), crate::queue::QueueError> {
-        publish_json(
+        crate::queue::publish_event(
             &self.channel,
             &self.cfg.results_exchange,
             routing_key,
             message_id,
             payload,
-            None,
         )
         .await
     }

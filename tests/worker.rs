@@ -413,6 +413,12 @@ fn a_promoted_model_is_picked_up_and_a_corrupt_one_refused() {
             w.log()
         );
     }
+    // Only the served version stays in the model cache.
+    let cached: Vec<String> = std::fs::read_dir(fx.tmp.path().join("model-cache").join(&fx.model))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(cached, vec!["v2".to_string()]);
     // A job can still ask for the old version by name.
     let mut job = fx.job("pinned", &img);
     job.model = Some("v1".into());

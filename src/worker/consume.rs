@@ -263,7 +263,7 @@ async fn process<H: Handler>(
     let id = msg.message_id.clone().unwrap_or_else(|| "-".into());
     let outcome = if limit > 0 && msg.delivery_count >= limit {
         let reason = format!(
-            "poison message: delivered {} times without finishing (each worker that took it crashed, was killed or lost its connection); not tried again",
+            "poison message: delivered {} times without finishing (the workers that took it crashed, were killed or lost their connection, or gave it back after transient failures outlasted their retries); not tried again",
             msg.delivery_count + 1
         );
         std::panic::AssertUnwindSafe(handler.poison(msg, reason, broker.clone()))

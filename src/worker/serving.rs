@@ -112,6 +112,7 @@ impl Serving {
                     to = %version,
                     "switched to the newly promoted model"
                 );
+                self.prune_cache();
                 Ok(Some(version))
             }
             Err(e) if e.is_retriable() => Err(e),
@@ -159,6 +160,29 @@ impl Serving {
         }
         others.insert(version, model.clone());
         Ok(model)
+    }
+}
+
+impl Serving {
+    /// Deletes downloaded versions that are no longer served, so the cache does
+    /// not grow with every promotion. Jobs still running on an old version keep
+    /// their loaded session; only its files go.
+    fn prune_cache(&self) {
+        let keep: Vec<String> = std::iter::once(self.current().manifest().version.clone())
+            .chain(self.others.lock().expect("lock").keys().cloned())
+            .collect();
+        let dir = self.cache.join(self.registry.name());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !keep.contains(&name) {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "cannot prune the model cache");
+                }
+            }
+        }
     }
 }
 

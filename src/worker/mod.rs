@@ -48,7 +48,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "CINFLOW_RESULTS_PREFIX", default_value = "results")]
     pub results_prefix: String,
     /// Images of a job fetched, graded and uploaded together (bounds memory per job).
-    #[arg(long, env = "CINFLOW_BATCH_SIZE", default_value_t = 8)]
+    #[arg(
+        id = "worker_batch_size",
+        long = "batch-size",
+        env = "CINFLOW_BATCH_SIZE",
+        default_value_t = 8
+    )]
     pub batch_size: usize,
     /// Largest image object accepted, in bytes.
     #[arg(long, env = "CINFLOW_MAX_IMAGE_BYTES", default_value_t = 512 << 20)]

@@ -329,6 +329,28 @@ fn main() -> anyhow::Result<()> {
         "ratio worker / bare inference: {:.2} (target >= 0.90)",
         worker_ips / bare_ips
     );
+    // Leave the shared broker and bucket as they were.
+    rt.block_on(async {
+        for q in [
+            amqp.infer_queue.clone(),
+            amqp.train_queue.clone(),
+            amqp.infer_dlq(),
+            amqp.train_dlq(),
+        ] {
+            let _ =
+                ch.1.queue_delete(q.as_str().into(), Default::default())
+                    .await;
+        }
+        for x in [
+            amqp.jobs_exchange.clone(),
+            amqp.dead_letter_exchange(),
+            amqp.results_exchange.clone(),
+        ] {
+            let _ =
+                ch.1.exchange_delete(x.as_str().into(), Default::default())
+                    .await;
+        }
+    });
     for k in store.list(&format!("{tag}/"))? {
         let _ = store.delete(&k);
     }

@@ -84,6 +84,34 @@ pub fn bundle_as_version(bundle: &Path, dir: &Path, name: &str, version: &str) -
     dir.to_path_buf()
 }
 
+impl Drop for Fixture {
+    /// Deletes the test's queues and exchanges: quorum queues left behind would
+    /// pile up in the shared broker run after run.
+    fn drop(&mut self) {
+        let (ch, amqp, prefix) = (&self.channel, &self.amqp, &self.prefix);
+        self.rt.block_on(async {
+            for q in [
+                amqp.infer_queue.clone(),
+                amqp.train_queue.clone(),
+                amqp.infer_dlq(),
+                amqp.train_dlq(),
+                format!("{prefix}.events"),
+            ] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in [
+                amqp.jobs_exchange.clone(),
+                amqp.dead_letter_exchange(),
+                amqp.results_exchange.clone(),
+            ] {
+                let _ = ch
+                    .exchange_delete(x.as_str().into(), Default::default())
+                    .await;
+            }
+        });
+    }
+}
+
 impl Fixture {
     /// A fresh topology and a registry whose `current` alias is the tiny
     /// `classes`-class bundle as version `v1`.

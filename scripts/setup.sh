@@ -36,6 +36,17 @@ if ! command -v nasm >/dev/null 2>&1; then
   fi
 fi
 
+# The openssl command line tool makes the test CA and certificates of tests/tls.rs.
+if ! command -v openssl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing openssl (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } >/dev/null 2>&1 \
+      || log "could not install openssl: tests/tls.rs will fail"
+  else
+    log "openssl not found: tests/tls.rs needs it (apt-get install openssl)"
+  fi
+fi
+
 # --- Python virtual environment -------------------------------------------
 req="tools/requirements.txt"
 key="$(cat "$req" | sha256sum | cut -c1-16)"

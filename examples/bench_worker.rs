@@ -20,7 +20,9 @@ use cinflow::infer::{Device, InferConfig};
 use cinflow::model::Registry;
 use cinflow::pipeline::Model;
 use cinflow::queue::messages::{JobMessage, JOB_SCHEMA};
-use cinflow::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
+use cinflow::queue::{
+    confirm_channel, connect, declare_topology, delete_topology, publish_json, AmqpConfig,
+};
 use cinflow::result::ResultRecord;
 use cinflow::storage::{ObjectStore, S3Config, S3Store};
 use futures_lite::StreamExt;
@@ -330,27 +332,7 @@ fn main() -> anyhow::Result<()> {
         worker_ips / bare_ips
     );
     // Leave the shared broker and bucket as they were.
-    rt.block_on(async {
-        for q in [
-            amqp.infer_queue.clone(),
-            amqp.train_queue.clone(),
-            amqp.infer_dlq(),
-            amqp.train_dlq(),
-        ] {
-            let _ =
-                ch.1.queue_delete(q.as_str().into(), Default::default())
-                    .await;
-        }
-        for x in [
-            amqp.jobs_exchange.clone(),
-            amqp.dead_letter_exchange(),
-            amqp.results_exchange.clone(),
-        ] {
-            let _ =
-                ch.1.exchange_delete(x.as_str().into(), Default::default())
-                    .await;
-        }
-    });
+    let _ = rt.block_on(delete_topology(&ch.1, &amqp));
     for k in store.list(&format!("{tag}/"))? {
         let _ = store.delete(&k);
     }

@@ -5,14 +5,13 @@
 
 mod common;
 
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 
 use cinflow::queue::enqueue::{group_into_jobs, publish_jobs, Grouping};
 use cinflow::queue::messages::JobMessage;
 use cinflow::queue::{
-    confirm_channel, connect, declare_topology, publish_json, AmqpConfig, QueueError,
+    confirm_channel, connect, declare_topology, delete_topology, publish_json, AmqpConfig,
+    QueueError,
 };
 
 fn config() -> AmqpConfig {
@@ -42,29 +41,6 @@ async fn get(ch: &lapin::Channel, queue: &str) -> Option<lapin::message::BasicGe
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     None
-}
-
-/// Removes a test's queues and exchanges.
-async fn delete_topology(ch: &lapin::Channel, cfg: &AmqpConfig) {
-    for q in [
-        &cfg.infer_queue,
-        &cfg.train_queue,
-        &cfg.infer_dlq(),
-        &cfg.train_dlq(),
-    ] {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
-    for x in [
-        &cfg.jobs_exchange,
-        &cfg.dead_letter_exchange(),
-        &cfg.results_exchange,
-    ] {
-        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test]
@@ -130,7 +106,7 @@ async fn enqueue_publishes_jobs_that_dead_letter_when_rejected() {
         .unwrap_err();
     assert!(matches!(e, QueueError::Unroutable { .. }), "{e}");
 
-    delete_topology(&ch, &cfg).await;
+    delete_topology(&ch, &cfg).await.unwrap();
 }
 
 #[tokio::test]
@@ -194,5 +170,5 @@ async fn enqueue_command_turns_an_s3_prefix_into_one_job_per_slide() {
             .iter()
             .all(|u| u.starts_with("s3://") && !u.ends_with(".txt")));
     }
-    delete_topology(&ch, &cfg).await;
+    delete_topology(&ch, &cfg).await.unwrap();
 }

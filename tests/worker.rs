@@ -297,10 +297,7 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     let mut a = fx.spawn("infer", &[("CINFLOW_CONCURRENCY", "1")]);
     // Wait until worker A holds the job (no longer ready), then kill it mid-job.
     fx.publish(&fx.job("killed", &slide));
-    let t = Instant::now();
-    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fx.wait_taken(&fx.amqp.infer_queue);
     std::thread::sleep(Duration::from_millis(300));
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).expect("killed");
@@ -432,10 +429,7 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     let slide = fx.images(4, 2560, 1920);
     let mut w = fx.spawn("infer", &[("CINFLOW_CONCURRENCY", "1")]);
     fx.publish(&fx.job("draining", &slide));
-    let t = Instant::now();
-    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fx.wait_taken(&fx.amqp.infer_queue);
     w.signal("TERM");
     let status = w.wait_exit(Duration::from_secs(60)).expect("exits");
     assert!(status.success(), "{status:?}\n{}", w.log());
@@ -444,6 +438,23 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
         .expect("the in-flight job finished");
     assert_eq!(r.status, ImageStatus::Ok);
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
+
+    // With no time to drain, the job in flight goes back to the queue unacked.
+    let mut w = fx.spawn(
+        "infer",
+        &[
+            ("CINFLOW_CONCURRENCY", "1"),
+            ("CINFLOW_DRAIN_TIMEOUT_S", "0"),
+        ],
+    );
+    fx.publish(&fx.job("returned", &slide));
+    fx.wait_taken(&fx.amqp.infer_queue);
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status:?}\n{}", w.log());
+    assert!(w.log().contains("go back to the queue"), "{}", w.log());
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 1, "returned to the queue");
 }
 
 #[test]
@@ -456,17 +467,7 @@ fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
     assert_eq!(first.status, ImageStatus::Error);
 
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cinflow"))
-            .arg("dead-letters")
-            .args(args)
-            .env("CINFLOW_AMQP_URL", &fx.amqp.url)
-            .env("CINFLOW_JOBS_EXCHANGE", &fx.amqp.jobs_exchange)
-            .env("CINFLOW_INFER_QUEUE", &fx.amqp.infer_queue)
-            .env("CINFLOW_TRAIN_QUEUE", &fx.amqp.train_queue)
-            .env("CINFLOW_RESULTS_EXCHANGE", &fx.amqp.results_exchange)
-            .env("CINFLOW_DELIVERY_LIMIT", fx.amqp.delivery_limit.to_string())
-            .output()
-            .unwrap();
+        let out = fx.command(&["dead-letters"]).args(args).output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).to_string(),

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cinflow::storage::ObjectStore;
@@ -34,8 +33,8 @@ fn upload_dir(fx: &Fixture, dir: &Path, root: &Path) {
 }
 
 fn enqueue_train(fx: &Fixture, labels: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_cinflow"))
-        .args([
+    let out = fx
+        .command(&[
             "enqueue-train",
             "--labels",
             labels,
@@ -50,12 +49,6 @@ fn enqueue_train(fx: &Fixture, labels: &str) -> String {
             "--set",
             "learning_rate=0.01",
         ])
-        .env("CINFLOW_AMQP_URL", &fx.amqp.url)
-        .env("CINFLOW_JOBS_EXCHANGE", &fx.amqp.jobs_exchange)
-        .env("CINFLOW_INFER_QUEUE", &fx.amqp.infer_queue)
-        .env("CINFLOW_TRAIN_QUEUE", &fx.amqp.train_queue)
-        .env("CINFLOW_RESULTS_EXCHANGE", &fx.amqp.results_exchange)
-        .env("CINFLOW_DELIVERY_LIMIT", fx.amqp.delivery_limit.to_string())
         .output()
         .unwrap();
     assert!(
@@ -177,10 +170,7 @@ fn a_training_worker_killed_mid_run_promotes_nothing_and_the_job_is_redelivered(
     ];
     let mut a = fx.spawn("train", &env);
     let job = enqueue_train(&fx, &labels);
-    let t = Instant::now();
-    while fx.ready(&fx.amqp.train_queue) > 0 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fx.wait_taken(&fx.amqp.train_queue);
     std::thread::sleep(Duration::from_millis(1500));
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).expect("killed");

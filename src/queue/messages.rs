@@ -80,7 +80,8 @@ fn schema_of(bytes: &[u8], expected: &'static str) -> Result<serde_json::Value, 
     Ok(v)
 }
 
-fn check_id(name: &str, v: &str) -> Result<(), MessageError> {
+/// Checks an identifier (job, slide, model): 1-200 letters, digits, `.`, `_`, `-` or `:`.
+pub fn check_id(name: &str, v: &str) -> Result<(), MessageError> {
     if v.trim().is_empty() {
         return Err(field(name, "must not be empty"));
     }

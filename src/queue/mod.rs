@@ -257,6 +257,32 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
     Ok(())
 }
 
+/// Deletes every queue and exchange of the topology (test and benchmark
+/// clean-up: quorum queues left behind weigh on a shared broker). Absent ones
+/// are no error; the first real failure is returned.
+pub async fn delete_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), QueueError> {
+    for q in [
+        cfg.infer_queue.clone(),
+        cfg.train_queue.clone(),
+        cfg.infer_dlq(),
+        cfg.train_dlq(),
+    ] {
+        ch.queue_delete(q.as_str().into(), Default::default())
+            .await
+            .map_err(amqp(format!("delete queue {q}")))?;
+    }
+    for x in [
+        cfg.jobs_exchange.clone(),
+        cfg.dead_letter_exchange(),
+        cfg.results_exchange.clone(),
+    ] {
+        ch.exchange_delete(x.as_str().into(), Default::default())
+            .await
+            .map_err(amqp(format!("delete exchange {x}")))?;
+    }
+    Ok(())
+}
+
 /// A channel with publisher confirms on.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, QueueError> {
     let ch = conn.create_channel().await.map_err(amqp("open channel"))?;

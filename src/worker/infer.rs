@@ -18,7 +18,7 @@ use super::stores::Stores;
 use super::{blocking, Step, WorkerConfig};
 use crate::model::Manifest;
 use crate::pipeline::{render_artifacts, Graded, Model, Prepared};
-use crate::queue::messages::JobMessage;
+use crate::queue::messages::{check_id, JobMessage};
 use crate::result::{
     class_slug, HeatmapRef, ImageResult, ImageStatus, JobIds, JobTimings, RawMapRef, ResultRecord,
 };
@@ -38,6 +38,7 @@ fn ms(t: Instant) -> f64 {
 }
 
 /// Keys of one job's results under one model version.
+#[derive(Clone)]
 struct Keys {
     prefix: String,
 }
@@ -84,15 +85,7 @@ impl InferWorker {
     /// A usable job id for a message that could not be parsed.
     fn fallback_job_id(msg: &Incoming) -> String {
         match &msg.message_id {
-            Some(id)
-                if !id.is_empty()
-                    && id.len() <= 200
-                    && id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c)) =>
-            {
-                id.clone()
-            }
+            Some(id) if check_id("message_id", id).is_ok() => id.clone(),
             _ => format!(
                 "unidentified-{}",
                 &crate::hashing::sha256_hex(&msg.data)[..32]
@@ -306,13 +299,9 @@ impl InferWorker {
 
         let t = Instant::now();
         let images = {
-            let (stores, model, prefix) = (self.stores.clone(), model.clone(), keys.prefix.clone());
-            let upload = move || {
-                let keys = Keys {
-                    prefix: prefix.clone(),
-                };
-                upload_artifacts(&stores, &model, &keys, first, &uris, &prepared, &graded)
-            };
+            let (stores, model, keys) = (self.stores.clone(), model.clone(), keys.clone());
+            let upload =
+                move || upload_artifacts(&stores, &model, &keys, first, &uris, &prepared, &graded);
             super::retrying(&self.cfg, "upload heatmaps", upload).await?
         };
         Ok(BatchDone {

@@ -12,7 +12,9 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use cinflow::model::Registry;
 use cinflow::queue::messages::{JobMessage, JOB_SCHEMA};
-use cinflow::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
+use cinflow::queue::{
+    confirm_channel, connect, declare_topology, delete_topology, publish_json, AmqpConfig,
+};
 use cinflow::result::ResultRecord;
 use cinflow::storage::{ObjectStore, S3Config, S3Store};
 
@@ -88,26 +90,13 @@ impl Drop for Fixture {
     /// Deletes the test's queues and exchanges: quorum queues left behind would
     /// pile up in the shared broker run after run.
     fn drop(&mut self) {
-        let (ch, amqp, prefix) = (&self.channel, &self.amqp, &self.prefix);
+        let events = format!("{}.events", self.prefix);
         self.rt.block_on(async {
-            for q in [
-                amqp.infer_queue.clone(),
-                amqp.train_queue.clone(),
-                amqp.infer_dlq(),
-                amqp.train_dlq(),
-                format!("{prefix}.events"),
-            ] {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for x in [
-                amqp.jobs_exchange.clone(),
-                amqp.dead_letter_exchange(),
-                amqp.results_exchange.clone(),
-            ] {
-                let _ = ch
-                    .exchange_delete(x.as_str().into(), Default::default())
-                    .await;
-            }
+            let _ = self
+                .channel
+                .queue_delete(events.as_str().into(), Default::default())
+                .await;
+            let _ = delete_topology(&self.channel, &self.amqp).await;
         });
     }
 }
@@ -236,15 +225,10 @@ impl Fixture {
         self.publish_raw(&job.job_id, &serde_json::to_vec(job).unwrap());
     }
 
-    /// Starts `cinflow worker <kind>` on this fixture's topology and registry.
-    pub fn spawn(&self, kind: &str, extra: &[(&str, &str)]) -> Worker {
-        let log = self
-            .tmp
-            .path()
-            .join(format!("worker-{kind}-{}.log", super::unique_prefix("w")));
-        let file = std::fs::File::create(&log).unwrap();
+    /// `cinflow <args>` with this fixture's broker settings in its environment.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cinflow"));
-        cmd.args(["worker", kind])
+        cmd.args(args)
             .current_dir(super::root())
             .env("CINFLOW_AMQP_URL", &self.amqp.url)
             .env("CINFLOW_JOBS_EXCHANGE", &self.amqp.jobs_exchange)
@@ -254,8 +238,27 @@ impl Fixture {
             .env(
                 "CINFLOW_DELIVERY_LIMIT",
                 self.amqp.delivery_limit.to_string(),
-            )
-            .env("CINFLOW_AMQP_HEARTBEAT_S", "10")
+            );
+        cmd
+    }
+
+    /// Waits until a worker has taken every message of `queue` (none ready).
+    pub fn wait_taken(&self, queue: &str) {
+        let t = Instant::now();
+        while self.ready(queue) > 0 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `cinflow worker <kind>` on this fixture's topology and registry.
+    pub fn spawn(&self, kind: &str, extra: &[(&str, &str)]) -> Worker {
+        let log = self
+            .tmp
+            .path()
+            .join(format!("worker-{kind}-{}.log", super::unique_prefix("w")));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = self.command(&["worker", kind]);
+        cmd.env("CINFLOW_AMQP_HEARTBEAT_S", "10")
             .env("CINFLOW_S3_BUCKET", &self.s3.bucket)
             .env("CINFLOW_S3_ATTEMPTS", "2")
             .env("CINFLOW_S3_BACKOFF_MS", "100")

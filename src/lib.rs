@@ -16,6 +16,7 @@ pub mod cli;
 pub mod hashing;
 pub mod infer;
 pub mod model;
+pub mod observe;
 pub mod pipeline;
 pub mod preprocess;
 pub mod queue;

@@ -108,8 +108,8 @@ fn happy_path(classes: u32) {
             r.model.classes[worst]
         );
         check_against_local(&fx, &r);
-        // Result JSON, one raw map and one overlay per class per image.
-        assert_eq!(fx.result_objects(job).len(), 1 + n * (1 + classes as usize));
+        // Result JSON, FHIR report, one raw map and one overlay per class per image.
+        assert_eq!(fx.result_objects(job).len(), 2 + n * (1 + classes as usize));
     }
     // The schema file's example, as a minimal publisher sends it: no message_id,
     // no timestamp, no content type.

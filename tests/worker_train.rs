@@ -133,6 +133,15 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
     let second = wait_outcome(&fx, &job2, &w);
     assert_eq!(second["status"], "ok", "{second:#}");
     assert_eq!(second["features_cached"], 48);
+    // The outcomes and their events follow the repo's schema.
+    let mut outcomes = vec![first.clone(), second.clone()];
+    outcomes.extend(
+        events
+            .iter()
+            .filter(|(k, _)| k.starts_with("train."))
+            .map(|(_, e)| e.clone()),
+    );
+    common::assert_valid(Some("train-result.v1.schema.json"), &outcomes);
     assert_eq!(second["features_computed"], 0);
 
     // A labels file that is not there: an error outcome and a dead letter.

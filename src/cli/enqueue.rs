@@ -29,6 +29,16 @@ pub struct EnqueueArgs {
     /// Registry alias or version to grade with (default: the workers' alias).
     #[arg(long)]
     pub model: Option<String>,
+    /// LIS accession (order) id of the slide, carried into the result and the
+    /// FHIR report (only when the images make one slide).
+    #[arg(long)]
+    pub accession_id: Option<String>,
+    /// LIS patient id of the slide (one slide only).
+    #[arg(long)]
+    pub patient_id: Option<String>,
+    /// LIS specimen id of the slide (one slide only).
+    #[arg(long)]
+    pub specimen_id: Option<String>,
     #[command(flatten)]
     pub amqp: AmqpConfig,
     #[command(flatten)]
@@ -118,7 +128,17 @@ fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
 
 pub(super) fn enqueue(a: &EnqueueArgs) -> anyhow::Result<ExitCode> {
     let uris = collect(a)?;
-    let jobs = group_into_jobs(&uris, a.group, a.model.as_deref());
+    let mut jobs = group_into_jobs(&uris, a.group, a.model.as_deref());
+    if a.accession_id.is_some() || a.patient_id.is_some() || a.specimen_id.is_some() {
+        anyhow::ensure!(
+            jobs.len() == 1,
+            "--accession-id/--patient-id/--specimen-id name one slide, but the images make {} slides",
+            jobs.len()
+        );
+        jobs[0].accession_id = a.accession_id.clone();
+        jobs[0].patient_id = a.patient_id.clone();
+        jobs[0].specimen_id = a.specimen_id.clone();
+    }
     let ids = runtime()?.block_on(publish_jobs(&a.amqp, &jobs))?;
     for (id, job) in ids.iter().zip(&jobs) {
         println!("{id}\t{}\t{} image(s)", job.slide_id, job.images.len());

@@ -58,6 +58,8 @@ pub enum Command {
     FitHead(FitHeadArgs),
     /// Inspect a model registry folder or move an alias by hand.
     Registry(registry::RegistryArgs),
+    /// Upload a model bundle folder to the S3 registry and point an alias at it.
+    PublishModel(Box<registry::PublishModelArgs>),
     /// Publish inference jobs for images in S3 (one job per slide) and print their ids.
     Enqueue(Box<enqueue::EnqueueArgs>),
     /// Publish a training job (what the nightly CronJob runs) and print its id.
@@ -232,6 +234,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(a) => registry::run(&a),
+        Command::PublishModel(a) => registry::publish(&a),
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
         Command::DeadLetters(a) => deadletters::run(&a),

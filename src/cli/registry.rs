@@ -85,3 +85,61 @@ pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `cinflow publish-model`: a bundle folder into the S3 registry.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishModelArgs {
+    /// Model bundle folder (manifest.json, backbone.onnx, head.safetensors, …).
+    pub bundle: std::path::PathBuf,
+    /// Model name in the registry (`models/<name>/` in the bucket).
+    #[arg(long = "model-name", env = "CINFLOW_MODEL_NAME")]
+    pub name: String,
+    /// Alias to point at the published version (`none`: publish only).
+    #[arg(long = "alias", env = "CINFLOW_MODEL_ALIAS", default_value = "current")]
+    pub alias: String,
+    #[command(flatten)]
+    pub s3: crate::storage::S3Config,
+}
+
+/// Verifies the bundle, uploads it as a new version (manifest last) and moves
+/// the alias. Publishing the same version again with identical files is a no-op
+/// that leaves an existing alias alone (so a seeding job can be re-run without
+/// undoing a promotion); a different bundle under an existing version is refused.
+pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
+    let bundle = crate::model::Bundle::load(&a.bundle)?;
+    let store = Arc::new(crate::storage::S3Store::new(&a.s3)?);
+    let r = Registry::new(store, &a.name)?;
+    let version = bundle.manifest.version.clone();
+    match r.publish(&a.bundle) {
+        Ok(v) => println!("published {} {v} to {}", a.name, r.version_uri(&v)),
+        Err(crate::model::RegistryError::Exists { .. }) => {
+            let theirs = r.get_file(&version, "manifest.json")?;
+            let ours = std::fs::read(a.bundle.join("manifest.json"))?;
+            anyhow::ensure!(
+                theirs == ours,
+                "{} version {version} already exists in the registry with a different manifest; give the new bundle its own version",
+                a.name
+            );
+            println!(
+                "{} {version} is already published (identical manifest)",
+                a.name
+            );
+            // Re-running a seeding job must not undo a later promotion.
+            if a.alias != "none" && r.alias(&a.alias)?.is_some() {
+                println!("alias {} left as it is", a.alias);
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if a.alias != "none" {
+        let rec = r.set_alias(&a.alias, &version, "published by cinflow publish-model")?;
+        println!(
+            "{} -> {} (was {})",
+            a.alias,
+            rec.version,
+            rec.previous.as_deref().unwrap_or("nothing")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

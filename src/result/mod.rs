@@ -8,6 +8,8 @@ use crate::model::Manifest;
 use crate::pipeline::{Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
 
+pub mod fhir;
+
 pub const RESULT_SCHEMA: &str = "cinflow.result/v1";
 
 /// The rule that turns image grades into a slide grade.
@@ -233,6 +235,9 @@ pub struct ResultRecord {
     /// Where this record is stored (worker results).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_uri: Option<String>,
+    /// The FHIR R4 DiagnosticReport written beside it (worker results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_report_uri: Option<String>,
     pub model: ModelInfo,
     pub preprocess: PreprocessInfo,
     pub execution_provider: String,
@@ -284,6 +289,7 @@ impl ResultRecord {
             status,
             error,
             result_uri: None,
+            fhir_report_uri: None,
             model: ModelInfo::from_manifest(manifest),
             preprocess: PreprocessInfo::from_manifest(manifest),
             execution_provider: provider.into(),

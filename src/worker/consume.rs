@@ -19,6 +19,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::observe::{health, metrics, InFlight};
 use crate::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
 
 pub use crate::queue::deadletters::REASON_HEADER;
@@ -127,9 +128,11 @@ pub async fn run<H: Handler>(
         }
         let started = Instant::now();
         let end = session(&handler, &opts, &mut shutdown).await;
+        health().set_broker_connected(false);
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Lost(why) => {
+                metrics().broker_reconnects.inc();
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = opts.backoff_min;
                 }
@@ -165,6 +168,7 @@ async fn session<H: Handler>(
         Ok(c) => c,
         Err(e) => return SessionEnd::Lost(format!("consume {}: {e}", opts.queue)),
     };
+    health().set_broker_connected(true);
     tracing::info!(queue = %opts.queue, prefetch = opts.prefetch, "consuming");
     let mut tasks = JoinSet::new();
     let limit = opts.amqp.delivery_limit;
@@ -252,6 +256,7 @@ async fn process<H: Handler>(
     route: Arc<(String, String)>,
     limit: u32,
 ) {
+    let _in_flight = InFlight::start();
     let props = &delivery.properties;
     let msg = Incoming {
         data: delivery.data.clone(),
@@ -261,7 +266,15 @@ async fn process<H: Handler>(
         received: Instant::now(),
     };
     let id = msg.message_id.clone().unwrap_or_else(|| "-".into());
-    let outcome = if limit > 0 && msg.delivery_count >= limit {
+    if let Some(ts) = msg.published_at {
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1e3;
+        metrics()
+            .queue_wait_seconds
+            .observe((now - ts as f64).max(0.0));
+    }
+    let received = msg.received;
+    let poison = limit > 0 && msg.delivery_count >= limit;
+    let outcome = if poison {
         let reason = format!(
             "poison message: delivered {} times without finishing (the workers that took it crashed, were killed or lost their connection, or gave it back after transient failures outlasted their retries); not tried again",
             msg.delivery_count + 1
@@ -277,7 +290,11 @@ async fn process<H: Handler>(
     let outcome = outcome.unwrap_or_else(|panic| Outcome::Retry {
         reason: format!("job panicked: {}", panic_text(&panic)),
     });
-    settle(&delivery, outcome, &broker, &route, &id).await;
+    let settled = settle(&delivery, outcome, &broker, &route, &id, poison).await;
+    metrics().job_settled(settled);
+    metrics()
+        .job_seconds
+        .observe(received.elapsed().as_secs_f64());
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -287,35 +304,43 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// `route`: the queue consumed and its dead-letter queue.
+/// `route`: the queue consumed and its dead-letter queue; `poison`: the
+/// message came past the delivery limit. Returns how it was settled (the
+/// `outcome` label of `cinflow_jobs_total`).
 async fn settle(
     delivery: &Delivery,
     outcome: Outcome,
     broker: &Broker,
     route: &(String, String),
     id: &str,
-) {
-    let acked = match outcome {
-        Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
+    poison: bool,
+) -> &'static str {
+    let (acked, settled) = match outcome {
+        Outcome::Done => (delivery.acker.ack(BasicAckOptions::default()).await, "done"),
         Outcome::Rejected { reason } => {
             tracing::warn!(message_id = id, reason = %reason, "job rejected: dead-lettered");
             match dead_letter(delivery, broker, route, &reason).await {
-                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+                Ok(()) => {
+                    let cause = if poison { "poison" } else { "rejected" };
+                    metrics().dead_lettered(cause);
+                    (delivery.acker.ack(BasicAckOptions::default()).await, cause)
+                }
                 Err(e) => {
                     tracing::error!(message_id = id, error = %e, "cannot dead-letter; returning the job to the queue");
-                    delivery.acker.nack(requeue()).await
+                    (delivery.acker.nack(requeue()).await, "requeued")
                 }
             }
         }
         Outcome::Retry { reason } => {
             tracing::warn!(message_id = id, reason = %reason, "job returned to the queue");
-            delivery.acker.nack(requeue()).await
+            (delivery.acker.nack(requeue()).await, "requeued")
         }
     };
     if let Err(e) = acked {
         // The channel is gone: the broker has already put the message back.
         tracing::warn!(message_id = id, error = %e, "could not settle the job; the broker redelivers it");
     }
+    settled
 }
 
 fn requeue() -> BasicNackOptions {

@@ -52,6 +52,9 @@ impl Keys {
     fn result(&self) -> String {
         join_key(&[&self.prefix, "result.json"])
     }
+    fn fhir(&self) -> String {
+        join_key(&[&self.prefix, "diagnostic-report.json"])
+    }
     fn heatmap(&self, image: usize, class: &str) -> String {
         join_key(&[
             &self.prefix,
@@ -93,7 +96,9 @@ impl InferWorker {
         }
     }
 
-    /// Writes `record` (under its job's key) and announces it; a failure is transient.
+    /// Writes `record` and its FHIR DiagnosticReport (under its job's keys; the
+    /// record last, as the LIS reads it first) and announces it; a failure is
+    /// transient.
     async fn write_and_announce(
         &self,
         mut record: ResultRecord,
@@ -107,13 +112,21 @@ impl InferWorker {
                 .map_err(|e| e.to_string())?
         };
         let key = keys.result();
+        let fhir_key = keys.fhir();
         record.result_uri = Some(home.uri(&key));
+        record.fhir_report_uri = Some(home.uri(&fhir_key));
         record.worker = Some(self.worker_name.clone());
         let json = serde_json::to_vec_pretty(&record).expect("result serialises");
+        let report = crate::result::fhir::diagnostic_report(
+            &record,
+            &crate::result::fhir::Systems::new(&self.cfg.fhir_system),
+        );
+        let report = serde_json::to_vec_pretty(&report).expect("report serialises");
         let put = {
             let json = json.clone();
             move || {
-                home.put(&key, &json, "application/json")
+                home.put(&fhir_key, &report, "application/fhir+json")
+                    .and_then(|()| home.put(&key, &json, "application/json"))
                     .map_err(|e| Step::Transient(e.to_string()))
             }
         };
@@ -219,6 +232,9 @@ impl InferWorker {
             fetch_prepare_ms += done.fetch_prepare_ms;
             infer_ms += done.infer_ms;
             upload_ms += done.upload_ms;
+        }
+        for i in &images {
+            crate::observe::metrics().image_done(i.timings.as_ref(), i.predicted_class.as_deref());
         }
         let mut record = ResultRecord::new(
             Some(job.job_id.clone()),

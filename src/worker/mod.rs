@@ -58,6 +58,21 @@ pub struct WorkerConfig {
     /// Largest image object accepted, in bytes.
     #[arg(long, env = "CINFLOW_MAX_IMAGE_BYTES", default_value_t = 512 << 20)]
     pub max_image_bytes: u64,
+    /// Base of the identifier systems in FHIR reports (patient, specimen and
+    /// accession ids): `urn:...` gets `:patient-id`, a URL `/patient-id`.
+    #[arg(long, env = "CINFLOW_FHIR_SYSTEM", default_value = "urn:cinflow")]
+    pub fhir_system: String,
+    /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
+    #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
+}
+
+/// Starts the metrics and health server unless `--metrics-addr off`.
+pub async fn serve_http(cfg: &WorkerConfig) -> anyhow::Result<()> {
+    if cfg.metrics_addr != "off" {
+        crate::observe::http::serve(&cfg.metrics_addr).await?;
+    }
+    Ok(())
 }
 
 /// The served model: a name in the S3 registry and the alias to follow.
@@ -143,6 +158,7 @@ where
         let g = f.clone();
         match blocking(move || g()).await {
             Err(Step::Transient(e)) if started.elapsed() + delay < budget => {
+                crate::observe::metrics().retried(what);
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(max);
@@ -211,6 +227,8 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let name = worker_name("infer");
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
+    // Up before the model loads: live at once, ready only once it is served.
+    serve_http(&args.worker).await?;
     let stores = Arc::new(stores::Stores::new(args.s3.clone()));
     // The model first: nothing is consumed before it is loaded. An unreachable
     // S3 is waited for (up to --retry-for-s); a missing alias or a bad bundle is
@@ -248,6 +266,9 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         let model = serving.current();
         let m = model.manifest();
         tracing::info!(model = %m.name, version = %m.version, provider = model.provider(), "model loaded");
+        crate::observe::metrics().serving(m, model.provider());
+        // Serving::start ran one warm-up inference.
+        crate::observe::health().set_model_loaded(true);
     }
     let follow = tokio::spawn(infer::follow_alias(
         serving.clone(),

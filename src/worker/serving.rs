@@ -112,12 +112,17 @@ impl Serving {
                     to = %version,
                     "switched to the newly promoted model"
                 );
+                let m = crate::observe::metrics();
+                let cur = self.current();
+                m.serving(cur.manifest(), cur.provider());
+                m.model_switch("switched");
                 self.prune_cache();
                 Ok(Some(version))
             }
             Err(e) if e.is_retriable() => Err(e),
             Err(e) => {
                 *self.failed.lock().expect("lock") = Some(version.clone());
+                crate::observe::metrics().model_switch("refused");
                 tracing::error!(
                     error = %e,
                     serving = %self.current().manifest().version,

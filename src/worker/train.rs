@@ -427,6 +427,9 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
     let shutdown = super::shutdown_signal()?;
     let name = super::worker_name("train");
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
+    super::serve_http(&args.worker).await?;
+    // Nothing to load before consuming: a job brings its own base model.
+    crate::observe::health().set_model_loaded(true);
     let handler = Arc::new(TrainWorker {
         stores: Arc::new(Stores::new(args.s3.clone())),
         args: args.clone(),

@@ -157,3 +157,35 @@ pub fn unique_prefix(what: &str) -> String {
             .as_nanos()
     )
 }
+
+/// Runs tools/validate_outputs.py on `docs` (JSON Schema `schema` under
+/// src/queue/schemas/, or FHIR R4 when `schema` is None); returns whether all
+/// are valid and what it printed.
+pub fn validate_outputs(schema: Option<&str>, docs: &[serde_json::Value]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("docs.json");
+    std::fs::write(&file, serde_json::to_vec(docs).unwrap()).unwrap();
+    let mut cmd = Command::new(python());
+    cmd.arg(root().join("tools/validate_outputs.py"));
+    match schema {
+        Some(s) => cmd
+            .arg("schema")
+            .arg(root().join("src/queue/schemas").join(s)),
+        None => cmd.arg("fhir"),
+    };
+    let out = cmd.arg(&file).output().expect("start python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Panics with the validator's report unless every document is valid.
+pub fn assert_valid(schema: Option<&str>, docs: &[serde_json::Value]) {
+    assert!(!docs.is_empty(), "nothing to validate");
+    let (ok, text) = validate_outputs(schema, docs);
+    assert!(ok, "{} invalid:\n{text}", schema.unwrap_or("FHIR R4"));
+    assert_eq!(text.matches("ok ").count(), docs.len(), "{text}");
+}

@@ -281,6 +281,8 @@ impl Fixture {
             .env("CINFLOW_DRAIN_TIMEOUT_S", "30")
             .env("CINFLOW_DEVICE", "cpu")
             .env("CINFLOW_INTRA_THREADS", "1")
+            // Many workers run at once: each serves /metrics on a free port.
+            .env("CINFLOW_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file));

@@ -1,0 +1,405 @@
+//! Observability of the queue workers: Prometheus metrics with explicit
+//! buckets and low-cardinality labels (stage, outcome, class — never a job or
+//! slide id), and the health state behind `/healthz` and `/readyz`. The HTTP
+//! server that exposes them is in [`http`].
+
+pub mod http;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::model::Manifest;
+use crate::pipeline::StageTimings;
+
+/// Seconds buckets of the per-image stages (fetch, decode, preprocess, infer,
+/// cam, upload): a few milliseconds for CAM on GPU up to tens of seconds for a
+/// large TIFF over a slow link.
+pub const STAGE_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Seconds buckets of whole jobs and of the queue wait: a one-image slide on a
+/// GPU up to a backlog of hours (training jobs land in the top buckets).
+pub const JOB_BUCKETS: [f64; 14] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 14400.0,
+];
+
+/// The per-image stages measured, as the `stage` label names them.
+pub const STAGES: [&str; 6] = ["fetch", "decode", "preprocess", "infer", "cam", "upload"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub provider: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn stage_histogram() -> Histogram {
+    Histogram::new(STAGE_BUCKETS)
+}
+
+/// Every metric a worker exports (names without the `cinflow_` prefix).
+pub struct Metrics {
+    registry: Registry,
+    /// Jobs settled, by outcome: `done`, `rejected` (dead-lettered as bad
+    /// input), `poison` (dead-lettered after too many deliveries), `requeued`.
+    pub jobs: Family<OutcomeLabel, Counter>,
+    pub job_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
+    pub stage_seconds: HistogramFamily<StageLabel>,
+    pub in_flight: Gauge,
+    /// Transient failures retried, by step (`fetch images`, `inference`, …).
+    pub retries: Family<StepLabel, Counter>,
+    /// Messages republished to the dead-letter queue, by cause.
+    pub dead_letters: Family<CauseLabel, Counter>,
+    /// Images of finished jobs, by outcome (`graded`, `error`).
+    pub images: Family<OutcomeLabel, Counter>,
+    /// Predicted class of every graded image.
+    pub predictions: Family<ClassLabel, Counter>,
+    /// 1 for the model version being served.
+    pub model_info: Family<ModelLabels, Gauge>,
+    /// Alias changes followed, by outcome (`switched`, `refused`).
+    pub model_switches: Family<OutcomeLabel, Counter>,
+    pub broker_connected: Gauge,
+    pub broker_reconnects: Counter,
+    pub ready: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cinflow");
+        let m = Metrics {
+            jobs: Family::default(),
+            job_seconds: Histogram::new(JOB_BUCKETS),
+            queue_wait_seconds: Histogram::new(JOB_BUCKETS),
+            stage_seconds: Family::new_with_constructor(stage_histogram),
+            in_flight: Gauge::default(),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            images: Family::default(),
+            predictions: Family::default(),
+            model_info: Family::default(),
+            model_switches: Family::default(),
+            broker_connected: Gauge::default(),
+            broker_reconnects: Counter::default(),
+            ready: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "jobs",
+            "Jobs settled, by outcome (done, rejected, poison, requeued)",
+            m.jobs.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Receipt to settlement of a job",
+            m.job_seconds.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Publisher's timestamp to receipt (one-second resolution)",
+            m.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "stage_duration_seconds",
+            "Per-image stage durations (fetch, decode, preprocess, infer, cam, upload)",
+            m.stage_seconds.clone(),
+        );
+        registry.register(
+            "jobs_in_flight",
+            "Jobs being processed",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "retries",
+            "Transient failures retried, by step",
+            m.retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages sent to the dead-letter queue, by cause (rejected, poison)",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "images",
+            "Images of finished jobs, by outcome (graded, error)",
+            m.images.clone(),
+        );
+        registry.register(
+            "predictions",
+            "Predicted class of graded images",
+            m.predictions.clone(),
+        );
+        registry.register(
+            "model_info",
+            "The model version being served (value 1)",
+            m.model_info.clone(),
+        );
+        registry.register(
+            "model_switches",
+            "Alias changes followed, by outcome (switched, refused)",
+            m.model_switches.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while the AMQP connection is up",
+            m.broker_connected.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "AMQP sessions lost and re-established",
+            m.broker_reconnects.clone(),
+        );
+        registry.register("ready", "1 while /readyz answers 200", m.ready.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn job_settled(&self, outcome: &str) {
+        self.jobs
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn retried(&self, step: &str) {
+        self.retries
+            .get_or_create(&StepLabel { step: step.into() })
+            .inc();
+    }
+
+    pub fn dead_lettered(&self, cause: &str) {
+        self.dead_letters
+            .get_or_create(&CauseLabel {
+                cause: cause.into(),
+            })
+            .inc();
+    }
+
+    /// Records one image's stage timings (milliseconds) and its outcome.
+    pub fn image_done(&self, timings: Option<&StageTimings>, predicted: Option<&str>) {
+        let outcome = if predicted.is_some() {
+            "graded"
+        } else {
+            "error"
+        };
+        self.images
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+        if let Some(class) = predicted {
+            self.predictions
+                .get_or_create(&ClassLabel {
+                    class: class.into(),
+                })
+                .inc();
+        }
+        if let Some(t) = timings {
+            let ms = [
+                t.fetch_ms,
+                t.decode_ms,
+                t.preprocess_ms,
+                t.infer_ms,
+                t.cam_ms,
+                t.upload_ms,
+            ];
+            for (stage, ms) in STAGES.iter().zip(ms) {
+                self.stage_seconds
+                    .get_or_create(&StageLabel {
+                        stage: (*stage).into(),
+                    })
+                    .observe(ms / 1e3);
+            }
+        }
+    }
+
+    /// Marks `m` as the served model (and only it).
+    pub fn serving(&self, m: &Manifest, provider: &str) {
+        self.model_info.clear();
+        self.model_info
+            .get_or_create(&ModelLabels {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                architecture: m.architecture.clone(),
+                provider: provider.into(),
+            })
+            .set(1);
+    }
+
+    pub fn model_switch(&self, outcome: &str) {
+        self.model_switches
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// What `/readyz` answers from: ready once the model is loaded and warmed up
+/// (training workers: once started) and while the broker connection is up.
+#[derive(Debug, Default)]
+pub struct Health {
+    model_loaded: AtomicBool,
+    broker_connected: AtomicBool,
+}
+
+impl Health {
+    pub fn set_model_loaded(&self, v: bool) {
+        self.model_loaded.store(v, Ordering::SeqCst);
+        self.publish();
+    }
+
+    pub fn set_broker_connected(&self, v: bool) {
+        self.broker_connected.store(v, Ordering::SeqCst);
+        metrics().broker_connected.set(i64::from(v));
+        self.publish();
+    }
+
+    pub fn model_loaded(&self) -> bool {
+        self.model_loaded.load(Ordering::SeqCst)
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::SeqCst)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.model_loaded() && self.broker_connected()
+    }
+
+    fn publish(&self) {
+        metrics().ready.set(i64::from(self.ready()));
+    }
+}
+
+/// The process's health state.
+pub fn health() -> &'static Health {
+    static HEALTH: OnceLock<Health> = OnceLock::new();
+    HEALTH.get_or_init(Health::default)
+}
+
+/// Counts a job in flight until dropped (also when its task is aborted).
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        metrics().in_flight.inc();
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics().in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_stage_buckets_and_counts() {
+        let m = Metrics::new();
+        m.job_settled("done");
+        m.job_settled("done");
+        m.retried("fetch images");
+        let t = StageTimings {
+            fetch_ms: 3.0,
+            decode_ms: 40.0,
+            preprocess_ms: 20.0,
+            infer_wait_ms: 0.0,
+            infer_ms: 700.0,
+            cam_ms: 2.0,
+            upload_ms: 60.0,
+        };
+        m.image_done(Some(&t), Some("CIN2"));
+        m.image_done(None, None);
+        let text = m.encode();
+        assert!(
+            text.contains("cinflow_jobs_total{outcome=\"done\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("cinflow_retries_total{step=\"fetch images\"} 1"));
+        assert!(text.contains("cinflow_images_total{outcome=\"error\"} 1"));
+        assert!(text.contains("cinflow_predictions_total{class=\"CIN2\"} 1"));
+        // 0.7 s of inference falls in the le=1.0 bucket, not in le=0.5.
+        assert!(
+            text.contains("cinflow_stage_duration_seconds_bucket{le=\"1.0\",stage=\"infer\"} 1")
+        );
+        assert!(
+            text.contains("cinflow_stage_duration_seconds_bucket{le=\"0.5\",stage=\"infer\"} 0")
+        );
+        for stage in STAGES {
+            assert!(
+                text.contains(&format!(
+                    "stage_duration_seconds_count{{stage=\"{stage}\"}} 1"
+                )),
+                "{stage}: {text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The FHIR R4 `DiagnosticReport` written beside each result JSON, for a LIS
+//! that reads clinical formats rather than cinflow's own record.
+//!
+//! The report is self-contained: the model is a contained `Device`, each
+//! scanned image and each heatmap a contained `Media`, and the findings
+//! contained `Observation`s (one per class probability and one predicted grade
+//! per image, plus the slide grade). It is always `preliminary` (or `partial`
+//! when images failed, `cancelled` when nothing was graded): a computer-assisted
+//! grade for a pathologist to review, never a signed-out diagnosis.
+//! Patient, specimen and order are logical references by identifier, in the
+//! identifier systems the lab configures.
+
+use serde_json::{json, Value};
+
+use super::{ImageStatus, ResultRecord};
+
+/// LOINC "Pathology study".
+const LOINC_PATHOLOGY_STUDY: &str = "11526-1";
+
+/// Identifier systems of the lab's ids, under one base (`--fhir-system`).
+#[derive(Debug, Clone)]
+pub struct Systems {
+    base: String,
+}
+
+impl Systems {
+    pub fn new(base: &str) -> Systems {
+        Systems {
+            base: base.trim_end_matches(['/', ':']).to_string(),
+        }
+    }
+
+    /// `urn:x` + `patient-id` gives `urn:x:patient-id`; `https://lab/ids`
+    /// gives `https://lab/ids/patient-id`.
+    pub fn system(&self, what: &str) -> String {
+        if self.base.starts_with("urn:") {
+            format!("{}:{what}", self.base)
+        } else {
+            format!("{}/{what}", self.base)
+        }
+    }
+}
+
+fn coded(system: &str, code: &str, display: &str) -> Value {
+    json!({ "coding": [{ "system": system, "code": code, "display": display }], "text": display })
+}
+
+fn identifier(system: String, value: &str) -> Value {
+    json!({ "system": system, "value": value })
+}
+
+/// A contained resource's local id (FHIR ids: letters, digits, '-', '.').
+fn local_id(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| {
+            p.chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn reference(id: &str) -> Value {
+    json!({ "reference": format!("#{id}") })
+}
+
+/// The DiagnosticReport of `r` (its `result_uri` should be set, so the report
+/// can point back to the full record).
+pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
+    let job = r.job_id.as_deref().unwrap_or("unidentified");
+    let model = &r.model;
+    let local = |what: &str, code: &str, text: &str| coded(&sys.system(what), code, text);
+
+    let mut versions = vec![json!({ "type": { "text": "model version" }, "value": model.version })];
+    for (file, sha) in &model.sha256 {
+        versions.push(json!({ "type": { "text": format!("sha256 of {file}") }, "value": sha }));
+    }
+    versions
+        .push(json!({ "type": { "text": "preprocess version" }, "value": r.preprocess.version }));
+    let device = json!({
+        "resourceType": "Device",
+        "id": "model",
+        "status": "active",
+        "manufacturer": "cinflow",
+        "deviceName": [{ "name": model.name, "type": "model-name" }],
+        "type": { "text": format!("CIN grading model ({}, {} classes, {})", model.architecture, model.classes.len(), r.execution_provider) },
+        "version": versions,
+    });
+
+    let subject = r.ids.patient_id.as_ref().map(
+        |p| json!({ "type": "Patient", "identifier": identifier(sys.system("patient-id"), p) }),
+    );
+    let specimen = r.ids.specimen_id.as_ref().map(
+        |s| json!([{ "type": "Specimen", "identifier": identifier(sys.system("specimen-id"), s) }]),
+    );
+    let based_on = r.ids.accession_id.as_ref().map(|a| {
+        json!([{
+            "type": "ServiceRequest",
+            "identifier": {
+                "type": coded("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
+                "system": sys.system("accession-id"),
+                "value": a,
+            }
+        }])
+    });
+    let with_context = |mut v: Value| {
+        if let Some(s) = &subject {
+            v["subject"] = s.clone();
+        }
+        v
+    };
+
+    let mut contained = vec![device];
+    let mut results = Vec::new();
+    let mut media = Vec::new();
+    for (n, img) in r.images.iter().enumerate() {
+        let image_no = (n + 1).to_string();
+        let source_id = local_id(&["image", &image_no]);
+        contained.push(with_context(json!({
+            "resourceType": "Media",
+            "id": source_id,
+            "status": "completed",
+            "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
+            "content": { "contentType": content_type(&img.uri), "url": img.uri, "title": format!("image {image_no}") },
+        })));
+        let (Some(probs), Some(pred)) = (&img.probabilities, &img.predicted_class) else {
+            continue;
+        };
+        let observation = |id: &str, code: Value, value: (&str, Value)| {
+            let mut o = with_context(json!({
+                "resourceType": "Observation",
+                "id": id,
+                "status": "preliminary",
+                "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
+                "code": code,
+                "method": { "text": "ONNX backbone + linear head (cinflow); computer-assisted, not reviewed" },
+                "device": reference("model"),
+                "derivedFrom": [reference(&source_id)],
+            }));
+            o[value.0] = value.1;
+            o
+        };
+        for class in &model.classes {
+            let Some(p) = probs.get(class) else { continue };
+            let id = local_id(&["prob", &image_no, class]);
+            contained.push(observation(
+                &id,
+                local("observation", &format!("probability-{class}"), &format!("Probability of {class}")),
+                (
+                    "valueQuantity",
+                    json!({ "value": round6(*p), "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1" }),
+                ),
+            ));
+            results.push(reference(&id));
+        }
+        let id = local_id(&["grade", &image_no]);
+        contained.push(observation(
+            &id,
+            local(
+                "observation",
+                "image-grade",
+                &format!("Predicted grade of image {image_no}"),
+            ),
+            ("valueCodeableConcept", local("grade", pred, pred)),
+        ));
+        results.push(reference(&id));
+        for h in &img.heatmaps {
+            let id = local_id(&["heatmap", &image_no, &h.class]);
+            contained.push(with_context(json!({
+                "resourceType": "Media",
+                "id": id,
+                "status": "completed",
+                "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
+                "modality": { "text": "Grad-CAM heatmap overlay" },
+                "content": { "contentType": "image/png", "url": h.overlay, "title": format!("Grad-CAM {} on image {image_no}", h.class) },
+                "device": reference("model"),
+                "note": [{ "text": format!("Grad-CAM of {} drawn over image {image_no} ({}) as the model sees it", h.class, img.uri) }],
+            })));
+            media.push(json!({
+                "comment": format!("Grad-CAM evidence for {} on image {image_no} (full red = {:.3} logit units)", h.class, h.scale),
+                "link": reference(&id),
+            }));
+        }
+    }
+    if let Some(g) = &r.slide_grade {
+        let mut o = with_context(json!({
+            "resourceType": "Observation",
+            "id": "slide-grade",
+            "status": "preliminary",
+            "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
+            "code": local("observation", "slide-grade", "Slide grade (most severe image)"),
+            "method": { "text": format!("rule: {}", g.rule) },
+            "device": reference("model"),
+            "valueCodeableConcept": local("grade", &g.grade, &g.grade),
+        }));
+        if let Some(n) = r.images.iter().position(|i| i.uri == g.image_uri) {
+            o["derivedFrom"] = json!([reference(&local_id(&["image", &(n + 1).to_string()]))]);
+        }
+        contained.push(o);
+        results.insert(0, reference("slide-grade"));
+    }
+
+    let graded = r
+        .images
+        .iter()
+        .filter(|i| i.status == ImageStatus::Ok)
+        .count();
+    let status = match (graded, r.images.len()) {
+        (0, _) => "cancelled",
+        (g, n) if g < n => "partial",
+        _ => "preliminary",
+    };
+    let mut conclusion = match &r.slide_grade {
+        Some(g) => format!(
+            "Computer-assisted grade (preliminary, for pathologist review): {} — the most severe of {graded} graded image(s), by model {} version {}.",
+            g.grade, model.name, model.version
+        ),
+        None => "No image could be graded; no computer-assisted grade.".to_string(),
+    };
+    if let Some(e) = &r.error {
+        conclusion.push_str(&format!(" Not graded: {e}"));
+    }
+
+    let mut identifiers = vec![identifier(
+        sys.system("cinflow-result"),
+        &format!("{job}:{}:{}", model.name, model.version),
+    )];
+    if let Some(s) = &r.slide_id {
+        identifiers.push(identifier(sys.system("slide-id"), s));
+    }
+    let mut report = json!({
+        "resourceType": "DiagnosticReport",
+        "id": local_id(&[job]).chars().take(64).collect::<String>(),
+        "contained": contained,
+        "identifier": identifiers,
+        "status": status,
+        "category": [coded("http://terminology.hl7.org/CodeSystem/v2-0074", "SP", "Surgical Pathology")],
+        "code": {
+            "coding": [{ "system": "http://loinc.org", "code": LOINC_PATHOLOGY_STUDY, "display": "Pathology study" }],
+            "text": "Cervical biopsy CIN grade, computer-assisted (cinflow)",
+        },
+        "effectiveDateTime": r.created_at,
+        "issued": r.created_at,
+        "result": results,
+        "conclusion": conclusion,
+    });
+    if let Some(g) = &r.slide_grade {
+        report["conclusionCode"] = json!([local("grade", &g.grade, &g.grade)]);
+    }
+    if !media.is_empty() {
+        report["media"] = Value::Array(media);
+    }
+    if let Some(s) = subject {
+        report["subject"] = s;
+    }
+    if let Some(s) = specimen {
+        report["specimen"] = s;
+    }
+    if let Some(b) = based_on {
+        report["basedOn"] = b;
+    }
+    if let Some(u) = &r.result_uri {
+        report["presentedForm"] = json!([{
+            "contentType": "application/json",
+            "url": u,
+            "title": "cinflow.result/v1 record",
+        }]);
+    }
+    report
+}
+
+fn round6(p: f32) -> f64 {
+    (f64::from(p) * 1e6).round() / 1e6
+}
+
+fn content_type(uri: &str) -> &'static str {
+    let lower = uri.to_ascii_lowercase();
+    if lower.ends_with(".png") {
+        "image/png"
+    } else if lower.ends_with(".tif") || lower.ends_with(".tiff") {
+        "image/tiff"
+    } else {
+        "image/jpeg"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifier_systems_follow_the_base() {
+        assert_eq!(
+            Systems::new("urn:cinflow").system("patient-id"),
+            "urn:cinflow:patient-id"
+        );
+        assert_eq!(
+            Systems::new("https://lab.example.org/ids/").system("patient-id"),
+            "https://lab.example.org/ids/patient-id"
+        );
+        assert_eq!(
+            local_id(&["prob", "1", "Non neoplasm"]),
+            "prob-1-Non-neoplasm"
+        );
+    }
+}

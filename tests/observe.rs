@@ -169,7 +169,10 @@ fn health_readiness_and_metrics_follow_the_worker() {
     assert!(m.contains("version=\"v1\""), "{m}");
     assert_eq!(sample(&m, "cinflow_broker_connected"), 1.0);
     assert_eq!(sample(&m, "cinflow_ready"), 1.0);
-    assert!(m.contains("# TYPE cinflow_stage_duration_seconds histogram"));
+    assert!(
+        m.contains("# TYPE cinflow_job_duration_seconds histogram"),
+        "{m}"
+    );
 
     // One good slide and one bad image: the metrics move.
     let slide = fx.images(2, 640, 480);

@@ -55,6 +55,21 @@ def references(resource):
             yield from references(v)
 
 
+# http://hl7.org/fhir/R4/valueset-diagnostic-report-status.html
+REPORT_STATUS = (
+    "registered",
+    "partial",
+    "preliminary",
+    "final",
+    "amended",
+    "corrected",
+    "appended",
+    "cancelled",
+    "entered-in-error",
+    "unknown",
+)
+
+
 def check_fhir(files):
     import fhir.resources
     from fhir.resources.diagnosticreport import DiagnosticReport
@@ -78,6 +93,12 @@ def check_fhir(files):
                     problems.append(f"reference #{missing} has no contained resource")
                 for orphan in sorted(contained - local):
                     problems.append(f"contained resource {orphan} is not referenced (dom-3)")
+                # Required bindings the models leave to a terminology server.
+                if doc.get("status") not in REPORT_STATUS:
+                    problems.append(f"status {doc.get('status')!r} is not in the R4 value set {REPORT_STATUS}")
+                empty = [k for k, v in doc.items() if v == [] or v == {} or v == ""]
+                for k in empty:
+                    problems.append(f"{k} is empty (FHIR JSON has no empty arrays, objects or strings)")
                 for r in doc.get("contained", []):
                     if r.get("resourceType") == "Observation" and r.get("status") not in (
                         "preliminary",

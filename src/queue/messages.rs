@@ -115,8 +115,7 @@ impl JobMessage {
     /// Parses and validates a job; every rejection names the problem.
     pub fn parse(bytes: &[u8]) -> Result<JobMessage, MessageError> {
         let v = schema_of(bytes, JOB_SCHEMA)?;
-        let job: JobMessage =
-            serde_json::from_value(v).map_err(|e| MessageError::Json(e.to_string()))?;
+        let job: JobMessage = typed(v)?;
         job.validate()?;
         Ok(job)
     }
@@ -144,8 +143,7 @@ impl TrainMessage {
     /// Parses and validates a training job.
     pub fn parse(bytes: &[u8]) -> Result<TrainMessage, MessageError> {
         let v = schema_of(bytes, TRAIN_SCHEMA)?;
-        let job: TrainMessage =
-            serde_json::from_value(v).map_err(|e| MessageError::Json(e.to_string()))?;
+        let job: TrainMessage = typed(v)?;
         check_id("job_id", &job.job_id)?;
         check_id("model", &job.model)?;
         check_s3_uri("labels", &job.labels)?;
@@ -156,6 +154,20 @@ impl TrainMessage {
         }
         Ok(job)
     }
+}
+
+/// The message as a typed struct; a wrong type names its field
+/// (`job_id: invalid type: integer `7`, expected a string`).
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, MessageError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        MessageError::Json(if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        })
+    })
 }
 
 /// A fresh job id: 32 random hex digits.
@@ -187,6 +199,13 @@ mod tests {
         assert!(e(&job(&["s3://b/../etc/passwd"])).contains("images[0]"));
         let no_slide = br#"{"schema":"cinflow.job/v1","job_id":"j","images":["s3://b/k"]}"#;
         assert!(e(no_slide).contains("slide_id"));
+        let wrong_type =
+            br#"{"schema":"cinflow.job/v1","job_id":7,"slide_id":"s","images":["s3://b/k"]}"#;
+        assert!(
+            e(wrong_type).contains("job_id: invalid type"),
+            "{}",
+            e(wrong_type)
+        );
     }
 
     #[test]

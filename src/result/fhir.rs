@@ -112,12 +112,17 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         v
     };
 
-    let mut contained = vec![device];
+    // Contained resources must be referenced from the report (dom-3): the
+    // model and the source images appear only with findings that cite them.
+    let mut contained = Vec::new();
     let mut results = Vec::new();
     let mut media = Vec::new();
     for (n, img) in r.images.iter().enumerate() {
         let image_no = (n + 1).to_string();
         let source_id = local_id(&["image", &image_no]);
+        let (Some(probs), Some(pred)) = (&img.probabilities, &img.predicted_class) else {
+            continue;
+        };
         contained.push(with_context(json!({
             "resourceType": "Media",
             "id": source_id,
@@ -125,9 +130,6 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
             "content": { "contentType": content_type(&img.uri), "url": img.uri, "title": format!("image {image_no}") },
         })));
-        let (Some(probs), Some(pred)) = (&img.probabilities, &img.predicted_class) else {
-            continue;
-        };
         let observation = |id: &str, code: Value, value: (&str, Value)| {
             let mut o = with_context(json!({
                 "resourceType": "Observation",
@@ -202,6 +204,9 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         results.insert(0, reference("slide-grade"));
     }
 
+    if !results.is_empty() {
+        contained.insert(0, device);
+    }
     let graded = r
         .images
         .iter()
@@ -246,6 +251,10 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         "result": results,
         "conclusion": conclusion,
     });
+    // FHIR JSON has no empty arrays.
+    if let Some(obj) = report.as_object_mut() {
+        obj.retain(|_, v| !v.as_array().is_some_and(Vec::is_empty));
+    }
     if let Some(g) = &r.slide_grade {
         report["conclusionCode"] = json!([local("grade", &g.grade, &g.grade)]);
     }

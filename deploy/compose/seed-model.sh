@@ -5,7 +5,7 @@
 # This script appends the model bundle that `make demo` wrote on the host
 # (./demo-out, mounted read-only at /demo) and runs it, which uploads the bundle to
 # the S3 registry in Garage and points the alias at it (re-running it with the
-# same bundle is a no-op upload, and moves the alias back to it).
+# same bundle changes nothing: no upload, and the alias stays where it is).
 #
 # The bundle: the newest version folder in demo-out/models (the demo built with
 # the `train` feature, as `make demo` builds it, names versions by UTC time stamp,

@@ -136,6 +136,7 @@ fn health_readiness_and_metrics_follow_the_worker() {
             ("CINFLOW_METRICS_ADDR", addr.as_str()),
             ("CINFLOW_RETRY_BACKOFF_MS", "300"),
             ("CINFLOW_RETRY_BACKOFF_MAX_MS", "2000"),
+            ("CINFLOW_LOG_FORMAT", "json"),
         ],
     );
     let log = || w.log();
@@ -267,4 +268,18 @@ fn health_readiness_and_metrics_follow_the_worker() {
             "cinflow_broker_reconnects_total"
         ) >= 1.0
     );
+
+    // JSON logs: one object per line, and a job's lines carry its ids.
+    let text = w.log();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() > 5, "{text}");
+    let graded = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "job graded" && l["span"]["job_id"] == "obs-good")
+        .unwrap_or_else(|| panic!("no JSON line of obs-good with its span:\n{text}"));
+    assert_eq!(graded["span"]["slide_id"], "slide-obs-good");
 }

@@ -320,7 +320,8 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     }
     // Exactly one result set: the deterministic keys, nothing else.
     let objects = fx.result_objects("killed");
-    assert_eq!(objects.len(), 1 + 6 * 5, "{objects:#?}");
+    // result.json, diagnostic-report.json, per image a raw map and 4 overlays.
+    assert_eq!(objects.len(), 2 + 6 * 5, "{objects:#?}");
     assert!(objects
         .iter()
         .all(|k| k.contains("/killed/") && k.contains("/v1/")));
@@ -515,5 +516,5 @@ fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(cli(&["list"]).1, "", "the dead-letter queue is empty");
-    assert_eq!(fx.result_objects("late-upload").len(), 1 + 1 + 4);
+    assert_eq!(fx.result_objects("late-upload").len(), 2 + 1 + 4);
 }

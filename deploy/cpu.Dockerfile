@@ -80,9 +80,10 @@ EXPOSE 8080
 ENTRYPOINT ["cinflow"]
 CMD ["worker", "infer"]
 
-# Smoke test, last: the binary runs, and ONNX Runtime is there with every
-# library it needs resolved (no cheap subcommand loads it without a model).
+# Smoke test, last: the binary runs, `cinflow check-runtime` loads ONNX Runtime
+# and sets up a CPU session configuration, and every library is resolved.
 RUN cinflow --version \
+ && cinflow check-runtime --device cpu \
  && test -f "$ORT_DYLIB_PATH" \
  && deps="$(ldd "$ORT_DYLIB_PATH")" \
  && if printf '%s\n' "$deps" | grep 'not found'; then echo "unresolved libraries of $ORT_DYLIB_PATH" >&2; exit 1; fi

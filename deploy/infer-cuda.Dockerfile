@@ -99,10 +99,13 @@ EXPOSE 8080
 ENTRYPOINT ["cinflow"]
 CMD ["worker", "infer"]
 
-# Smoke test, last: the binary runs; ONNX Runtime, its CUDA provider and cuDNN are
-# there with every library resolved except the driver's libcuda.so.1, which the
-# NVIDIA Container Toolkit mounts at run time (no GPU at build time).
+# Smoke test, last: the binary runs; `cinflow check-runtime` loads ONNX Runtime and
+# finds the CUDA execution provider in it (there is no GPU at build time: on a
+# node, `cinflow check-runtime --device cuda` opens the GPU); the CUDA provider
+# and cuDNN have every library resolved except the driver's libcuda.so.1, which
+# the NVIDIA Container Toolkit mounts at run time.
 RUN cinflow --version \
+ && cinflow check-runtime --device cpu | tee /dev/stderr | grep -q "CUDA execution provider: in this build" \
  && test -f "$ORT_DYLIB_PATH" \
  && for f in "$ORT_DYLIB_PATH" \
              /opt/cinflow/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \

@@ -118,10 +118,11 @@ ENTRYPOINT ["cinflow"]
 CMD ["worker", "train"]
 
 # Smoke test, last: the binary starts (the loader resolves libtorch, libtorch_cuda
-# and their CUDA libraries, or it would not), it has the train feature, and ONNX
-# Runtime with its CUDA provider is there with every library resolved except the
+# and their CUDA libraries, or it would not), it has the train feature,
+# `cinflow check-runtime` loads ONNX Runtime and finds its CUDA provider, which is there with every library resolved except the
 # driver's libcuda.so.1 (mounted by the NVIDIA Container Toolkit at run time).
 RUN cinflow --version \
+ && cinflow check-runtime --device cpu | tee /dev/stderr | grep -q "CUDA execution provider: in this build" \
  && cinflow worker train --help > /dev/null \
  && test -f "$ORT_DYLIB_PATH" \
  && for f in /usr/local/bin/cinflow \

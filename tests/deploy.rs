@@ -625,3 +625,37 @@ fn the_command_line_checker_catches_typos() {
         ["worker", "infer"]
     );
 }
+
+#[test]
+fn check_runtime_loads_onnx_runtime_and_names_a_missing_gpu() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cinflow"))
+            .arg("check-runtime")
+            .args(args)
+            .current_dir(common::root())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, text) = run(&["--device", "cpu"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("sessions run on CPUExecutionProvider"),
+        "{text}"
+    );
+    // The venv has the CPU build of ONNX Runtime: asking for CUDA must fail
+    // and say why (the images' smoke tests rely on this command).
+    let (code, text) = run(&["--device", "cuda"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no CUDA execution provider"), "{text}");
+    let (code, text) = run(&["--ort-lib", "/nonexistent/libonnxruntime.so"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cannot load ONNX Runtime"), "{text}");
+}

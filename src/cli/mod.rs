@@ -68,6 +68,9 @@ pub enum Command {
     DeadLetters(Box<deadletters::DeadLettersArgs>),
     /// Run a queue worker (`infer` or `train`) against RabbitMQ and S3.
     Worker(worker::WorkerArgs),
+    /// Load ONNX Runtime and set up the device without a model (check a GPU node
+    /// or an image before it serves); exits 1 if the device cannot be used.
+    CheckRuntime(crate::infer::InferConfig),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
     Verify {
         /// Bundle folder.
@@ -235,6 +238,27 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Registry(a) => registry::run(&a),
         Command::PublishModel(a) => registry::publish(&a),
+        Command::CheckRuntime(cfg) => match crate::infer::check_runtime(&cfg) {
+            Ok(r) => {
+                println!("ONNX Runtime: {}", r.ort_lib);
+                println!(
+                    "CUDA execution provider: {}",
+                    if r.cuda_listed {
+                        "in this build"
+                    } else {
+                        "not in this build"
+                    }
+                );
+                let device = clap::ValueEnum::to_possible_value(&cfg.device)
+                    .map_or_else(|| "?".into(), |v| v.get_name().to_string());
+                println!("device {device}: sessions run on {}", r.provider);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
         Command::DeadLetters(a) => deadletters::run(&a),

@@ -4,7 +4,7 @@
 
 mod runtime;
 
-pub use runtime::{Backbone, Device, InferConfig, InferError};
+pub use runtime::{check_runtime, Backbone, Device, InferConfig, InferError, RuntimeReport};
 
 /// One image's backbone output: `channels` planes of `height x width`, row-major.
 #[derive(Debug, Clone, PartialEq)]

@@ -102,6 +102,95 @@ fn default_ort_lib() -> PathBuf {
     .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
 }
 
+/// A session builder on the configured device: loads ONNX Runtime and, when
+/// CUDA is wanted, registers its execution provider (which loads the provider
+/// library and the CUDA libraries and opens the GPU). Returns the provider
+/// sessions will run on.
+fn session_builder(
+    cfg: &InferConfig,
+) -> Result<(ort::session::builder::SessionBuilder, &'static str), InferError> {
+    let env = environment(cfg)?;
+    let serr = |e: ort::Error| InferError::Session {
+        path: "(session options)".into(),
+        detail: e.to_string(),
+    };
+    let cuda_listed = ep::CUDA::is_available().unwrap_or(false);
+    let want_cuda = match cfg.device {
+        Device::Cpu => false,
+        Device::Cuda if !cuda_listed => {
+            return Err(InferError::CudaUnavailable(format!(
+                "the loaded ONNX Runtime ({}) has no CUDA execution provider; install onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so",
+                cfg.ort_lib.clone().unwrap_or_else(default_ort_lib).display()
+            )))
+        }
+        Device::Cuda => true,
+        Device::Auto => cuda_listed,
+    };
+    let mut builder = Session::builder(env)
+        .map_err(serr)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| serr(e.into()))?
+        // Decoding and CLAHE of the next images run beside inference: idle
+        // ONNX Runtime threads must sleep, not spin on the cores they need.
+        .with_intra_op_spinning(false)
+        .map_err(|e| serr(e.into()))?;
+    if cfg.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(cfg.intra_threads)
+            .map_err(|e| serr(e.into()))?;
+    }
+    let mut provider = "CPUExecutionProvider";
+    if want_cuda {
+        let cuda = ep::CUDA::default()
+            .with_device_id(cfg.cuda_device)
+            .build()
+            .error_on_failure();
+        match builder.clone().with_execution_providers([cuda]) {
+            Ok(b) => {
+                builder = b;
+                provider = "CUDAExecutionProvider";
+            }
+            Err(e) if cfg.device == Device::Cuda => {
+                return Err(InferError::CudaUnavailable(format!(
+                    "the CUDA execution provider could not start on device {}: {e}",
+                    cfg.cuda_device
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CUDA execution provider unavailable; using CPU");
+            }
+        }
+    }
+    Ok((builder, provider))
+}
+
+/// What `cinflow check-runtime` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuntimeReport {
+    pub ort_lib: String,
+    /// Whether this ONNX Runtime build has the CUDA execution provider.
+    pub cuda_listed: bool,
+    /// The provider sessions would run on with this configuration.
+    pub provider: &'static str,
+}
+
+/// Loads ONNX Runtime and sets up the configured device without a model, so a
+/// node (or an image) can be checked before it serves: `--device cuda` fails
+/// with the reason when the GPU cannot be used.
+pub fn check_runtime(cfg: &InferConfig) -> Result<RuntimeReport, InferError> {
+    let (_, provider) = session_builder(cfg)?;
+    Ok(RuntimeReport {
+        ort_lib: cfg
+            .ort_lib
+            .clone()
+            .unwrap_or_else(default_ort_lib)
+            .display()
+            .to_string(),
+        cuda_listed: ep::CUDA::is_available().unwrap_or(false),
+        provider,
+    })
+}
+
 /// A loaded backbone. `features` serialises calls through a mutex: ONNX Runtime
 /// parallelises inside one run, and workers feed it batches from one thread.
 pub struct Backbone {
@@ -130,59 +219,18 @@ impl Backbone {
         output: &str,
         cfg: &InferConfig,
     ) -> Result<Backbone, InferError> {
-        let env = environment(cfg)?;
         let p = path.display().to_string();
         let serr = |e: ort::Error| InferError::Session {
             path: p.clone(),
             detail: e.to_string(),
         };
-        let cuda_listed = ep::CUDA::is_available().unwrap_or(false);
-        let want_cuda = match cfg.device {
-            Device::Cpu => false,
-            Device::Cuda if !cuda_listed => {
-                return Err(InferError::CudaUnavailable(format!(
-                    "the loaded ONNX Runtime ({}) has no CUDA execution provider; install onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so",
-                    cfg.ort_lib.clone().unwrap_or_else(default_ort_lib).display()
-                )))
-            }
-            Device::Cuda => true,
-            Device::Auto => cuda_listed,
-        };
-        let mut builder = Session::builder(env)
-            .map_err(serr)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| serr(e.into()))?
-            // Decoding and CLAHE of the next images run beside inference: idle
-            // ONNX Runtime threads must sleep, not spin on the cores they need.
-            .with_intra_op_spinning(false)
-            .map_err(|e| serr(e.into()))?;
-        if cfg.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(cfg.intra_threads)
-                .map_err(|e| serr(e.into()))?;
-        }
-        let mut provider = "CPUExecutionProvider";
-        if want_cuda {
-            let cuda = ep::CUDA::default()
-                .with_device_id(cfg.cuda_device)
-                .build()
-                .error_on_failure();
-            match builder.clone().with_execution_providers([cuda]) {
-                Ok(b) => {
-                    builder = b;
-                    provider = "CUDAExecutionProvider";
-                }
-                Err(e) if cfg.device == Device::Cuda => {
-                    return Err(InferError::CudaUnavailable(format!(
-                        "the CUDA execution provider could not start on device {}: {e}",
-                        cfg.cuda_device
-                    )))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "CUDA execution provider unavailable; using CPU");
-                }
-            }
-        }
+        let (mut builder, provider) = session_builder(cfg).map_err(|e| match e {
+            InferError::Session { detail, .. } => InferError::Session {
+                path: p.clone(),
+                detail,
+            },
+            other => other,
+        })?;
         let session = builder.commit_from_file(path).map_err(serr)?;
         let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
             outlets.iter().map(|o| o.name().to_string()).collect()

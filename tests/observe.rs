@@ -9,12 +9,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::{free_port, get, sample};
 use common::worker::{close_broker_connection, Fixture};
 
 /// A TCP forwarder to S3 that can be closed (new connections dropped, open
@@ -68,22 +68,6 @@ impl Gate {
     }
 }
 
-/// GET `path`: (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
-    Some((status, body))
-}
-
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, log: impl Fn() -> String) {
     let t = Instant::now();
     while t.elapsed() < limit {
@@ -93,22 +77,6 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, log: impl
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("{what}: not within {limit:?}; worker log:\n{}", log());
-}
-
-/// The value of one sample line of the exposition (`name{labels}`), 0 if absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -97,13 +97,26 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
     let fx = Fixture::new("trainw", 4);
     let labels = dataset(&fx);
 
+    let port = common::http::free_port();
+    let addr = format!("127.0.0.1:{port}");
     let w = fx.spawn(
         "train",
         &[
             ("CINFLOW_TRAIN_DEVICE", "cpu"),
             ("CINFLOW_TRAIN_TEST_FRACTION", "0.25"),
+            ("CINFLOW_METRICS_ADDR", addr.as_str()),
         ],
     );
+    // The training worker serves the same endpoints: ready once connected.
+    let t = Instant::now();
+    while common::http::get(port, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never ready:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let job = enqueue_train(&fx, &labels);
     let first = wait_outcome(&fx, &job, &w);
     assert_eq!(first["status"], "ok", "{first:#}\n{}", w.log());
@@ -142,6 +155,20 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
             .map(|(_, e)| e.clone()),
     );
     common::assert_valid(Some("train-result.v1.schema.json"), &outcomes);
+    // Both jobs counted once settled (the ack follows the outcome).
+    let t = Instant::now();
+    loop {
+        let m = common::http::get(port, "/metrics").unwrap().1;
+        if common::http::sample(&m, "cinflow_jobs_total{outcome=\"done\"}") == 2.0 {
+            assert_eq!(
+                common::http::sample(&m, "cinflow_job_duration_seconds_count"),
+                2.0
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(second["features_computed"], 0);
 
     // A labels file that is not there: an error outcome and a dead letter.

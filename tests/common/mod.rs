@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod http;
 pub mod sklearn;
 pub mod tls;
 pub mod worker;

@@ -171,6 +171,49 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
     }
     assert_eq!(second["features_computed"], 0);
 
+    // The first job delivered again (as after a crash between its outcome and
+    // its ack): announced again from the stored outcome, not trained again.
+    let versions = registry.versions().unwrap().len();
+    let again = serde_json::json!({
+        "schema": "cinflow.train/v1", "job_id": job, "labels": labels, "model": fx.model,
+    });
+    fx.rt
+        .block_on(cinflow::queue::publish_json(
+            &fx.channel,
+            &fx.amqp.jobs_exchange,
+            cinflow::queue::TRAIN_KEY,
+            &job,
+            &serde_json::to_vec(&again).unwrap(),
+            None,
+        ))
+        .unwrap();
+    let t = Instant::now();
+    let repeat = loop {
+        let events = fx.events();
+        if let Some((_, e)) = events
+            .into_iter()
+            .find(|(k, e)| k == "train.ok" && e["job_id"] == job.as_str())
+        {
+            break e;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no repeated event:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        repeat["created_at"], first["created_at"],
+        "the stored outcome, unchanged"
+    );
+    assert_eq!(
+        registry.versions().unwrap().len(),
+        versions,
+        "trained again"
+    );
+    assert!(w.log().contains("already trained"), "{}", w.log());
+
     // A labels file that is not there: an error outcome and a dead letter.
     let job3 = enqueue_train(
         &fx,

@@ -138,10 +138,7 @@ impl TrainWorker {
 
     async fn record(&self, r: &TrainResult, broker: &Broker) -> Result<(), String> {
         let json = serde_json::to_vec_pretty(r).expect("train result serialises");
-        let key = join_key(&[
-            &self.args.train_results_prefix,
-            &format!("{}.json", r.job_id),
-        ]);
+        let key = self.outcome_key(&r.job_id);
         let stores = self.stores.clone();
         let body = json.clone();
         super::retrying(&self.args.worker, "write training outcome", move || {
@@ -172,7 +169,49 @@ impl TrainWorker {
         }
     }
 
+    fn outcome_key(&self, job_id: &str) -> String {
+        join_key(&[&self.args.train_results_prefix, &format!("{job_id}.json")])
+    }
+
+    /// The successful outcome a previous delivery of `job_id` wrote, if any (it
+    /// crashed or lost the broker between writing it and the ack).
+    async fn already_trained(&self, job_id: &str) -> Result<Option<Vec<u8>>, Step> {
+        let (stores, key) = (self.stores.clone(), self.outcome_key(job_id));
+        super::retrying(&self.args.worker, "read an earlier outcome", move || {
+            let home = stores.home().map_err(|e| step(&e, e.is_retriable()))?;
+            match home.get(&key) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(step(&e, e.is_retriable())),
+            }
+        })
+        .await
+        .map(|found| {
+            found.filter(|b| {
+                serde_json::from_slice::<TrainResult>(b)
+                    .is_ok_and(|r| r.status == crate::result::ImageStatus::Ok)
+            })
+        })
+    }
+
     async fn run_job(&self, msg: Incoming, job: TrainMessage, broker: Broker) -> Outcome {
+        // A redelivered job that already finished is announced again, not
+        // trained again (a second version of the same data would be noise).
+        match self.already_trained(&job.job_id).await {
+            Ok(Some(json)) => {
+                tracing::info!(
+                    "already trained by an earlier delivery; announcing its outcome again"
+                );
+                return match broker.publish_event("train.ok", &job.job_id, &json).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::Retry {
+                        reason: format!("training event: {e}"),
+                    },
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Outcome::Retry { reason: e.text() },
+        }
         let mut r = self.result(&job.job_id, &job.model, &msg);
         let (stores, args, j) = (self.stores.clone(), self.args.clone(), job.clone());
         let outcome = blocking(move || train_from_s3(&stores, &args, &j)).await;

@@ -102,8 +102,10 @@ fn health_readiness_and_metrics_follow_the_worker() {
         &[
             ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
             ("CINFLOW_METRICS_ADDR", addr.as_str()),
-            ("CINFLOW_RETRY_BACKOFF_MS", "300"),
-            ("CINFLOW_RETRY_BACKOFF_MAX_MS", "2000"),
+            // The first reconnect waits 1 s: long enough to see the worker
+            // unready after rabbitmqctl (a slow CLI) has closed its connection.
+            ("CINFLOW_RETRY_BACKOFF_MS", "1000"),
+            ("CINFLOW_RETRY_BACKOFF_MAX_MS", "3000"),
             ("CINFLOW_LOG_FORMAT", "json"),
         ],
     );

@@ -518,3 +518,96 @@ fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
     assert_eq!(cli(&["list"]).1, "", "the dead-letter queue is empty");
     assert_eq!(fx.result_objects("late-upload").len(), 2 + 1 + 4);
 }
+
+#[test]
+fn models_are_published_listed_and_rolled_back_in_the_s3_registry() {
+    let fx = Fixture::new("publish", 4);
+    let registry = fx.registry();
+    let run = |args: &[&str]| {
+        let out = fx
+            .command(args)
+            .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
+            .env_remove("CINFLOW_REGISTRY")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let current = || registry.alias("current").unwrap().unwrap().version;
+
+    // A new bundle into the bucket's registry: the alias follows.
+    let v2 = bundle_as_version(&fx.bundle, &fx.tmp.path().join("v2"), &fx.model, "v2");
+    let v2_arg = v2.to_str().unwrap();
+    let (ok, text) = run(&["publish-model", v2_arg, "--model-name", &fx.model]);
+    assert!(ok && text.contains("published"), "{text}");
+    assert_eq!(current(), "v2");
+    assert_eq!(registry.versions().unwrap(), ["v1", "v2"]);
+    let (ok, text) = run(&["registry", "--name", &fx.model, "list"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("v1: ") && text.contains("v2: "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("v2: ") && l.ends_with("<- current")),
+        "{text}"
+    );
+
+    // Rollback by hand, with the reason kept.
+    let (ok, text) = run(&[
+        "registry",
+        "--name",
+        &fx.model,
+        "promote",
+        "v1",
+        "--reason",
+        "rollback: test",
+    ]);
+    assert!(ok && text.contains("current -> v1 (was v2)"), "{text}");
+    let alias = registry.alias("current").unwrap().unwrap();
+    assert_eq!(
+        (alias.version.as_str(), alias.reason.as_str()),
+        ("v1", "rollback: test")
+    );
+
+    // Seeding again with the same bundle changes nothing, not even the alias.
+    let (ok, text) = run(&["publish-model", v2_arg, "--model-name", &fx.model]);
+    assert!(
+        ok && text.contains("already published") && text.contains("left as it is"),
+        "{text}"
+    );
+    assert_eq!(current(), "v1");
+
+    // Another bundle under an existing version, and a tampered bundle, are refused.
+    let other = bundle_as_version(
+        &common::tiny_bundle(2),
+        &fx.tmp.path().join("v2-other"),
+        &fx.model,
+        "v2",
+    );
+    let (ok, text) = run(&[
+        "publish-model",
+        other.to_str().unwrap(),
+        "--model-name",
+        &fx.model,
+    ]);
+    assert!(
+        !ok && text.contains("already exists") && text.contains("different manifest"),
+        "{text}"
+    );
+    let bad = bundle_as_version(&fx.bundle, &fx.tmp.path().join("v3"), &fx.model, "v3");
+    let mut onnx = std::fs::read(bad.join("backbone.onnx")).unwrap();
+    onnx.push(0);
+    std::fs::write(bad.join("backbone.onnx"), onnx).unwrap();
+    let (ok, text) = run(&[
+        "publish-model",
+        bad.to_str().unwrap(),
+        "--model-name",
+        &fx.model,
+    ]);
+    assert!(!ok && text.contains("sha256"), "{text}");
+    assert_eq!(registry.versions().unwrap(), ["v1", "v2"]);
+    assert_eq!(current(), "v1");
+}

@@ -1,5 +1,7 @@
-//! `cinflow registry`: list versions and aliases of a registry folder, or point
-//! an alias at a version by hand (a rollback, or overriding a decision).
+//! `cinflow registry`: list versions and aliases of a registry (a folder, or the
+//! S3 bucket the workers serve from), or point an alias at a version by hand (a
+//! rollback, or overriding a decision); `cinflow publish-model`: a bundle into
+//! the S3 registry.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,9 +11,12 @@ use crate::storage::LocalStore;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryArgs {
-    /// Registry folder.
+    /// Registry folder; without it, the registry in the S3 bucket (`--s3-bucket`,
+    /// `models/<name>/`), which the workers serve from.
     #[arg(long, env = "CINFLOW_REGISTRY")]
-    pub registry: std::path::PathBuf,
+    pub registry: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub s3: crate::storage::S3Config,
     /// Model name.
     #[arg(long, env = "CINFLOW_MODEL_NAME")]
     pub name: String,
@@ -39,7 +44,11 @@ pub enum RegistryAction {
 }
 
 pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<ExitCode> {
-    let r = Registry::new(Arc::new(LocalStore::new(&a.registry)), &a.name)?;
+    let store: Arc<dyn crate::storage::ObjectStore> = match &a.registry {
+        Some(dir) => Arc::new(LocalStore::new(dir)),
+        None => Arc::new(crate::storage::S3Store::new(&a.s3)?),
+    };
+    let r = Registry::new(store, &a.name)?;
     match &a.action {
         RegistryAction::List { alias } => {
             let current = r.alias(alias)?;

@@ -503,6 +503,25 @@ fn check_worker_pods(objs: &[Value]) {
 }
 
 #[test]
+fn the_chart_passes_helm_lint_strict() {
+    let values = chart().join("ci/gpu-keda-values.yaml");
+    for extra in [vec![], vec!["-f", values.to_str().unwrap()]] {
+        let out = Command::new(helm())
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm lint --strict {extra:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn the_chart_renders_with_defaults() {
     let objs = render(&[]);
     check_worker_pods(&objs);

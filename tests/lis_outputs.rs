@@ -52,17 +52,10 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
     // Jobs as `cinflow enqueue` publishes them (with the LIS ids), taken off
     // the queue to be checked and then handed to the worker unchanged.
     let enqueue = |args: &[&str]| {
-        let out = fx
-            .command(&[&["enqueue"], args].concat())
-            .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::output_ok(
+            fx.command(&[&["enqueue"], args].concat())
+                .env("CINFLOW_S3_BUCKET", &fx.s3.bucket),
+        )
     };
     let printed = enqueue(&[
         &slide[0],
@@ -81,23 +74,15 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
     let ok_job = printed.split('\t').next().unwrap().to_string();
 
     // A training job as the nightly CronJob publishes it.
-    let out = fx
-        .command(&[
-            "enqueue-train",
-            "--labels",
-            &format!("s3://{}/{}/labels.csv", fx.s3.bucket, fx.prefix),
-            "--model",
-            &fx.model,
-            "--set",
-            "max_epochs=3",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::output_ok(&mut fx.command(&[
+        "enqueue-train",
+        "--labels",
+        &format!("s3://{}/{}/labels.csv", fx.s3.bucket, fx.prefix),
+        "--model",
+        &fx.model,
+        "--set",
+        "max_epochs=3",
+    ]));
     let train_jobs = drain(&fx, &fx.amqp.train_queue);
     assert_eq!(train_jobs.len(), 1);
     assert_valid(Some("train.v1.schema.json"), &train_jobs);

@@ -15,18 +15,7 @@ use cinflow::queue::{
 };
 
 fn config() -> AmqpConfig {
-    let p = common::unique_prefix("q");
-    AmqpConfig {
-        url: std::env::var("CINFLOW_AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        jobs_exchange: format!("{p}.jobs"),
-        infer_queue: format!("{p}.infer"),
-        train_queue: format!("{p}.train"),
-        results_exchange: format!("{p}.results"),
-        delivery_limit: 3,
-        heartbeat_s: 30,
-        ca_file: None,
-    }
+    common::amqp_config(&common::unique_prefix("q"))
 }
 
 async fn get(ch: &lapin::Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
@@ -139,21 +128,15 @@ async fn enqueue_command_turns_an_s3_prefix_into_one_job_per_slide() {
     .unwrap();
 
     let cfg = config();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cinflow"))
-        .args(["enqueue", "--prefix"])
-        .arg(format!("s3://{}/{p}/", s3.bucket))
-        .args(["--jobs-exchange", &cfg.jobs_exchange])
-        .args(["--infer-queue", &cfg.infer_queue])
-        .args(["--train-queue", &cfg.train_queue])
-        .args(["--results-exchange", &cfg.results_exchange])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::output_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cinflow"))
+            .args(["enqueue", "--prefix"])
+            .arg(format!("s3://{}/{p}/", s3.bucket))
+            .args(["--jobs-exchange", &cfg.jobs_exchange])
+            .args(["--infer-queue", &cfg.infer_queue])
+            .args(["--train-queue", &cfg.train_queue])
+            .args(["--results-exchange", &cfg.results_exchange]),
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split('\t').collect()).collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert_eq!((lines[0][1], lines[0][2]), ("S-7", "2 image(s)"));

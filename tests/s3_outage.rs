@@ -14,15 +14,10 @@ use cinflow::storage::{ObjectStore, S3Store};
 static OUTAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn garage(action: &str) {
-    let out = Command::new("bash")
-        .arg(common::root().join("scripts/garage.sh"))
-        .arg(action)
-        .output()
-        .expect("run scripts/garage.sh");
-    assert!(
-        out.status.success(),
-        "garage.sh {action}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    common::output_ok(
+        Command::new("bash")
+            .arg(common::root().join("scripts/garage.sh"))
+            .arg(action),
     );
 }
 

@@ -524,18 +524,12 @@ fn models_are_published_listed_and_rolled_back_in_the_s3_registry() {
     let fx = Fixture::new("publish", 4);
     let registry = fx.registry();
     let run = |args: &[&str]| {
-        let out = fx
-            .command(args)
-            .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
-            .env_remove("CINFLOW_REGISTRY")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (code, text) = common::output_all(
+            fx.command(args)
+                .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
+                .env_remove("CINFLOW_REGISTRY"),
         );
-        (out.status.success(), text)
+        (code == Some(0), text)
     };
     let current = || registry.alias("current").unwrap().unwrap().version;
 

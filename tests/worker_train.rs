@@ -33,30 +33,23 @@ fn upload_dir(fx: &Fixture, dir: &Path, root: &Path) {
 }
 
 fn enqueue_train(fx: &Fixture, labels: &str) -> String {
-    let out = fx
-        .command(&[
-            "enqueue-train",
-            "--labels",
-            labels,
-            "--model",
-            &fx.model,
-            "--set",
-            "max_epochs=40",
-            "--set",
-            "early_stopping_start=5",
-            "--set",
-            "patience=5",
-            "--set",
-            "learning_rate=0.01",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    common::output_ok(&mut fx.command(&[
+        "enqueue-train",
+        "--labels",
+        labels,
+        "--model",
+        &fx.model,
+        "--set",
+        "max_epochs=40",
+        "--set",
+        "early_stopping_start=5",
+        "--set",
+        "patience=5",
+        "--set",
+        "learning_rate=0.01",
+    ]))
+    .trim()
+    .to_string()
 }
 
 fn wait_outcome(fx: &Fixture, job: &str, w: &common::worker::Worker) -> serde_json::Value {

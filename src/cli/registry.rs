@@ -115,13 +115,15 @@ pub struct PublishModelArgs {
 /// that leaves an existing alias alone (so a seeding job can be re-run without
 /// undoing a promotion); a different bundle under an existing version is refused.
 pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
-    let bundle = crate::model::Bundle::load(&a.bundle)?;
     let store = Arc::new(crate::storage::S3Store::new(&a.s3)?);
     let r = Registry::new(store, &a.name)?;
-    let version = bundle.manifest.version.clone();
-    match r.publish(&a.bundle) {
-        Ok(v) => println!("published {} {v} to {}", a.name, r.version_uri(&v)),
-        Err(crate::model::RegistryError::Exists { .. }) => {
+    // Registry::publish verifies the bundle (every file's sha256) first.
+    let version = match r.publish(&a.bundle) {
+        Ok(v) => {
+            println!("published {} {v} to {}", a.name, r.version_uri(&v));
+            v
+        }
+        Err(crate::model::RegistryError::Exists { version, .. }) => {
             let theirs = r.get_file(&version, "manifest.json")?;
             let ours = std::fs::read(a.bundle.join("manifest.json"))?;
             anyhow::ensure!(
@@ -138,9 +140,10 @@ pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
                 println!("alias {} left as it is", a.alias);
                 return Ok(ExitCode::SUCCESS);
             }
+            version
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     if a.alias != "none" {
         let rec = r.set_alias(&a.alias, &version, "published by cinflow publish-model")?;
         println!(

@@ -106,12 +106,14 @@ fn default_ort_lib() -> PathBuf {
 /// CUDA is wanted, registers its execution provider (which loads the provider
 /// library and the CUDA libraries and opens the GPU). Returns the provider
 /// sessions will run on.
+/// `what` names the session in errors (the backbone's path).
 fn session_builder(
     cfg: &InferConfig,
+    what: &str,
 ) -> Result<(ort::session::builder::SessionBuilder, &'static str), InferError> {
     let env = environment(cfg)?;
     let serr = |e: ort::Error| InferError::Session {
-        path: "(session options)".into(),
+        path: what.to_string(),
         detail: e.to_string(),
     };
     let cuda_listed = ep::CUDA::is_available().unwrap_or(false);
@@ -178,7 +180,7 @@ pub struct RuntimeReport {
 /// node (or an image) can be checked before it serves: `--device cuda` fails
 /// with the reason when the GPU cannot be used.
 pub fn check_runtime(cfg: &InferConfig) -> Result<RuntimeReport, InferError> {
-    let (_, provider) = session_builder(cfg)?;
+    let (_, provider) = session_builder(cfg, "(no model)")?;
     Ok(RuntimeReport {
         ort_lib: cfg
             .ort_lib
@@ -224,13 +226,7 @@ impl Backbone {
             path: p.clone(),
             detail: e.to_string(),
         };
-        let (mut builder, provider) = session_builder(cfg).map_err(|e| match e {
-            InferError::Session { detail, .. } => InferError::Session {
-                path: p.clone(),
-                detail,
-            },
-            other => other,
-        })?;
+        let (mut builder, provider) = session_builder(cfg, &p)?;
         let session = builder.commit_from_file(path).map_err(serr)?;
         let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
             outlets.iter().map(|o| o.name().to_string()).collect()

@@ -114,8 +114,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("cinflow");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("cinflow"),
             jobs: Family::default(),
             job_seconds: Histogram::new(JOB_BUCKETS),
             queue_wait_seconds: Histogram::new(JOB_BUCKETS),
@@ -130,75 +130,75 @@ impl Metrics {
             broker_connected: Gauge::default(),
             broker_reconnects: Counter::default(),
             ready: Gauge::default(),
-            registry: Registry::default(),
         };
-        registry.register(
+        m.registry.register(
             "jobs",
             "Jobs settled, by outcome (done, rejected, poison, requeued)",
             m.jobs.clone(),
         );
-        registry.register(
+        m.registry.register(
             "job_duration_seconds",
             "Receipt to settlement of a job",
             m.job_seconds.clone(),
         );
-        registry.register(
+        m.registry.register(
             "queue_wait_seconds",
             "Publisher's timestamp to receipt (one-second resolution)",
             m.queue_wait_seconds.clone(),
         );
-        registry.register(
+        m.registry.register(
             "stage_duration_seconds",
             "Per-image stage durations (fetch, decode, preprocess, infer, cam, upload)",
             m.stage_seconds.clone(),
         );
-        registry.register(
+        m.registry.register(
             "jobs_in_flight",
             "Jobs being processed",
             m.in_flight.clone(),
         );
-        registry.register(
+        m.registry.register(
             "retries",
             "Transient failures retried, by step",
             m.retries.clone(),
         );
-        registry.register(
+        m.registry.register(
             "dead_letters",
             "Messages sent to the dead-letter queue, by cause (rejected, poison)",
             m.dead_letters.clone(),
         );
-        registry.register(
+        m.registry.register(
             "images",
             "Images of finished jobs, by outcome (graded, error)",
             m.images.clone(),
         );
-        registry.register(
+        m.registry.register(
             "predictions",
             "Predicted class of graded images",
             m.predictions.clone(),
         );
-        registry.register(
+        m.registry.register(
             "model_info",
             "The model version being served (value 1)",
             m.model_info.clone(),
         );
-        registry.register(
+        m.registry.register(
             "model_switches",
             "Alias changes followed, by outcome (switched, refused)",
             m.model_switches.clone(),
         );
-        registry.register(
+        m.registry.register(
             "broker_connected",
             "1 while the AMQP connection is up",
             m.broker_connected.clone(),
         );
-        registry.register(
+        m.registry.register(
             "broker_reconnects",
             "AMQP sessions lost and re-established",
             m.broker_reconnects.clone(),
         );
-        registry.register("ready", "1 while /readyz answers 200", m.ready.clone());
-        Metrics { registry, ..m }
+        m.registry
+            .register("ready", "1 while /readyz answers 200", m.ready.clone());
+        m
     }
 
     /// The Prometheus text exposition (OpenMetrics).

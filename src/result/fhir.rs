@@ -111,6 +111,29 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         }
         v
     };
+    // Every finding: a preliminary imaging Observation by the model, derived
+    // from the image it was read on.
+    let observation = |id: &str,
+                       code: Value,
+                       method: &str,
+                       value: (&str, Value),
+                       from: Option<&str>| {
+        let mut o = with_context(json!({
+            "resourceType": "Observation",
+            "id": id,
+            "status": "preliminary",
+            "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
+            "code": code,
+            "method": { "text": method },
+            "device": reference("model"),
+        }));
+        o[value.0] = value.1;
+        if let Some(src) = from {
+            o["derivedFrom"] = json!([reference(src)]);
+        }
+        o
+    };
+    const METHOD: &str = "ONNX backbone + linear head (cinflow); computer-assisted, not reviewed";
 
     // Contained resources must be referenced from the report (dom-3): the
     // model and the source images appear only with findings that cite them.
@@ -130,30 +153,18 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
             "content": { "contentType": content_type(&img.uri), "url": img.uri, "title": format!("image {image_no}") },
         })));
-        let observation = |id: &str, code: Value, value: (&str, Value)| {
-            let mut o = with_context(json!({
-                "resourceType": "Observation",
-                "id": id,
-                "status": "preliminary",
-                "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
-                "code": code,
-                "method": { "text": "ONNX backbone + linear head (cinflow); computer-assisted, not reviewed" },
-                "device": reference("model"),
-                "derivedFrom": [reference(&source_id)],
-            }));
-            o[value.0] = value.1;
-            o
-        };
         for class in &model.classes {
             let Some(p) = probs.get(class) else { continue };
             let id = local_id(&["prob", &image_no, class]);
             contained.push(observation(
                 &id,
                 local("observation", &format!("probability-{class}"), &format!("Probability of {class}")),
+                METHOD,
                 (
                     "valueQuantity",
                     json!({ "value": round6(*p), "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1" }),
                 ),
+                Some(&source_id),
             ));
             results.push(reference(&id));
         }
@@ -165,7 +176,9 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
                 "image-grade",
                 &format!("Predicted grade of image {image_no}"),
             ),
+            METHOD,
             ("valueCodeableConcept", local("grade", pred, pred)),
+            Some(&source_id),
         ));
         results.push(reference(&id));
         for h in &img.heatmaps {
@@ -187,20 +200,22 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         }
     }
     if let Some(g) = &r.slide_grade {
-        let mut o = with_context(json!({
-            "resourceType": "Observation",
-            "id": "slide-grade",
-            "status": "preliminary",
-            "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
-            "code": local("observation", "slide-grade", "Slide grade (most severe image)"),
-            "method": { "text": format!("rule: {}", g.rule) },
-            "device": reference("model"),
-            "valueCodeableConcept": local("grade", &g.grade, &g.grade),
-        }));
-        if let Some(n) = r.images.iter().position(|i| i.uri == g.image_uri) {
-            o["derivedFrom"] = json!([reference(&local_id(&["image", &(n + 1).to_string()]))]);
-        }
-        contained.push(o);
+        let from = r
+            .images
+            .iter()
+            .position(|i| i.uri == g.image_uri)
+            .map(|n| local_id(&["image", &(n + 1).to_string()]));
+        contained.push(observation(
+            "slide-grade",
+            local(
+                "observation",
+                "slide-grade",
+                "Slide grade (most severe image)",
+            ),
+            &format!("rule: {}", g.rule),
+            ("valueCodeableConcept", local("grade", &g.grade, &g.grade)),
+            from.as_deref(),
+        ));
         results.insert(0, reference("slide-grade"));
     }
 

@@ -43,8 +43,9 @@ pub struct Incoming {
     pub message_id: Option<String>,
     /// Earlier deliveries of this message (quorum queues count them).
     pub delivery_count: u32,
-    /// When the publisher sent it (AMQP `timestamp`, seconds), if it said.
-    pub published_at: Option<u64>,
+    /// Milliseconds from the publisher's AMQP `timestamp` (one-second
+    /// resolution) to receipt, if the publisher set one.
+    pub queue_wait_ms: Option<f64>,
     pub received: Instant,
 }
 
@@ -262,15 +263,15 @@ async fn process<H: Handler>(
         data: delivery.data.clone(),
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
         delivery_count: delivery_count(props.headers().as_ref()),
-        published_at: *props.timestamp(),
+        queue_wait_ms: props.timestamp().map(|ts| {
+            let now = chrono::Utc::now().timestamp_millis() as f64;
+            (now - ts as f64 * 1e3).max(0.0)
+        }),
         received: Instant::now(),
     };
     let id = msg.message_id.clone().unwrap_or_else(|| "-".into());
-    if let Some(ts) = msg.published_at {
-        let now = chrono::Utc::now().timestamp_millis() as f64 / 1e3;
-        metrics()
-            .queue_wait_seconds
-            .observe((now - ts as f64).max(0.0));
+    if let Some(ms) = msg.queue_wait_ms {
+        metrics().queue_wait_seconds.observe(ms / 1e3);
     }
     let received = msg.received;
     let poison = limit > 0 && msg.delivery_count >= limit;

@@ -184,10 +184,6 @@ impl InferWorker {
 
     async fn grade_job(&self, msg: Incoming, job: JobMessage, broker: Broker) -> Outcome {
         let received = msg.received;
-        let queue_wait_ms = msg.published_at.map(|ts| {
-            let now = chrono::Utc::now().timestamp_millis() as f64;
-            (now - ts as f64 * 1e3).max(0.0)
-        });
         // The model: the served one, or the alias/version the job names.
         let model = match &job.model {
             None => self.serving.current(),
@@ -246,7 +242,7 @@ impl InferWorker {
         record.ids = ids(&job);
         record.attempt = Some(msg.delivery_count + 1);
         record.timings = Some(JobTimings {
-            queue_wait_ms,
+            queue_wait_ms: msg.queue_wait_ms,
             fetch_prepare_ms,
             infer_ms,
             upload_ms,

@@ -29,20 +29,36 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// Runs a Python script of the repository with arguments; panics with its stderr on failure.
-pub fn run_python(script: &str, args: &[&str]) -> String {
-    let out = Command::new(python())
-        .arg(root().join(script))
-        .args(args)
+/// Runs `cmd`; panics with its stderr unless it succeeds; returns its stdout.
+pub fn output_ok(cmd: &mut Command) -> String {
+    let out = cmd
         .output()
-        .expect("start python");
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{script} {args:?} failed: {}\n{}",
+        "{cmd:?} failed: {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Runs `cmd`: its exit code and its stdout followed by its stderr.
+pub fn output_all(cmd: &mut Command) -> (Option<i32>, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Runs a Python script of the repository with arguments; panics with its stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    output_ok(Command::new(python()).arg(root().join(script)).args(args))
 }
 
 fn leak_tempdir() -> &'static Path {
@@ -147,6 +163,21 @@ pub fn s3_config() -> cinflow::storage::S3Config {
     }
 }
 
+/// Broker settings with exchanges and queues of their own, named after `prefix`.
+pub fn amqp_config(prefix: &str) -> cinflow::queue::AmqpConfig {
+    cinflow::queue::AmqpConfig {
+        url: std::env::var("CINFLOW_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        jobs_exchange: format!("{prefix}.jobs"),
+        infer_queue: format!("{prefix}.infer"),
+        train_queue: format!("{prefix}.train"),
+        results_exchange: format!("{prefix}.results"),
+        delivery_limit: 3,
+        heartbeat_s: 30,
+        ca_file: None,
+    }
+}
+
 /// A key prefix no other test run uses.
 pub fn unique_prefix(what: &str) -> String {
     format!(
@@ -174,13 +205,8 @@ pub fn validate_outputs(schema: Option<&str>, docs: &[serde_json::Value]) -> (bo
             .arg(root().join("src/queue/schemas").join(s)),
         None => cmd.arg("fhir"),
     };
-    let out = cmd.arg(&file).output().expect("start python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (code, text) = output_all(cmd.arg(&file));
+    (code == Some(0), text)
 }
 
 /// Panics with the validator's report unless every document is valid.

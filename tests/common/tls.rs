@@ -19,16 +19,7 @@ pub struct TlsProxy {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command line tool");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    super::output_ok(Command::new("openssl").args(args).current_dir(dir));
 }
 
 /// Makes `ca.pem` and a `server.pem`/`server.key` it signed, in `dir`.

@@ -107,15 +107,8 @@ impl Fixture {
     pub fn new(what: &str, classes: u32) -> Fixture {
         let prefix = super::unique_prefix(what);
         let amqp = AmqpConfig {
-            url: std::env::var("CINFLOW_AMQP_URL")
-                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            jobs_exchange: format!("{prefix}.jobs"),
-            infer_queue: format!("{prefix}.infer"),
-            train_queue: format!("{prefix}.train"),
-            results_exchange: format!("{prefix}.results"),
-            delivery_limit: 3,
             heartbeat_s: 10,
-            ca_file: None,
+            ..super::amqp_config(&prefix)
         };
         let s3 = super::s3_config();
         let store = Arc::new(S3Store::new(&s3).unwrap());

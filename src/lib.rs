@@ -13,15 +13,19 @@
 
 pub mod cam;
 pub mod cli;
+pub mod engine;
 pub mod hashing;
 pub mod infer;
+pub mod local;
 pub mod model;
 pub mod observe;
 pub mod pipeline;
 pub mod preprocess;
+pub mod progress;
 pub mod queue;
 pub mod report;
 pub mod result;
+pub mod retry;
 pub mod storage;
 pub mod synth;
 pub mod train;

@@ -7,20 +7,17 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use cinflow::cli::{classify, ClassifyArgs};
 use cinflow::infer::{Device, InferConfig};
+use cinflow::local::{classify, ClassifyOptions};
 use cinflow::model::{Bundle, Head};
 use cinflow::pipeline::Model;
+use cinflow::pipeline::Overlays;
 use cinflow::result::{ImageStatus, ResultRecord};
 
-fn args(model: &Path, out: &Path, inputs: Vec<std::path::PathBuf>) -> ClassifyArgs {
-    ClassifyArgs {
-        model: model.to_path_buf(),
-        out: out.to_path_buf(),
-        batch_size: 3,
-        infer: InferConfig::default(),
-        inputs,
-    }
+fn args(model: &Path, out: &Path, inputs: Vec<std::path::PathBuf>) -> ClassifyOptions {
+    let mut o = common::classify_options(model, out, inputs);
+    o.grader.max_batch = 3;
+    o
 }
 
 fn read_record(out: &Path, key: &str) -> ResultRecord {
@@ -53,13 +50,37 @@ fn grade_and_check(classes: u32) {
         let best = probs.iter().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         assert_eq!(img.predicted_class.as_ref(), Some(best));
         assert_eq!(rec.slide_grade.as_ref().unwrap().grade, *best);
-        // One overlay per class, at the preprocessed size.
+        // With --overlays all: one overlay per class, at the preprocessed size.
         assert_eq!(img.heatmaps.len(), classes as usize);
         for h in &img.heatmaps {
-            let png = image::open(out.join(&h.overlay)).unwrap();
-            assert_eq!((png.width(), png.height()), (800, 600));
+            assert_eq!(h.overlay, format!("{key}/heatmap-{}.jpg", h.class));
+            let jpg = image::open(out.join(&h.overlay)).unwrap();
+            assert_eq!((jpg.width(), jpg.height()), (800, 600));
             assert!(h.scale >= 0.0);
         }
+        // The stored preprocessed image is the one the model saw, up to JPEG
+        // quantisation (quality 90: mean absolute error under 3 grey levels).
+        let pre = img.preprocessed_image.as_ref().unwrap();
+        assert_eq!(pre, &format!("{key}/preprocessed.jpg"));
+        let stored = image::open(out.join(pre)).unwrap().to_rgb8();
+        let model = Model::load(&bundle, &InferConfig::default()).unwrap();
+        let source = img.uri.strip_prefix("file://").unwrap();
+        let seen = model
+            .prepare(&std::fs::read(source).unwrap())
+            .unwrap()
+            .image;
+        assert_eq!(stored.dimensions(), seen.dimensions());
+        let mae = stored
+            .as_raw()
+            .iter()
+            .zip(seen.as_raw())
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+            .sum::<f64>()
+            / seen.as_raw().len() as f64;
+        assert!(
+            mae < 3.0,
+            "preprocessed JPEG differs by {mae} grey levels on average"
+        );
         // The raw map: mean over positions plus the bias is the logit.
         let raw = img.raw_map.as_ref().unwrap();
         let (shape, data) = common::read_npy(&out.join(&raw.uri));
@@ -186,6 +207,63 @@ fn unreadable_images_become_error_entries_not_a_crash() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(out2.join("summary.csv").exists());
+}
+
+/// Bytes stored under a folder (one image's artifacts).
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn batching_changes_no_grade_and_default_artifacts_are_cheap() {
+    let bundle = common::tiny_bundle(4);
+    let tmp = tempfile::tempdir().unwrap();
+    common::synth_images(&tmp.path().join("in"), 6, 1280, 960);
+    let inputs = vec![tmp.path().join("in")];
+    // One image per backbone call.
+    let mut alone = args(&bundle, &tmp.path().join("alone"), inputs.clone());
+    alone.grader.max_batch = 1;
+    let alone = classify(&alone).unwrap();
+    // Up to 6 per call, waiting long enough that they do share calls; default overlays.
+    let out = tmp.path().join("batched");
+    let mut batched = args(&bundle, &out, inputs);
+    batched.grader.max_batch = 6;
+    batched.grader.batch_wait = std::time::Duration::from_millis(500);
+    batched.overlays = Overlays::default();
+    let batched = classify(&batched).unwrap();
+    assert_eq!((alone.graded, batched.graded), (6, 6));
+    let biggest = batched
+        .results
+        .iter()
+        .map(|(_, r)| r.batch.unwrap().images)
+        .max()
+        .unwrap();
+    assert!(biggest > 1, "no backbone call graded more than one image");
+    for ((key, a), (_, b)) in alone.results.iter().zip(&batched.results) {
+        assert_eq!(a.batch.unwrap().images, 1);
+        let (pa, pb) = (
+            a.probabilities.as_ref().unwrap(),
+            b.probabilities.as_ref().unwrap(),
+        );
+        for (c, p) in pa {
+            assert!(
+                (p - pb[c]).abs() <= 1e-6,
+                "{key} {c}: alone {p}, batched {}",
+                pb[c]
+            );
+        }
+        // Default: only the predicted class's overlay is drawn.
+        assert_eq!(b.heatmaps.len(), 1);
+        assert_eq!(Some(&b.heatmaps[0].class), b.predicted_class.as_ref());
+        let bytes = folder_bytes(&out.join(key));
+        assert!(
+            bytes <= 500_000,
+            "{key}: {bytes} bytes stored (target 0.5 MB)"
+        );
+    }
 }
 
 #[test]

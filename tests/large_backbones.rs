@@ -3,8 +3,7 @@
 
 mod common;
 
-use cinflow::cli::{classify, ClassifyArgs};
-use cinflow::infer::InferConfig;
+use cinflow::local::classify;
 use cinflow::model::Bundle;
 
 fn export_and_classify(arch: &str, channels: usize, classes: u32) {
@@ -26,14 +25,7 @@ fn export_and_classify(arch: &str, channels: usize, classes: u32) {
     assert_eq!(b.manifest.features.channels, channels);
     let images = common::synth_images(&tmp.path().join("in"), 1, 2560, 1920);
     let out = tmp.path().join("out");
-    let report = classify(&ClassifyArgs {
-        model: bundle,
-        out: out.clone(),
-        batch_size: 1,
-        infer: InferConfig::default(),
-        inputs: images,
-    })
-    .unwrap();
+    let report = classify(&common::classify_options(&bundle, &out, images)).unwrap();
     assert_eq!((report.graded, report.failed), (1, 0));
     let img = &report.results[0].1;
     assert_eq!(img.original_size, Some([2560, 1920]));

@@ -154,20 +154,20 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
         let slide = usize::from(r.slide_grade.is_some());
         assert_eq!(obs.len(), graded.len() * (classes.len() + 1) + slide);
         assert_eq!(report["result"].as_array().map_or(0, Vec::len), obs.len());
-        // Heatmap links: one per class per graded image, pointing at the overlays.
+        // Links per graded image: its pre-drawn overlays (the predicted
+        // class's) and the preprocessed image they are drawn on.
         let media = report["media"].as_array().map_or(0, Vec::len);
-        assert_eq!(media, graded.len() * classes.len());
+        let drawn: usize = graded.iter().map(|i| i.heatmaps.len()).sum();
+        assert_eq!(drawn, graded.len());
+        assert_eq!(media, drawn + graded.len());
         let urls: Vec<&str> = contained(report, "Media")
             .iter()
             .filter_map(|m| m["content"]["url"].as_str())
             .collect();
         for img in &graded {
-            for h in &img.heatmaps {
-                assert!(
-                    urls.contains(&h.overlay.as_str()),
-                    "{} not linked",
-                    h.overlay
-                );
+            let pre = img.preprocessed_image.as_deref().unwrap();
+            for url in img.heatmaps.iter().map(|h| h.overlay.as_str()).chain([pre]) {
+                assert!(urls.contains(&url), "{url} not linked");
             }
             // The probabilities are the record's, to 1e-6 (rounded to 6 places).
             for (class, p) in img.probabilities.as_ref().unwrap() {

@@ -210,7 +210,7 @@ fn health_readiness_and_metrics_follow_the_worker() {
         || {
             sample(
                 &get(port, "/metrics").unwrap().1,
-                "cinflow_retries_total{step=\"fetch images\"}",
+                "cinflow_retries_total{step=\"fetch\"}",
             ) >= 1.0
         },
         log,

@@ -33,7 +33,7 @@ fn round_trip_list_limit_and_delete() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
     let e = s.get(&format!("{p}/missing.jpg")).unwrap_err();
-    assert!(e.is_not_found() && !e.is_retriable(), "{e}");
+    assert!(e.is_not_found() && !e.is_transient(), "{e}");
     assert!(e.to_string().contains("missing.jpg"), "{e}");
     s.delete(&format!("{p}/b.txt")).unwrap();
     assert!(!s.exists(&format!("{p}/b.txt")).unwrap());
@@ -46,7 +46,7 @@ fn failures_are_classified_transient_or_permanent() {
     let mut cfg = common::s3_config();
     cfg.bucket = "cinflow-no-such-bucket".into();
     let e = S3Store::new(&cfg).unwrap().get("x").unwrap_err();
-    assert!(!e.is_retriable(), "{e:?}");
+    assert!(!e.is_transient(), "{e:?}");
     assert!(
         e.to_string().contains("NoSuchBucket") || e.is_not_found(),
         "{e}"
@@ -62,7 +62,7 @@ fn failures_are_classified_transient_or_permanent() {
     };
     let t = std::time::Instant::now();
     let e = S3Store::new(&cfg).unwrap().get("x").unwrap_err();
-    assert!(e.is_retriable(), "{e:?}");
+    assert!(e.is_transient(), "{e:?}");
     assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
     assert!(t.elapsed() >= std::time::Duration::from_millis(10));
 }

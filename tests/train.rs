@@ -138,13 +138,11 @@ fn train_evaluate_retrain_incrementally_and_promote_only_better_models() {
         .iter()
         .map(|p| PathBuf::from(p["image"].as_str().unwrap()))
         .collect();
-    let served = cinflow::cli::classify(&cinflow::cli::ClassifyArgs {
-        model: v1.bundle.clone(),
-        out: graded,
-        batch_size: 4,
-        infer: Default::default(),
-        inputs: paths.clone(),
-    })
+    let served = cinflow::local::classify(&common::classify_options(
+        &v1.bundle,
+        &graded,
+        paths.clone(),
+    ))
     .unwrap();
     assert_eq!(served.failed, 0);
     for (path, want) in paths.iter().zip(&probs) {

@@ -35,16 +35,11 @@ fn check_against_local(fx: &Fixture, r: &cinflow::result::ResultRecord) {
             p
         })
         .collect();
-    let local = cinflow::cli::classify(&cinflow::cli::ClassifyArgs {
-        model: fx.bundle.clone(),
-        out: dir.join("out"),
-        batch_size: 4,
-        infer: cinflow::infer::InferConfig {
-            device: cinflow::infer::Device::Cpu,
-            ..Default::default()
-        },
+    let local = cinflow::local::classify(&common::classify_options(
+        &fx.bundle,
+        &dir.join("out"),
         inputs,
-    })
+    ))
     .unwrap();
     for (img, (_, want)) in r.images.iter().zip(&local.results) {
         let (got, probs) = (
@@ -64,8 +59,8 @@ fn check_against_local(fx: &Fixture, r: &cinflow::result::ResultRecord) {
 
 fn happy_path(classes: u32) {
     let fx = Fixture::new(&format!("happy{classes}"), classes);
-    // Batches of 2: the 3-image slide is graded in two batches.
-    let w = fx.spawn("infer", &[("CINFLOW_BATCH_SIZE", "2")]);
+    // Backbone calls of at most 2 images: the 3-image slide needs two.
+    let w = fx.spawn("infer", &[("CINFLOW_MAX_BATCH", "2")]);
     let slide = fx.images(3, 640, 480);
     fx.publish(&fx.job("slide-a", &slide));
     fx.publish(&fx.job("single", &slide[1..2]));
@@ -82,16 +77,25 @@ fn happy_path(classes: u32) {
             let p = img.probabilities.as_ref().unwrap();
             let sum: f32 = p.values().sum();
             assert!((sum - 1.0).abs() < 1e-5, "{sum}");
-            assert_eq!(img.heatmaps.len(), classes as usize);
-            for h in &img.heatmaps {
-                let key = h
-                    .overlay
-                    .split_once(&format!("{}/", fx.s3.bucket))
-                    .unwrap()
-                    .1;
-                let png = cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap();
-                assert_eq!(&png[1..4], b"PNG");
+            assert!(img.batch.unwrap().images <= 2);
+            // The predicted class's overlay and the preprocessed image, as JPEGs.
+            assert_eq!(img.heatmaps.len(), 1);
+            assert_eq!(Some(&img.heatmaps[0].class), img.predicted_class.as_ref());
+            let stored = |uri: &str| {
+                let key = uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
+                cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap()
+            };
+            for uri in [
+                &img.heatmaps[0].overlay,
+                img.preprocessed_image.as_ref().unwrap(),
+            ] {
+                let jpg = stored(uri);
+                assert_eq!(&jpg[..3], &[0xFF, 0xD8, 0xFF], "{uri}");
+                let decoded = image::load_from_memory(&jpg).unwrap();
+                assert_eq!((decoded.width(), decoded.height()), (800, 600));
             }
+            let raw = stored(&img.raw_map.as_ref().unwrap().uri);
+            assert_eq!(&raw[..6], b"\x93NUMPY");
         }
         // The slide grade is the most severe image's class (classes are ordered most severe first).
         let worst = r
@@ -108,8 +112,9 @@ fn happy_path(classes: u32) {
             r.model.classes[worst]
         );
         check_against_local(&fx, &r);
-        // Result JSON, FHIR report, one raw map and one overlay per class per image.
-        assert_eq!(fx.result_objects(job).len(), 2 + n * (1 + classes as usize));
+        // Result JSON, FHIR report, and per image the preprocessed image, the
+        // raw maps and the predicted class's overlay.
+        assert_eq!(fx.result_objects(job).len(), 2 + n * 3);
     }
     // The schema file's example, as a minimal publisher sends it: no message_id,
     // no timestamp, no content type.
@@ -320,8 +325,9 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     }
     // Exactly one result set: the deterministic keys, nothing else.
     let objects = fx.result_objects("killed");
-    // result.json, diagnostic-report.json, per image a raw map and 4 overlays.
-    assert_eq!(objects.len(), 2 + 6 * 5, "{objects:#?}");
+    // result.json, diagnostic-report.json, per image the preprocessed image,
+    // the raw maps and one overlay.
+    assert_eq!(objects.len(), 2 + 6 * 3, "{objects:#?}");
     assert!(objects
         .iter()
         .all(|k| k.contains("/killed/") && k.contains("/v1/")));

@@ -13,7 +13,7 @@ mod colormap;
 mod render;
 
 pub use colormap::jet;
-pub use render::{npy_f32, overlay, png_bytes, upsample_bilinear};
+pub use render::{jpeg_bytes, npy_f32, overlay, png_bytes, upsample_bilinear};
 
 use crate::infer::FeatureMap;
 use crate::model::{Head, Task};

@@ -86,6 +86,26 @@ pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
     out
 }
 
+/// Encodes an RGB image as a baseline JPEG with libjpeg-turbo's fastest
+/// settings (no trellis quantisation, no progressive scans): what the result
+/// stores of the preprocessed image and its overlay, a few milliseconds each.
+pub fn jpeg_bytes(image: &RgbImage, quality: u8) -> Vec<u8> {
+    let encode = || -> std::io::Result<Vec<u8>> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_fastest_defaults();
+        c.set_size(image.width() as usize, image.height() as usize);
+        c.set_quality(f32::from(quality.clamp(1, 100)));
+        let capacity = (image.width() * image.height()) as usize / 4;
+        let mut started = c.start_compress(Vec::with_capacity(capacity))?;
+        started.write_scanlines(image.as_raw())?;
+        started.finish()
+    };
+    std::panic::catch_unwind(encode)
+        .ok()
+        .and_then(Result::ok)
+        .expect("encoding an in-memory RGB8 image as JPEG cannot fail")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +131,25 @@ mod tests {
         assert!(std::str::from_utf8(&b[10..10 + hlen])
             .unwrap()
             .contains("(2, 3)"));
+    }
+
+    #[test]
+    fn jpeg_round_trips_within_quantisation_error() {
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+        });
+        let bytes = jpeg_bytes(&img, 95);
+        assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF]);
+        let back = crate::preprocess::decode(&bytes).unwrap();
+        assert_eq!(back.dimensions(), (64, 48));
+        let worst = img
+            .as_raw()
+            .iter()
+            .zip(back.as_raw())
+            .map(|(a, b)| (i16::from(*a) - i16::from(*b)).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 8, "{worst}");
     }
 
     #[test]

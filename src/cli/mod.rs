@@ -4,10 +4,7 @@
 
 mod classify;
 mod deadletters;
-mod demo;
 mod enqueue;
-mod fit_head;
-mod inputs;
 mod registry;
 mod worker;
 
@@ -16,9 +13,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use classify::{classify, ClassifyArgs, ClassifyReport};
-pub use demo::DemoArgs;
-pub use fit_head::FitHeadArgs;
+pub use crate::local::demo::DemoArgs;
+pub use crate::local::fit_head::FitHeadArgs;
+pub use crate::local::ClassifyReport;
+pub use classify::{classify, ClassifyArgs};
 
 /// Grades cervical biopsy images for CIN and explains each grade with Grad-CAM.
 #[derive(Debug, Parser)]
@@ -129,17 +127,7 @@ pub enum SynthFormatArg {
     Png,
 }
 
-/// Parses `WIDTHxHEIGHT`.
-pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
-    let p = |v: &str| v.trim().parse::<u32>().ok().filter(|v| *v > 0);
-    match (p(w), p(h)) {
-        (Some(w), Some(h)) => Ok((w, h)),
-        _ => Err(format!("{s:?} is not WIDTHxHEIGHT with positive integers")),
-    }
-}
+pub use crate::local::inputs::parse_size;
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -267,7 +255,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::FitHead(a) => {
-            fit_head::fit_head(&a)?;
+            crate::local::fit_head::fit_head(&a)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { bundle } => {
@@ -287,7 +275,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo(a) => demo::demo(&a),
+        Command::Demo(a) => crate::local::demo::demo(&a),
     }
 }
 
@@ -318,18 +306,7 @@ pub fn print_train_outcome(o: &crate::train::TrainOutcome) {
     );
 }
 
-/// A progress bar on a terminal; hidden (and free) otherwise.
-pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .expect("static template"),
-    );
-    bar.set_prefix(what.to_string());
-    bar
-}
+pub use crate::progress::progress_bar;
 
 #[cfg(test)]
 mod tests {

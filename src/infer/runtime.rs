@@ -52,7 +52,7 @@ impl Default for InferConfig {
 
 /// Inference failures. `Runtime` and `Session` are set-up problems; `Run` is a
 /// failed inference call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum InferError {
     #[error("cannot load ONNX Runtime from {path}: {detail}. Run scripts/setup.sh, or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime.so (onnxruntime-gpu for CUDA)")]
     Runtime { path: String, detail: String },
@@ -64,6 +64,15 @@ pub enum InferError {
     Interface { path: String, detail: String },
     #[error("inference failed: {0}")]
     Run(String),
+}
+
+impl crate::retry::Transient for InferError {
+    /// Never: a backbone that fails once fails again on the same input, and a
+    /// missing runtime or GPU does not come back by waiting. Retrying a broken
+    /// model would only hold the job for the whole retry budget.
+    fn is_transient(&self) -> bool {
+        false
+    }
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();

@@ -40,6 +40,13 @@ pub enum RegistryError {
     },
 }
 
+impl crate::retry::Transient for RegistryError {
+    /// Only an unavailable store: a missing, corrupt or conflicting version stays so.
+    fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Store(e) if e.is_transient())
+    }
+}
+
 /// Where an alias points.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AliasRecord {

@@ -32,7 +32,19 @@ pub const JOB_BUCKETS: [f64; 14] = [
 ];
 
 /// The per-image stages measured, as the `stage` label names them.
-pub const STAGES: [&str; 6] = ["fetch", "decode", "preprocess", "infer", "cam", "upload"];
+pub const STAGES: [&str; 8] = [
+    "fetch",
+    "decode",
+    "preprocess",
+    "batch_wait",
+    "infer",
+    "cam",
+    "render",
+    "upload",
+];
+
+/// Buckets of the images per backbone call.
+pub const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -82,6 +94,13 @@ pub struct Metrics {
     pub job_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
     pub stage_seconds: HistogramFamily<StageLabel>,
+    /// Images per backbone call (cross-job batching at work when above 1).
+    pub backbone_batch_images: Histogram,
+    /// Images whose artifacts were rendered (once per image: a retried upload
+    /// does not render again).
+    pub renders: Counter,
+    /// Bytes of artifacts uploaded (preprocessed images, raw maps, overlays).
+    pub artifact_bytes: Counter,
     pub in_flight: Gauge,
     /// Transient failures retried, by step (`fetch images`, `inference`, …).
     pub retries: Family<StepLabel, Counter>,
@@ -120,6 +139,9 @@ impl Metrics {
             job_seconds: Histogram::new(JOB_BUCKETS),
             queue_wait_seconds: Histogram::new(JOB_BUCKETS),
             stage_seconds: Family::new_with_constructor(stage_histogram),
+            backbone_batch_images: Histogram::new(BATCH_BUCKETS),
+            renders: Counter::default(),
+            artifact_bytes: Counter::default(),
             in_flight: Gauge::default(),
             retries: Family::default(),
             dead_letters: Family::default(),
@@ -148,8 +170,23 @@ impl Metrics {
         );
         m.registry.register(
             "stage_duration_seconds",
-            "Per-image stage durations (fetch, decode, preprocess, infer, cam, upload)",
+            "Per-image stage durations (fetch, decode, preprocess, batch_wait, infer, cam, render, upload)",
             m.stage_seconds.clone(),
+        );
+        m.registry.register(
+            "backbone_batch_images",
+            "Images per backbone call (from one or more jobs)",
+            m.backbone_batch_images.clone(),
+        );
+        m.registry.register(
+            "renders",
+            "Images whose artifacts were rendered",
+            m.renders.clone(),
+        );
+        m.registry.register(
+            "artifact_bytes",
+            "Bytes of artifacts uploaded (preprocessed images, raw maps, overlays)",
+            m.artifact_bytes.clone(),
         );
         m.registry.register(
             "jobs_in_flight",
@@ -255,8 +292,10 @@ impl Metrics {
                 t.fetch_ms,
                 t.decode_ms,
                 t.preprocess_ms,
+                t.infer_wait_ms,
                 t.infer_ms,
                 t.cam_ms,
+                t.render_ms,
                 t.upload_ms,
             ];
             for (stage, ms) in STAGES.iter().zip(ms) {
@@ -374,6 +413,7 @@ mod tests {
             infer_wait_ms: 0.0,
             infer_ms: 700.0,
             cam_ms: 2.0,
+            render_ms: 9.0,
             upload_ms: 60.0,
         };
         m.image_done(Some(&t), Some("CIN2"));

@@ -1,53 +1,165 @@
-//! The pictures and files that explain one graded image.
+//! What is stored to explain one graded image, and under which names: the one
+//! artifact writer that `cinflow classify` and the inference worker share.
+//!
+//! A viewer needs the preprocessed image and the raw class maps to draw any
+//! class's overlay, so those are stored for every graded image; overlays are
+//! pre-drawn only for the predicted class by default (`--overlays predicted`),
+//! or for every class (`all`), or not at all (`none`):
+//!
+//! | name | what |
+//! | --- | --- |
+//! | `preprocessed.jpg` | the CLAHE'd, resized image the model saw (JPEG, quality 90) |
+//! | `cam.npy` | un-clipped class maps, float32 `[classes, h, w]`, logit units |
+//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image (JPEG, quality 85) |
+//!
+//! The names are relative to the image's own prefix; the caller decides where
+//! that is (a worker job's `images/NNN/`, a classify run's `<key>/`) and how a
+//! name becomes a URI.
 
-use crate::cam::{npy_f32, overlay, png_bytes, upsample_bilinear};
+use bytes::Bytes;
+
+use crate::cam::{jpeg_bytes, npy_f32, overlay, upsample_bilinear};
 use crate::model::Manifest;
+use crate::result::{class_slug, HeatmapRef, ImageResult, RawMapRef};
 
 use super::{Graded, Prepared};
 
-/// One class's heatmap overlay.
+/// JPEG quality of the stored preprocessed image: visually lossless for tissue.
+pub const PREPROCESSED_QUALITY: u8 = 90;
+/// JPEG quality of pre-drawn overlays (a colour map over the image).
+pub const OVERLAY_QUALITY: u8 = 85;
+
+/// Name of the stored preprocessed image.
+pub const PREPROCESSED_NAME: &str = "preprocessed.jpg";
+/// Name of the stored raw class maps.
+pub const RAW_MAP_NAME: &str = "cam.npy";
+
+/// Name of a class's pre-drawn overlay.
+pub fn heatmap_name(class: &str) -> String {
+    format!("heatmap-{}.jpg", class_slug(class))
+}
+
+/// Which class overlays are pre-drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlays {
+    /// None: the preprocessed image and raw maps are enough to draw any later.
+    None,
+    /// Only the predicted class's (the default).
+    #[default]
+    Predicted,
+    /// Every class's.
+    All,
+}
+
+/// One object to store, named relative to its image's prefix.
 #[derive(Debug, Clone)]
-pub struct ClassHeatmap {
-    pub class: String,
-    /// PNG: jet colour map of `ReLU(M_c)` blended over the preprocessed image.
-    pub png: Vec<u8>,
+pub struct Artifact {
+    pub name: String,
+    /// Cheap to clone: a retried upload sends the same buffer.
+    pub bytes: Bytes,
+    pub content_type: &'static str,
+}
+
+/// A pre-drawn class overlay.
+#[derive(Debug, Clone)]
+struct Drawn {
+    class: String,
+    name: String,
     /// The map value (logit units) drawn as full red; 0 when the map has no positive part.
-    pub scale: f32,
+    scale: f32,
 }
 
-/// Everything written beside a result for one image.
+/// Everything stored for one graded image, rendered and encoded.
 #[derive(Debug, Clone)]
-pub struct Artifacts {
-    pub heatmaps: Vec<ClassHeatmap>,
-    /// `.npy` of the un-clipped maps, shape `[classes, h, w]`, float32, logit units.
-    pub raw_npy: Vec<u8>,
-    pub raw_shape: [usize; 3],
+pub struct Rendered {
+    pub artifacts: Vec<Artifact>,
+    drawn: Vec<Drawn>,
+    raw_shape: [usize; 3],
 }
 
-/// Renders the overlays (maps upsampled bilinearly to the preprocessed image) and
-/// the lossless raw map.
-pub fn render_artifacts(prepared: &Prepared, graded: &Graded, manifest: &Manifest) -> Artifacts {
+/// Renders the artifacts of one graded image. Pure CPU work (maps upsampled
+/// bilinearly to the preprocessed size for the overlays).
+pub fn render(
+    prepared: &Prepared,
+    graded: &Graded,
+    manifest: &Manifest,
+    overlays: Overlays,
+) -> Rendered {
     let maps = &graded.maps;
     let (w, h) = prepared.image.dimensions();
-    let heatmaps = manifest
-        .classes
-        .iter()
-        .enumerate()
-        .map(|(c, class)| {
-            let up =
-                upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
-            let scale = up.iter().cloned().fold(0f32, f32::max);
-            ClassHeatmap {
-                class: class.clone(),
-                png: png_bytes(&overlay(&prepared.image, &up, scale)),
-                scale,
-            }
-        })
-        .collect();
+    let classes: Vec<usize> = match overlays {
+        Overlays::None => vec![],
+        Overlays::Predicted => vec![graded.predicted],
+        Overlays::All => (0..manifest.classes.len()).collect(),
+    };
+    let mut artifacts = vec![Artifact {
+        name: PREPROCESSED_NAME.into(),
+        bytes: jpeg_bytes(&prepared.image, PREPROCESSED_QUALITY).into(),
+        content_type: "image/jpeg",
+    }];
     let raw_shape = [maps.classes, maps.height, maps.width];
-    Artifacts {
-        heatmaps,
-        raw_npy: npy_f32(&raw_shape, &maps.data),
+    artifacts.push(Artifact {
+        name: RAW_MAP_NAME.into(),
+        bytes: npy_f32(&raw_shape, &maps.data).into(),
+        content_type: "application/octet-stream",
+    });
+    let mut drawn = Vec::new();
+    for c in classes {
+        let class = &manifest.classes[c];
+        let up = upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
+        let scale = up.iter().cloned().fold(0f32, f32::max);
+        let name = heatmap_name(class);
+        artifacts.push(Artifact {
+            name: name.clone(),
+            bytes: jpeg_bytes(&overlay(&prepared.image, &up, scale), OVERLAY_QUALITY).into(),
+            content_type: "image/jpeg",
+        });
+        drawn.push(Drawn {
+            class: class.clone(),
+            name,
+            scale,
+        });
+    }
+    Rendered {
+        artifacts,
+        drawn,
         raw_shape,
+    }
+}
+
+impl Rendered {
+    /// Bytes stored for the image.
+    pub fn bytes(&self) -> usize {
+        self.artifacts.iter().map(|a| a.bytes.len()).sum()
+    }
+
+    /// The image's result, with `locate` turning an artifact name into the URI
+    /// (or relative path) the record points at.
+    pub fn image_result(
+        &self,
+        uri: String,
+        prepared: &Prepared,
+        graded: &Graded,
+        manifest: &Manifest,
+        locate: impl Fn(&str) -> String,
+    ) -> ImageResult {
+        let heatmaps = self
+            .drawn
+            .iter()
+            .map(|d| HeatmapRef {
+                class: d.class.clone(),
+                overlay: locate(&d.name),
+                scale: d.scale,
+            })
+            .collect();
+        let raw = RawMapRef {
+            uri: locate(RAW_MAP_NAME),
+            shape: self.raw_shape,
+            units: "logit".into(),
+        };
+        let mut r = ImageResult::graded(uri, prepared, graded, manifest, heatmaps, raw);
+        r.preprocessed_image = Some(locate(PREPROCESSED_NAME));
+        r
     }
 }

@@ -1,13 +1,13 @@
 //! The per-image path shared by `cinflow classify` and the queue workers:
 //! bytes -> decode -> CLAHE -> resize -> normalise -> backbone -> GAP + head ->
-//! probabilities -> Grad-CAM maps -> overlay PNGs and the raw map.
+//! probabilities -> Grad-CAM maps -> the stored artifacts ([`artifacts`]).
 //!
 //! Everything here is synchronous and CPU/GPU heavy: async callers run it on
 //! blocking threads.
 
-mod artifacts;
+pub mod artifacts;
 
-pub use artifacts::{render_artifacts, Artifacts, ClassHeatmap};
+pub use artifacts::{render, Artifact, Overlays, Rendered};
 
 use std::path::Path;
 use std::time::Instant;
@@ -42,9 +42,21 @@ pub struct StageTimings {
     /// Backbone time per image (the batch's run divided by its size).
     pub infer_ms: f64,
     pub cam_ms: f64,
-    /// Rendering and uploading the heatmaps (workers only).
+    /// Encoding the preprocessed image, raw maps and overlays.
+    #[serde(default)]
+    pub render_ms: f64,
+    /// Uploading (or writing) them.
     #[serde(default)]
     pub upload_ms: f64,
+}
+
+/// The backbone call that graded an image: images of how many jobs shared it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchInfo {
+    /// Images in the call.
+    pub images: usize,
+    /// Distinct jobs (or runs) those images came from.
+    pub jobs: usize,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -76,6 +88,7 @@ pub struct Graded {
     /// Un-clipped Grad-CAM maps in logit units at feature resolution.
     pub maps: ClassMaps,
     pub timings: StageTimings,
+    pub batch: BatchInfo,
 }
 
 /// A verified bundle with its backbone loaded: what a worker serves.
@@ -108,13 +121,18 @@ impl Model {
         self.backbone.provider()
     }
 
-    /// Runs one inference on a blank image, so that the first real job does not
-    /// pay for ONNX Runtime's lazy initialisation (memory arenas, kernels).
-    pub fn warm_up(&self) -> Result<(), InferError> {
+    /// Runs one inference on blank images per batch size served, so that the
+    /// first real job does not pay for ONNX Runtime's lazy initialisation
+    /// (memory arenas, kernels; on CUDA the convolution algorithm search, which
+    /// is per input shape).
+    pub fn warm_up(&self, batch_sizes: &[usize]) -> Result<(), InferError> {
         let m = self.manifest();
         let (w, h) = (m.input.width, m.input.height);
-        self.backbone_features(vec![0f32; 3 * (w * h) as usize], 1, h, w)
-            .map(|_| ())
+        for &n in batch_sizes {
+            let n = n.max(1);
+            self.backbone_features(vec![0f32; n * 3 * (w * h) as usize], n, h, w)?;
+        }
+        Ok(())
     }
 
     /// Decodes and preprocesses one image's bytes as this model expects.
@@ -202,6 +220,10 @@ impl Model {
                         infer_ms,
                         cam_ms: ms(t),
                         ..p.timings
+                    },
+                    batch: BatchInfo {
+                        images: batch.len(),
+                        jobs: 1,
                     },
                 }
             })

@@ -313,7 +313,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(!err.is_retriable());
+        assert!(!err.is_transient());
     }
 
     #[test]

@@ -100,9 +100,9 @@ pub enum PreprocessError {
     Empty { width: u32, height: u32 },
 }
 
-impl PreprocessError {
+impl crate::retry::Transient for PreprocessError {
     /// Always `false`: a preprocessing failure depends only on the input bytes.
-    pub fn is_retriable(&self) -> bool {
+    fn is_transient(&self) -> bool {
         false
     }
 }

@@ -137,6 +137,17 @@ pub enum QueueError {
     },
 }
 
+impl crate::retry::Transient for QueueError {
+    /// A broker that is down, refused a message or lost the channel may do
+    /// better later; a bad URL or an unroutable message (no topology) will not.
+    fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            QueueError::Config { .. } | QueueError::Unroutable { .. }
+        )
+    }
+}
+
 fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> QueueError {
     let what = what.into();
     move |source| QueueError::Amqp { what, source }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Manifest;
-use crate::pipeline::{Graded, Prepared, StageTimings};
+use crate::pipeline::{BatchInfo, Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
 
 pub mod fhir;
@@ -64,7 +64,8 @@ impl PreprocessInfo {
     }
 }
 
-/// A class heatmap: where its overlay is and what full red means.
+/// A pre-drawn class overlay: where it is and what full red means. Overlays
+/// of other classes are drawn from `preprocessed_image` and `raw_map`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeatmapRef {
     pub class: String,
@@ -102,10 +103,16 @@ pub struct ImageResult {
     pub logits: Option<Vec<f32>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heatmaps: Vec<HeatmapRef>,
+    /// The CLAHE'd, resized image the model saw (JPEG): what overlays are drawn on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessed_image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_map: Option<RawMapRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings: Option<StageTimings>,
+    /// The backbone call that graded the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchInfo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,8 +149,10 @@ impl ImageResult {
             predicted_class: Some(manifest.classes[graded.predicted].clone()),
             logits: Some(graded.logits.clone()),
             heatmaps,
+            preprocessed_image: None,
             raw_map: Some(raw_map),
             timings: Some(graded.timings),
+            batch: Some(graded.batch),
         }
     }
 
@@ -159,8 +168,10 @@ impl ImageResult {
             predicted_class: None,
             logits: None,
             heatmaps: Vec::new(),
+            preprocessed_image: None,
             raw_map: None,
             timings: None,
+            batch: None,
         }
     }
 }

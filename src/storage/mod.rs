@@ -9,7 +9,7 @@ mod local;
 mod s3;
 
 pub use local::LocalStore;
-pub use s3::{classify, S3Config, S3Store};
+pub use s3::{classify, s3_uri, S3Client, S3Config, S3Store};
 
 /// Why an object store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +34,9 @@ pub enum StoreError {
     },
 }
 
-impl StoreError {
+impl crate::retry::Transient for StoreError {
     /// Whether trying again later could succeed (a local folder never recovers by itself).
-    pub fn is_retriable(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             StoreError::Unavailable { .. } => true,
             StoreError::Io { source, .. } => matches!(
@@ -46,7 +46,9 @@ impl StoreError {
             _ => false,
         }
     }
+}
 
+impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }

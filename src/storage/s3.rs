@@ -1,15 +1,20 @@
-//! S3 (and S3-compatible servers such as Garage or MinIO) behind [`ObjectStore`].
+//! S3 (and S3-compatible servers such as Garage or MinIO).
 //!
 //! aws-sdk-s3 with a custom endpoint, path-style addressing and region;
 //! credentials come from the standard AWS chain (environment, profile, web
-//! identity) and are never logged. The SDK's own retries are off: every
-//! operation is retried here with exponential backoff when [`classify`] says the
-//! failure is transient (throttling, 5xx, timeouts, connection errors), so the
-//! policy lives in one place.
+//! identity) and are never logged. The SDK's own retries are off: [`classify`]
+//! says whether a failure is transient (throttling, 5xx, timeouts, connection
+//! errors), and [`crate::retry::RetryPolicy`] retries it, in one place.
 //!
-//! The store owns a small tokio runtime and blocks on it, like every
-//! [`ObjectStore`]: call it from blocking threads (`spawn_blocking`), never from
-//! inside an async task.
+//! Two faces over one client:
+//! - [`S3Client`]: async, one attempt per call, any bucket. The inference
+//!   worker's fetch and put stages use it on the worker's own runtime and retry
+//!   each object by itself.
+//! - [`S3Store`]: one bucket behind the synchronous [`ObjectStore`] trait (the
+//!   model registry, training, one-shot commands), retried per operation with
+//!   `--s3-attempts`. Call it from blocking threads only. Made inside a tokio
+//!   runtime it runs on that runtime; made outside one (a one-shot command, a
+//!   test) it starts a small runtime of its own.
 
 use std::time::Duration;
 
@@ -18,6 +23,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 
 use super::{check_key, ObjectStore, StoreError};
+use crate::retry::{Limit, RetryPolicy};
 
 /// Where the object store is and how hard to try.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,25 +70,6 @@ pub struct S3Config {
     /// private CA); added to the system's trusted roots.
     #[arg(id = "s3_ca_file", long = "s3-ca-file", env = "CINFLOW_S3_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
-}
-
-/// A bucket as an object store.
-pub struct S3Store {
-    client: aws_sdk_s3::Client,
-    bucket: String,
-    endpoint: String,
-    cfg: S3Config,
-    /// Always `Some` until dropped (see `Drop`).
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl std::fmt::Debug for S3Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Store")
-            .field("endpoint", &self.endpoint)
-            .field("bucket", &self.bucket)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What one failed S3 call means: not found, transient (throttling, 5xx,
@@ -161,24 +148,35 @@ fn https_client_trusting(
         .build_https())
 }
 
-impl S3Store {
+/// An S3 endpoint's client: async, one attempt per call.
+#[derive(Clone)]
+pub struct S3Client {
+    client: aws_sdk_s3::Client,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for S3Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Client")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `s3://bucket/key`.
+pub fn s3_uri(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
+impl S3Client {
     /// Connects (lazily: the first request opens the connection).
-    pub fn new(cfg: &S3Config) -> Result<S3Store, StoreError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("cinflow-s3")
-            .enable_all()
-            .build()
-            .map_err(|source| StoreError::Io {
-                uri: "s3 runtime".into(),
-                source,
-            })?;
+    pub async fn connect(cfg: &S3Config) -> Result<S3Client, StoreError> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(cfg.region.clone()));
         if let Some(ca) = &cfg.ca_file {
             loader = loader.http_client(https_client_trusting(ca)?);
         }
-        let shared = rt.block_on(loader.load());
+        let shared = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(cfg.force_path_style)
             .retry_config(aws_config::retry::RetryConfig::disabled())
@@ -191,179 +189,279 @@ impl S3Store {
         if let Some(e) = cfg.endpoint.as_ref().filter(|e| !e.is_empty()) {
             b = b.endpoint_url(e);
         }
-        Ok(S3Store {
+        Ok(S3Client {
             client: aws_sdk_s3::Client::from_conf(b.build()),
-            bucket: cfg.bucket.clone(),
             endpoint: cfg.endpoint.clone().unwrap_or_else(|| "aws".into()),
-            cfg: cfg.clone(),
-            rt: Some(rt),
         })
+    }
+
+    /// Reads a whole object, refusing ones over `limit` bytes (by the declared
+    /// length, and while streaming whatever the header said).
+    pub async fn get(&self, bucket: &str, key: &str, limit: u64) -> Result<Vec<u8>, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(&uri, &e))?;
+        let declared = out.content_length().unwrap_or(0).max(0) as u64;
+        if declared > limit {
+            return Err(StoreError::TooLarge {
+                uri,
+                size: declared,
+                limit,
+            });
+        }
+        let mut body = out.body;
+        let mut bytes = Vec::with_capacity(declared as usize);
+        while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Unavailable {
+            uri: uri.clone(),
+            detail: format!("body: {e}"),
+        })? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > limit {
+                return Err(StoreError::TooLarge {
+                    uri,
+                    size: bytes.len() as u64,
+                    limit,
+                });
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Writes an object (with its sha256 as metadata). `bytes` is cheap to
+    /// clone, so a retried PUT sends the same buffer again.
+    pub async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let sha = crate::hashing::sha256_hex(&bytes);
+        self.client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .metadata("sha256", &sha)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&uri, &e))
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, bucket: &str, key: &str) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => match classify(&uri, &e) {
+                StoreError::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Every key under `prefix`, sorted (all listing pages).
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let uri = s3_uri(bucket, prefix);
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| classify(&uri, &e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Deletes an object (no error when it is absent).
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&uri, &e))
+    }
+}
+
+/// The runtime an [`S3Store`] blocks on.
+enum Runtime {
+    /// The runtime it was made in (its caller runs on that runtime's blocking threads).
+    Shared(tokio::runtime::Handle),
+    /// Its own, when made outside any runtime. Always `Some` until dropped.
+    Own(Option<tokio::runtime::Runtime>),
+}
+
+impl Runtime {
+    fn here() -> Result<Runtime, StoreError> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => Ok(Runtime::Shared(h)),
+            Err(_) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("cinflow-s3")
+                .enable_all()
+                .build()
+                .map(|rt| Runtime::Own(Some(rt)))
+                .map_err(|source| StoreError::Io {
+                    uri: "s3 runtime".into(),
+                    source,
+                }),
+        }
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            Runtime::Shared(h) => h.block_on(f),
+            Runtime::Own(rt) => rt.as_ref().expect("runtime until drop").block_on(f),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    /// The last reference may go away inside an async task (a worker giving up
+    /// at start-up): shut an own runtime down without blocking there.
+    fn drop(&mut self) {
+        if let Runtime::Own(rt) = self {
+            if let Some(rt) = rt.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
+/// A bucket as a synchronous object store.
+pub struct S3Store {
+    client: S3Client,
+    bucket: String,
+    policy: RetryPolicy,
+    rt: Runtime,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("endpoint", &self.client.endpoint)
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Config {
+    /// The per-operation retries of a synchronous [`S3Store`] (`--s3-attempts`,
+    /// `--s3-backoff-ms`).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first: Duration::from_millis(self.backoff_ms),
+            max: Duration::from_secs(10),
+            limit: Limit::Attempts(self.attempts.max(1)),
+        }
+    }
+}
+
+impl S3Store {
+    /// Connects to `cfg.bucket` (lazily: the first request opens the connection).
+    /// Call it from a blocking thread or outside any runtime.
+    pub fn new(cfg: &S3Config) -> Result<S3Store, StoreError> {
+        let rt = Runtime::here()?;
+        let client = rt.block_on(S3Client::connect(cfg))?;
+        Ok(S3Store {
+            client,
+            bucket: cfg.bucket.clone(),
+            policy: cfg.retry_policy(),
+            rt,
+        })
+    }
+
+    /// `bucket` through an existing client, blocking on the current runtime
+    /// (call from inside one; use the store from its blocking threads).
+    pub fn with_client(client: S3Client, bucket: &str, policy: RetryPolicy) -> S3Store {
+        S3Store {
+            client,
+            bucket: bucket.to_string(),
+            policy,
+            rt: Runtime::Shared(tokio::runtime::Handle::current()),
+        }
     }
 
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
 
-    /// Runs `op` until it succeeds, fails permanently, or runs out of attempts.
-    fn retry<T, F, Fut>(&self, key: &str, what: &str, op: F) -> Result<T, StoreError>
+    fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, StoreError>
     where
-        F: Fn() -> Fut,
+        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let mut delay = Duration::from_millis(self.cfg.backoff_ms);
-        let mut attempt = 1;
-        loop {
-            match self.rt.as_ref().expect("runtime until drop").block_on(op()) {
-                Err(e) if e.is_retriable() && attempt < self.cfg.attempts.max(1) => {
-                    tracing::warn!(key, attempt, error = %e, "S3 {what} failed; retrying in {delay:?}");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
-impl Drop for S3Store {
-    /// The last reference may go away inside an async task (a worker giving up
-    /// at start-up): shut the store's runtime down without blocking there.
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        self.rt.block_on(self.policy.run(what, op))
     }
 }
 
 impl ObjectStore for S3Store {
     fn get_limited(&self, key: &str, limit: u64) -> Result<Vec<u8>, StoreError> {
-        check_key(key)?;
-        let uri = self.uri(key);
-        self.retry(key, "get", || async {
-            let out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| classify(&uri, &e))?;
-            let declared = out.content_length().unwrap_or(0).max(0) as u64;
-            if declared > limit {
-                return Err(StoreError::TooLarge {
-                    uri: uri.clone(),
-                    size: declared,
-                    limit,
-                });
-            }
-            // Stream the body and stop at the cap, whatever the header said.
-            let mut body = out.body;
-            let mut bytes = Vec::with_capacity(declared as usize);
-            while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Unavailable {
-                uri: uri.clone(),
-                detail: format!("body: {e}"),
-            })? {
-                bytes.extend_from_slice(&chunk);
-                if bytes.len() as u64 > limit {
-                    return Err(StoreError::TooLarge {
-                        uri: uri.clone(),
-                        size: bytes.len() as u64,
-                        limit,
-                    });
-                }
-            }
-            Ok(bytes)
-        })
+        self.retry("s3 get", || self.client.get(&self.bucket, key, limit))
     }
 
     fn put(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), StoreError> {
-        check_key(key)?;
-        let uri = self.uri(key);
-        let sha = crate::hashing::sha256_hex(bytes);
-        self.retry(key, "put", || async {
+        let bytes = bytes::Bytes::copy_from_slice(bytes);
+        self.retry("s3 put", || {
             self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .content_type(content_type)
-                .metadata("sha256", &sha)
-                .body(ByteStream::from(bytes.to_vec()))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(&uri, &e))
+                .put(&self.bucket, key, bytes.clone(), content_type)
         })
     }
 
     fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        check_key(key)?;
-        let uri = self.uri(key);
-        self.retry(key, "head", || async {
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(e) => match classify(&uri, &e) {
-                    StoreError::NotFound { .. } => Ok(false),
-                    other => Err(other),
-                },
-            }
-        })
+        self.retry("s3 head", || self.client.exists(&self.bucket, key))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let uri = self.uri(prefix);
-        self.retry(prefix, "list", || async {
-            let mut keys = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let out = self
-                    .client
-                    .list_objects_v2()
-                    .bucket(&self.bucket)
-                    .prefix(prefix)
-                    .set_continuation_token(token.clone())
-                    .send()
-                    .await
-                    .map_err(|e| classify(&uri, &e))?;
-                keys.extend(
-                    out.contents()
-                        .iter()
-                        .filter_map(|o| o.key().map(str::to_string)),
-                );
-                match out.next_continuation_token() {
-                    Some(t) if out.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
-            keys.sort();
-            Ok(keys)
-        })
+        self.retry("s3 list", || self.client.list(&self.bucket, prefix))
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
-        check_key(key)?;
-        let uri = self.uri(key);
-        self.retry(key, "delete", || async {
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(&uri, &e))
-        })
+        self.retry("s3 delete", || self.client.delete(&self.bucket, key))
     }
 
     fn uri(&self, key: &str) -> String {
-        format!("s3://{}/{key}", self.bucket)
+        s3_uri(&self.bucket, key)
     }
 }
 

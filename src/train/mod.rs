@@ -134,12 +134,12 @@ pub enum TrainError {
     },
 }
 
-impl TrainError {
+impl crate::retry::Transient for TrainError {
     /// Whether the same job could succeed later (only object-store hiccups).
-    pub fn is_retriable(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
-            TrainError::Features(FeatureError::Store(e)) => e.is_retriable(),
-            TrainError::Registry(crate::model::RegistryError::Store(e)) => e.is_retriable(),
+            TrainError::Features(FeatureError::Store(e)) => e.is_transient(),
+            TrainError::Registry(r) => r.is_transient(),
             _ => false,
         }
     }

@@ -154,7 +154,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         Some((store, prefix)) => FeatureCache::new(store.clone(), prefix),
         None => FeatureCache::new(Arc::new(LocalStore::new(&cache_dir)), ""),
     };
-    let bar = crate::cli::progress_bar(rows.len() as u64, "features");
+    let bar = crate::progress::progress_bar(rows.len() as u64, "features");
     let t = Instant::now();
     let (features, stats) = extract(&model, &rows, &labels_name, &cache, Some(&bar))?;
     bar.finish_and_clear();
@@ -195,7 +195,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
             .collect(),
         val_labels: of(Split::Validation).map(|i| i.class).collect(),
     };
-    let bar = crate::cli::progress_bar(o.hyper.max_epochs as u64, "epochs");
+    let bar = crate::progress::progress_bar(o.hyper.max_epochs as u64, "epochs");
     let t = Instant::now();
     let trained = train_head(&data, &o.hyper, Some(&bar))?;
     bar.finish_and_clear();

@@ -1,7 +1,8 @@
 //! The consumer loop both workers share: connect, declare the topology, consume
 //! with manual acks and a prefetch, run each delivery's job in its own task,
 //! settle it (ack, dead-letter with a reason, or return it to the queue), and
-//! reconnect with backoff when the broker goes away. SIGTERM/SIGINT stop
+//! reconnect with backoff when the broker goes away. How each outcome is
+//! settled is [`super::settle`]'s decision. SIGTERM/SIGINT stop
 //! consuming and give in-flight jobs a drain limit; what is unfinished then goes
 //! back to the queue unacked when the connection closes.
 
@@ -11,30 +12,15 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::settle::{settle, Outcome};
 use crate::observe::{health, metrics, InFlight};
-use crate::queue::{confirm_channel, connect, declare_topology, publish_json, AmqpConfig};
-
-pub use crate::queue::deadletters::REASON_HEADER;
-
-/// How a job ended; it decides how the message is settled.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Everything written and announced: ack.
-    Done,
-    /// Can never succeed (bad message or bad input): the error result is written;
-    /// the message goes to the dead-letter queue with the reason, then is acked.
-    Rejected { reason: String },
-    /// Transient trouble outlasted the retry budget: back to the queue.
-    Retry { reason: String },
-}
+use crate::queue::{confirm_channel, connect, declare_topology, AmqpConfig};
 
 /// One received message, as a job handler sees it.
 #[derive(Debug, Clone)]
@@ -303,85 +289,6 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
-}
-
-/// `route`: the queue consumed and its dead-letter queue; `poison`: the
-/// message came past the delivery limit. Returns how it was settled (the
-/// `outcome` label of `cinflow_jobs_total`).
-async fn settle(
-    delivery: &Delivery,
-    outcome: Outcome,
-    broker: &Broker,
-    route: &(String, String),
-    id: &str,
-    poison: bool,
-) -> &'static str {
-    let (acked, settled) = match outcome {
-        Outcome::Done => (delivery.acker.ack(BasicAckOptions::default()).await, "done"),
-        Outcome::Rejected { reason } => {
-            tracing::warn!(message_id = id, reason = %reason, "job rejected: dead-lettered");
-            match dead_letter(delivery, broker, route, &reason).await {
-                Ok(()) => {
-                    let cause = if poison { "poison" } else { "rejected" };
-                    metrics().dead_lettered(cause);
-                    (delivery.acker.ack(BasicAckOptions::default()).await, cause)
-                }
-                Err(e) => {
-                    tracing::error!(message_id = id, error = %e, "cannot dead-letter; returning the job to the queue");
-                    (delivery.acker.nack(requeue()).await, "requeued")
-                }
-            }
-        }
-        Outcome::Retry { reason } => {
-            tracing::warn!(message_id = id, reason = %reason, "job returned to the queue");
-            (delivery.acker.nack(requeue()).await, "requeued")
-        }
-    };
-    if let Err(e) = acked {
-        // The channel is gone: the broker has already put the message back.
-        tracing::warn!(message_id = id, error = %e, "could not settle the job; the broker redelivers it");
-    }
-    settled
-}
-
-fn requeue() -> BasicNackOptions {
-    BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    }
-}
-
-/// Republishes the message to the dead-letter queue with the reason (and the
-/// original headers), waiting for the broker's confirm.
-async fn dead_letter(
-    delivery: &Delivery,
-    broker: &Broker,
-    (queue, dlq): &(String, String),
-    reason: &str,
-) -> Result<(), crate::queue::QueueError> {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-    headers.insert(ShortString::from(REASON_HEADER), text(reason));
-    headers.insert(ShortString::from("x-cinflow-queue"), text(queue));
-    headers.insert(
-        ShortString::from("x-cinflow-dead-lettered-at"),
-        text(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-    );
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    publish_json(
-        &broker.channel,
-        &broker.cfg.dead_letter_exchange(),
-        dlq,
-        &id,
-        &delivery.data,
-        Some(headers),
-    )
-    .await
 }
 
 #[cfg(test)]

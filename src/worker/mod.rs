@@ -1,28 +1,47 @@
 //! Queue workers: `cinflow worker infer` grades slides from `cinflow.infer`,
 //! `cinflow worker train` retrains the head from `cinflow.train`. Both share the
-//! consumer loop in [`consume`] (manual acks, dead-lettering with a reason,
-//! reconnects, graceful shutdown); CPU-heavy work runs on blocking threads so
-//! the AMQP heartbeats keep flowing.
+//! consumer loop in [`consume`] (manual acks, reconnects, graceful shutdown)
+//! and [`settle`] (ack, requeue, dead-letter with a reason).
+//!
+//! The inference worker is a staged pipeline, one file per stage:
+//! [`fetch`] (async S3 GETs) -> [`prepare`] (decode, CLAHE, resize on rayon)
+//! -> [`grade`] (one inference thread per model version, batching across
+//! jobs) -> [`render`] (artifacts on rayon) -> [`put`] (async S3 PUTs) ->
+//! [`settle`]; [`job`] reads a job top to bottom through them. Whether a
+//! failure is retried is a property of its error type ([`error`],
+//! [`crate::retry`]), and each object is retried by itself.
 
 pub mod consume;
-pub mod infer;
+pub mod error;
+pub mod fetch;
+pub mod grade;
+pub mod job;
+pub mod keys;
+pub mod prepare;
+pub mod put;
+pub mod render;
 pub mod serving;
+pub mod settle;
 pub mod stores;
 #[cfg(feature = "train")]
 pub mod train;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::model::Registry;
+use crate::pipeline::Overlays;
 use crate::queue::AmqpConfig;
+use crate::retry::{Limit, RetryPolicy};
 use crate::storage::S3Config;
 
-pub use consume::{Outcome, REASON_HEADER};
+pub use error::JobError;
+pub use settle::{Outcome, REASON_HEADER};
 
 /// How a worker runs jobs.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,14 +66,6 @@ pub struct WorkerConfig {
     /// Key prefix of results in the worker's bucket.
     #[arg(long, env = "CINFLOW_RESULTS_PREFIX", default_value = "results")]
     pub results_prefix: String,
-    /// Images of a job fetched, graded and uploaded together (bounds memory per job).
-    #[arg(
-        id = "worker_batch_size",
-        long = "batch-size",
-        env = "CINFLOW_BATCH_SIZE",
-        default_value_t = 8
-    )]
-    pub batch_size: usize,
     /// Largest image object accepted, in bytes.
     #[arg(long, env = "CINFLOW_MAX_IMAGE_BYTES", default_value_t = 512 << 20)]
     pub max_image_bytes: u64,
@@ -65,6 +76,56 @@ pub struct WorkerConfig {
     /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
     #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: String,
+}
+
+impl WorkerConfig {
+    /// How long a step retries transient failures (`--retry-for-s`, backoff flags).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first: Duration::from_millis(self.retry_backoff_ms.max(1)),
+            max: Duration::from_millis(self.retry_backoff_max_ms.max(self.retry_backoff_ms)),
+            limit: Limit::For(Duration::from_secs(self.retry_for_s)),
+        }
+    }
+}
+
+/// How the inference worker's stages share the machine.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Most images per backbone call, from one job or several.
+    #[arg(long, env = "CINFLOW_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Longest an image waits for others to fill its backbone call, in milliseconds.
+    #[arg(long, env = "CINFLOW_BATCH_WAIT_MS", default_value_t = 5)]
+    pub batch_wait_ms: u64,
+    /// S3 GETs at once, over all jobs.
+    #[arg(long, env = "CINFLOW_FETCH_CONCURRENCY", default_value_t = 16)]
+    pub fetch_concurrency: usize,
+    /// Images between fetch and upload at once, over all jobs: bounds memory
+    /// (each holds its bytes, decoded pixels and tensor). 0: twice the batch
+    /// plus the cores.
+    #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
+    pub images_in_flight: usize,
+    /// Class overlays drawn as JPEGs beside the preprocessed image and raw maps:
+    /// the predicted class's, every class's, or none.
+    #[arg(long, env = "CINFLOW_OVERLAYS", value_enum, default_value_t = Overlays::Predicted)]
+    pub overlays: Overlays,
+}
+
+impl EngineArgs {
+    pub fn grader(&self) -> GraderConfig {
+        GraderConfig {
+            max_batch: self.max_batch.max(1),
+            batch_wait: Duration::from_millis(self.batch_wait_ms),
+        }
+    }
+
+    pub fn images_in_flight(&self) -> usize {
+        match self.images_in_flight {
+            0 => 2 * self.max_batch.max(1) + rayon::current_num_threads(),
+            n => n,
+        }
+    }
 }
 
 /// Starts the metrics and health server unless `--metrics-addr off`.
@@ -116,22 +177,9 @@ pub struct InferWorkerArgs {
     #[command(flatten)]
     pub infer: InferConfig,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub worker: WorkerConfig,
-}
-
-/// A failed step of a job: worth retrying, or never going to work.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Step {
-    Transient(String),
-    Permanent(String),
-}
-
-impl Step {
-    pub fn text(&self) -> String {
-        match self {
-            Step::Transient(t) | Step::Permanent(t) => t.clone(),
-        }
-    }
 }
 
 /// Runs `f` on a blocking thread (a panic there is re-raised here).
@@ -139,38 +187,6 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     match tokio::task::spawn_blocking(f).await {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-/// Runs `f` on blocking threads until it succeeds, fails permanently, or has
-/// failed transiently for longer than the retry budget.
-pub async fn retrying<T, F>(cfg: &WorkerConfig, what: &str, f: F) -> Result<T, Step>
-where
-    T: Send + 'static,
-    F: Fn() -> Result<T, Step> + Send + Sync + 'static,
-{
-    let f = Arc::new(f);
-    let started = Instant::now();
-    let budget = Duration::from_secs(cfg.retry_for_s);
-    let mut delay = Duration::from_millis(cfg.retry_backoff_ms.max(1));
-    let max = Duration::from_millis(cfg.retry_backoff_max_ms.max(cfg.retry_backoff_ms));
-    loop {
-        let g = f.clone();
-        match blocking(move || g()).await {
-            Err(Step::Transient(e)) if started.elapsed() + delay < budget => {
-                crate::observe::metrics().retried(what);
-                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(max);
-            }
-            Err(Step::Transient(e)) => {
-                return Err(Step::Transient(format!(
-                    "{what}: still failing after {:.0} s: {e}",
-                    started.elapsed().as_secs_f64()
-                )))
-            }
-            other => return other,
-        }
     }
 }
 
@@ -229,56 +245,37 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
     // Up before the model loads: live at once, ready only once it is served.
     serve_http(&args.worker).await?;
-    let stores = Arc::new(stores::Stores::new(args.s3.clone()));
-    // The model first: nothing is consumed before it is loaded. An unreachable
-    // S3 is waited for (up to --retry-for-s); a missing alias or a bad bundle is
-    // an error at once.
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(args.worker.retry_backoff_ms.max(1));
-    let serving = loop {
-        let (stores, src, infer) = (stores.clone(), args.model.clone(), args.infer.clone());
-        let start = move || -> Result<serving::Serving, serving::ServingError> {
-            let home = stores.home().map_err(crate::model::RegistryError::from)?;
-            let registry = Registry::new(home, &src.name)?;
-            serving::Serving::start(registry, &src.alias, src.cache.clone(), infer)
-        };
-        match blocking(start).await {
-            Ok(s) => break s,
-            Err(e)
-                if e.is_retriable()
-                    && started.elapsed() < Duration::from_secs(args.worker.retry_for_s)
-                    && !*shutdown.borrow() =>
-            {
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot load the model yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(args.worker.retry_backoff_max_ms));
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "cannot load model {} ({}) from the registry in s3://{}",
-                    args.model.name, args.model.alias, args.s3.bucket
-                )))
-            }
-        }
-    };
-    let serving = Arc::new(serving);
+    let stores = Arc::new(stores::Stores::connect(args.s3.clone()).await?);
+    let serving = Arc::new(load_served_model(&args, &stores, &shutdown).await?);
     {
-        let model = serving.current();
-        let m = model.manifest();
-        tracing::info!(model = %m.name, version = %m.version, provider = model.provider(), "model loaded");
-        crate::observe::metrics().serving(m, model.provider());
-        // Serving::start ran one warm-up inference.
+        let g = serving.current();
+        let (m, provider) = (g.model().manifest(), g.model().provider());
+        tracing::info!(model = %m.name, version = %m.version, provider, max_batch = args.engine.max_batch, "model loaded");
+        crate::observe::metrics().serving(m, provider);
+        // Serving::start warmed the model up.
         crate::observe::health().set_model_loaded(true);
     }
-    let follow = tokio::spawn(infer::follow_alias(
+    let follow = tokio::spawn(job::follow_alias(
         serving.clone(),
         Duration::from_secs(args.model.poll_s.max(1)),
     ));
-    let handler = Arc::new(infer::InferWorker {
-        stores,
+    let retry = args.worker.retry_policy();
+    let handler = Arc::new(job::InferWorker {
         serving,
-        cfg: args.worker.clone(),
+        fetcher: fetch::Fetcher {
+            stores: stores.clone(),
+            slots: tokio::sync::Semaphore::new(args.engine.fetch_concurrency.max(1)),
+            retry,
+            limit: args.worker.max_image_bytes,
+        },
+        putter: put::Putter { stores, retry },
+        images: tokio::sync::Semaphore::new(args.engine.images_in_flight()),
+        overlays: args.engine.overlays,
+        retry,
+        results_prefix: args.worker.results_prefix.clone(),
+        fhir: crate::result::fhir::Systems::new(&args.worker.fhir_system),
         worker_name: name.clone(),
+        next_tag: Default::default(),
     });
     let opts = consume_options(
         &args.amqp,
@@ -292,4 +289,45 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     follow.abort();
     tracing::info!("stopped");
     r
+}
+
+/// The model first: nothing is consumed before it is loaded and warm. An
+/// unreachable S3 is waited for (up to --retry-for-s); a missing alias or a
+/// bad bundle is an error at once.
+async fn load_served_model(
+    args: &InferWorkerArgs,
+    stores: &Arc<stores::Stores>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<serving::Serving> {
+    let load = || {
+        let (stores, src, infer, grader) = (
+            stores.clone(),
+            args.model.clone(),
+            args.infer.clone(),
+            args.engine.grader(),
+        );
+        async move {
+            if *shutdown.borrow() {
+                return Err(serving::ServingError::Unknown {
+                    name: src.name,
+                    want: "(shutting down)".into(),
+                });
+            }
+            blocking(move || {
+                let registry = Registry::new(stores.home(), &src.name)?;
+                serving::Serving::start(registry, &src.alias, src.cache.clone(), infer, grader)
+            })
+            .await
+        }
+    };
+    args.worker
+        .retry_policy()
+        .run("load model", load)
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "cannot load model {} ({}) from the registry in s3://{}",
+                args.model.name, args.model.alias, args.s3.bucket
+            ))
+        })
 }

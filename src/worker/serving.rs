@@ -1,15 +1,24 @@
 //! The model an inference worker serves: the registry alias's version, switched
 //! to a newly promoted version between jobs. A new version is downloaded and
-//! verified (every file's sha256 against its manifest) and its session started
+//! verified (every file's sha256 against its manifest), its session started and
+//! warmed up at the batch sizes it will serve, and its inference thread started
 //! before it replaces the old one; if any of that fails the old model stays.
+//!
+//! Each loaded version is a [`Grader`]: a job holds the one it started with
+//! until it ends, so its images are all graded by one version, and the old
+//! version's session is dropped when its last job finishes. GPU memory is thus
+//! bounded by two versions (the served one and the one being warmed up) plus
+//! the versions jobs asked for by name (at most [`MAX_OTHER_MODELS`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::engine::{Grader, GraderConfig};
 use crate::infer::InferConfig;
 use crate::model::{Registry, RegistryError};
 use crate::pipeline::{Model, ModelError};
+use crate::retry::Transient;
 
 /// Why a model could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +36,10 @@ pub enum ServingError {
     },
 }
 
-impl ServingError {
+impl crate::retry::Transient for ServingError {
     /// Whether the registry's store was only unavailable.
-    pub fn is_retriable(&self) -> bool {
-        matches!(self, ServingError::Registry(RegistryError::Store(e)) if e.is_retriable())
+    fn is_transient(&self) -> bool {
+        matches!(self, ServingError::Registry(e) if e.is_transient())
     }
 }
 
@@ -42,14 +51,16 @@ pub struct Serving {
     alias: String,
     cache: PathBuf,
     infer: InferConfig,
-    current: RwLock<Arc<Model>>,
+    grader: GraderConfig,
+    current: RwLock<Arc<Grader>>,
     /// A version that failed to load, so it is not retried on every poll.
     failed: Mutex<Option<String>>,
     /// Versions that jobs asked for by name (`model` field), kept loaded.
-    others: Mutex<HashMap<String, Arc<Model>>>,
+    others: Mutex<HashMap<String, Arc<Grader>>>,
 }
 
-const MAX_OTHER_MODELS: usize = 2;
+/// Versions named by jobs kept loaded besides the served one.
+pub const MAX_OTHER_MODELS: usize = 2;
 
 impl Serving {
     /// Loads the version `alias` points at.
@@ -58,6 +69,7 @@ impl Serving {
         alias: &str,
         cache: PathBuf,
         infer: InferConfig,
+        grader: GraderConfig,
     ) -> Result<Serving, ServingError> {
         let version = registry
             .alias(alias)?
@@ -66,12 +78,13 @@ impl Serving {
                 want: alias.to_string(),
             })?
             .version;
-        let model = load(&registry, &cache, &infer, &version)?;
+        let model = load(&registry, &cache, &infer, grader, &version)?;
         Ok(Serving {
             registry,
             alias: alias.to_string(),
             cache,
             infer,
+            grader,
             current: RwLock::new(Arc::new(model)),
             failed: Mutex::new(None),
             others: Mutex::new(HashMap::new()),
@@ -79,7 +92,7 @@ impl Serving {
     }
 
     /// The model new jobs use.
-    pub fn current(&self) -> Arc<Model> {
+    pub fn current(&self) -> Arc<Grader> {
         self.current.read().expect("model lock").clone()
     }
 
@@ -94,13 +107,19 @@ impl Serving {
             return Ok(None);
         };
         let version = target.version;
-        if self.current().manifest().version == version {
+        if self.current().model().manifest().version == version {
             return Ok(None);
         }
         if self.failed.lock().expect("lock").as_deref() == Some(version.as_str()) {
             return Ok(None);
         }
-        match load(&self.registry, &self.cache, &self.infer, &version) {
+        match load(
+            &self.registry,
+            &self.cache,
+            &self.infer,
+            self.grader,
+            &version,
+        ) {
             Ok(model) => {
                 let old = std::mem::replace(
                     &mut *self.current.write().expect("model lock"),
@@ -108,24 +127,24 @@ impl Serving {
                 );
                 tracing::info!(
                     model = %self.registry.name(),
-                    from = %old.manifest().version,
+                    from = %old.model().manifest().version,
                     to = %version,
                     "switched to the newly promoted model"
                 );
                 let m = crate::observe::metrics();
                 let cur = self.current();
-                m.serving(cur.manifest(), cur.provider());
+                m.serving(cur.model().manifest(), cur.model().provider());
                 m.model_switch("switched");
                 self.prune_cache();
                 Ok(Some(version))
             }
-            Err(e) if e.is_retriable() => Err(e),
+            Err(e) if e.is_transient() => Err(e),
             Err(e) => {
                 *self.failed.lock().expect("lock") = Some(version.clone());
                 crate::observe::metrics().model_switch("refused");
                 tracing::error!(
                     error = %e,
-                    serving = %self.current().manifest().version,
+                    serving = %self.current().model().manifest().version,
                     "the promoted model cannot be loaded; keeping the current one"
                 );
                 Err(e)
@@ -134,9 +153,9 @@ impl Serving {
     }
 
     /// The model a job names: an alias or a version of the served model name.
-    pub fn get(&self, want: &str) -> Result<Arc<Model>, ServingError> {
+    pub fn get(&self, want: &str) -> Result<Arc<Grader>, ServingError> {
         let current = self.current();
-        if want == self.alias || want == current.manifest().version {
+        if want == self.alias || want == current.model().manifest().version {
             return Ok(current);
         }
         let version = match self.registry.alias(want) {
@@ -146,7 +165,7 @@ impl Serving {
             Err(RegistryError::BadName { .. }) => want.to_string(),
             Err(e) => return Err(e.into()),
         };
-        if version == current.manifest().version {
+        if version == current.model().manifest().version {
             return Ok(current);
         }
         if let Some(m) = self.others.lock().expect("lock").get(&version) {
@@ -158,7 +177,13 @@ impl Serving {
                 want: want.to_string(),
             });
         }
-        let model = Arc::new(load(&self.registry, &self.cache, &self.infer, &version)?);
+        let model = Arc::new(load(
+            &self.registry,
+            &self.cache,
+            &self.infer,
+            self.grader,
+            &version,
+        )?);
         let mut others = self.others.lock().expect("lock");
         if others.len() >= MAX_OTHER_MODELS {
             others.clear();
@@ -173,7 +198,7 @@ impl Serving {
     /// not grow with every promotion. Jobs still running on an old version keep
     /// their loaded session; only its files go.
     fn prune_cache(&self) {
-        let keep: Vec<String> = std::iter::once(self.current().manifest().version.clone())
+        let keep: Vec<String> = std::iter::once(self.current().model().manifest().version.clone())
             .chain(self.others.lock().expect("lock").keys().cloned())
             .collect();
         let dir = self.cache.join(self.registry.name());
@@ -195,8 +220,9 @@ fn load(
     registry: &Registry,
     cache: &std::path::Path,
     infer: &InferConfig,
+    grader: GraderConfig,
     version: &str,
-) -> Result<Model, ServingError> {
+) -> Result<Grader, ServingError> {
     let dir = cache.join(registry.name()).join(version);
     registry.fetch(version, &dir)?;
     let err = |source: ModelError| ServingError::Load {
@@ -205,7 +231,13 @@ fn load(
         source: Box::new(source),
     };
     let model = Model::load(&dir, infer).map_err(err)?;
-    // A model that cannot run one inference is not served.
-    model.warm_up().map_err(|e| err(e.into()))?;
-    Ok(model)
+    // A model that cannot run one inference is not served. On a GPU every batch
+    // size is its own shape (cuDNN picks algorithms per shape): warm them all.
+    let sizes: Vec<usize> = if model.provider() == "CPUExecutionProvider" {
+        vec![1]
+    } else {
+        (1..=grader.max_batch.max(1)).collect()
+    };
+    model.warm_up(&sizes).map_err(|e| err(e.into()))?;
+    Ok(Grader::start(Arc::new(model), grader))
 }

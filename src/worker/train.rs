@@ -12,14 +12,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::consume::{Broker, Handler, Incoming, Outcome};
+use super::consume::{Broker, Handler, Incoming};
+use super::error::JobError;
+use super::settle::Outcome;
 use super::stores::{split_s3_uri, Stores};
-use super::{blocking, Step, WorkerConfig};
+use super::{blocking, WorkerConfig};
 use crate::infer::InferConfig;
 use crate::model::{Decision, PromotionPolicy, Registry};
 use crate::queue::messages::TrainMessage;
 use crate::queue::AmqpConfig;
-use crate::storage::{join_key, ObjectStore, S3Config};
+use crate::retry::Transient;
+use crate::storage::{join_key, S3Config};
 use crate::train::{parse_labels, HyperParams, TrainOptions};
 
 /// Schema tag of a training outcome.
@@ -106,14 +109,6 @@ pub struct TrainWorker {
     pub worker_name: String,
 }
 
-fn step(e: impl std::fmt::Display, retriable: bool) -> Step {
-    if retriable {
-        Step::Transient(e.to_string())
-    } else {
-        Step::Permanent(e.to_string())
-    }
-}
-
 impl TrainWorker {
     fn result(&self, job_id: &str, model: &str, msg: &Incoming) -> TrainResult {
         TrainResult {
@@ -136,19 +131,18 @@ impl TrainWorker {
         }
     }
 
-    async fn record(&self, r: &TrainResult, broker: &Broker) -> Result<(), String> {
+    async fn record(&self, r: &TrainResult, broker: &Broker) -> Result<(), JobError> {
         let json = serde_json::to_vec_pretty(r).expect("train result serialises");
         let key = self.outcome_key(&r.job_id);
-        let stores = self.stores.clone();
-        let body = json.clone();
-        super::retrying(&self.args.worker, "write training outcome", move || {
-            stores
-                .home()
-                .and_then(|h| h.put(&key, &body, "application/json"))
-                .map_err(|e| step(&e, true))
-        })
-        .await
-        .map_err(|e| e.text())?;
+        let body = bytes::Bytes::from(json.clone());
+        self.args
+            .worker
+            .retry_policy()
+            .run("write training outcome", || {
+                self.stores.put(&key, body.clone(), "application/json")
+            })
+            .await
+            .map_err(|e| JobError::from(e).during("write training outcome"))?;
         let status = match r.status {
             crate::result::ImageStatus::Ok => "ok",
             crate::result::ImageStatus::Error => "error",
@@ -156,7 +150,7 @@ impl TrainWorker {
         broker
             .publish_event(&format!("train.{status}"), &r.job_id, &json)
             .await
-            .map_err(|e| format!("training event: {e}"))
+            .map_err(|e| JobError::from(e).during("training event"))
     }
 
     async fn refuse(&self, mut r: TrainResult, reason: String, broker: &Broker) -> Outcome {
@@ -175,23 +169,26 @@ impl TrainWorker {
 
     /// The successful outcome a previous delivery of `job_id` wrote, if any (it
     /// crashed or lost the broker between writing it and the ack).
-    async fn already_trained(&self, job_id: &str) -> Result<Option<Vec<u8>>, Step> {
-        let (stores, key) = (self.stores.clone(), self.outcome_key(job_id));
-        super::retrying(&self.args.worker, "read an earlier outcome", move || {
-            let home = stores.home().map_err(|e| step(&e, e.is_retriable()))?;
-            match home.get(&key) {
-                Ok(b) => Ok(Some(b)),
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) => Err(step(&e, e.is_retriable())),
-            }
-        })
-        .await
-        .map(|found| {
-            found.filter(|b| {
-                serde_json::from_slice::<TrainResult>(b)
-                    .is_ok_and(|r| r.status == crate::result::ImageStatus::Ok)
+    async fn already_trained(&self, job_id: &str) -> Result<Option<Vec<u8>>, JobError> {
+        let key = self.outcome_key(job_id);
+        self.args
+            .worker
+            .retry_policy()
+            .run("read an earlier outcome", || async {
+                match self.stores.get(&key).await {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e),
+                }
             })
-        })
+            .await
+            .map_err(|e| JobError::from(e).during("read an earlier outcome"))
+            .map(|found| {
+                found.filter(|b| {
+                    serde_json::from_slice::<TrainResult>(b)
+                        .is_ok_and(|r| r.status == crate::result::ImageStatus::Ok)
+                })
+            })
     }
 
     async fn run_job(&self, msg: Incoming, job: TrainMessage, broker: Broker) -> Outcome {
@@ -204,13 +201,11 @@ impl TrainWorker {
                 );
                 return match broker.publish_event("train.ok", &job.job_id, &json).await {
                     Ok(()) => Outcome::Done,
-                    Err(e) => Outcome::Retry {
-                        reason: format!("training event: {e}"),
-                    },
+                    Err(e) => Outcome::of_failure(&JobError::from(e).during("training event")),
                 };
             }
             Ok(None) => {}
-            Err(e) => return Outcome::Retry { reason: e.text() },
+            Err(e) => return self.fail(&msg, &job, &e, &broker).await,
         }
         let mut r = self.result(&job.job_id, &job.model, &msg);
         let (stores, args, j) = (self.stores.clone(), self.args.clone(), job.clone());
@@ -235,11 +230,30 @@ impl TrainWorker {
                         );
                         Outcome::Done
                     }
-                    Err(e) => Outcome::Retry { reason: e },
+                    Err(e) => Outcome::of_failure(&e),
                 }
             }
-            Err(Step::Permanent(e)) => self.refuse(r, e, &broker).await,
-            Err(Step::Transient(e)) => Outcome::Retry { reason: e },
+            Err(e) if e.is_transient() => Outcome::Retry {
+                reason: e.to_string(),
+            },
+            Err(e) => self.refuse(r, e.to_string(), &broker).await,
+        }
+    }
+
+    /// A failure before training started: requeued when transient, else refused.
+    async fn fail(
+        &self,
+        msg: &Incoming,
+        job: &TrainMessage,
+        e: &JobError,
+        broker: &Broker,
+    ) -> Outcome {
+        match Outcome::of_failure(e) {
+            Outcome::Rejected { reason } => {
+                let r = self.result(&job.job_id, &job.model, msg);
+                self.refuse(r, reason, broker).await
+            }
+            other => other,
         }
     }
 }
@@ -256,20 +270,19 @@ fn train_from_s3(
     stores: &Stores,
     a: &TrainWorkerArgs,
     job: &TrainMessage,
-) -> Result<Trained, Step> {
-    let home = stores.home().map_err(|e| step(&e, e.is_retriable()))?;
-    let registry = Registry::new(home.clone(), &job.model).map_err(|e| step(&e, false))?;
-    let scratch = tempfile::tempdir().map_err(|e| step(format!("scratch folder: {e}"), true))?;
+) -> Result<Trained, JobError> {
+    let home = stores.home();
+    let registry = Registry::new(home.clone(), &job.model)?;
+    let scratch = tempfile::tempdir()?;
 
     // The backbone: the base version's bundle (by default the alias's).
     let base = match &job.base_version {
         Some(v) => v.clone(),
         None => {
             registry
-                .alias(&a.alias)
-                .map_err(|e| registry_step(&e))?
+                .alias(&a.alias)?
                 .ok_or_else(|| {
-                    Step::Permanent(format!(
+                    JobError::Invalid(format!(
                         "model {} has no {:?} alias to train from; name a base_version",
                         job.model, a.alias
                     ))
@@ -278,18 +291,17 @@ fn train_from_s3(
         }
     };
     let base_dir = scratch.path().join("base");
-    registry
-        .fetch(&base, &base_dir)
-        .map_err(|e| registry_step(&e))?;
+    registry.fetch(&base, &base_dir)?;
 
     // The labels manifest and its images.
     let labels_bytes = stores
-        .get_uri(&job.labels, 64 << 20)
-        .map_err(|e| step(format!("labels {}: {e}", job.labels), e.is_retriable()))?;
+        .get_uri_blocking(&job.labels, 64 << 20)
+        .map_err(|e| JobError::from(e).during(format!("labels {}", job.labels)))?;
     let labels_path = scratch.path().join("labels.csv");
-    std::fs::write(&labels_path, &labels_bytes).map_err(|e| step(e, true))?;
-    let (labels_bucket, labels_key) =
-        split_s3_uri(&job.labels).ok_or_else(|| Step::Permanent("labels URI".into()))?;
+    std::fs::write(&labels_path, &labels_bytes)?;
+    let (labels_bucket, labels_key) = split_s3_uri(&job.labels).ok_or_else(|| {
+        JobError::Invalid(format!("labels {:?} is not s3://bucket/key", job.labels))
+    })?;
     let labels_dir = labels_key.rsplit_once('/').map_or("", |(d, _)| d);
     let images_dir = scratch.path().join("images");
     let wanted = std::sync::Mutex::new(Vec::<(String, PathBuf)>::new());
@@ -310,12 +322,12 @@ fn train_from_s3(
         wanted.lock().expect("lock").push((uri, local.clone()));
         Ok(local)
     })
-    .map_err(|e| step(e, false))?;
+    .map_err(|e| JobError::Invalid(e.to_string()))?;
     let wanted = wanted.into_inner().expect("lock");
     stage_images(stores, &wanted, a.worker.max_image_bytes)?;
 
     // Hyper-parameters: the worker's, with the job's overrides by name.
-    let hyper = override_hyper(&a.hyper, &job.hyper_parameters).map_err(Step::Permanent)?;
+    let hyper = override_hyper(&a.hyper, &job.hyper_parameters).map_err(JobError::Invalid)?;
     let mut promotion = a.promotion;
     if let Some(m) = job.promotion_margin {
         promotion.promotion_margin = m;
@@ -342,7 +354,7 @@ fn train_from_s3(
         labels_uri: Some(job.labels.clone()),
         labels_rows: Some(rows),
     };
-    let outcome = crate::train::train(&o).map_err(|e| step(&e, e.is_retriable()))?;
+    let outcome = crate::train::train(&o)?;
     let version_uri = registry.version_uri(&outcome.version);
     Ok(Trained {
         report_uri: format!("{version_uri}/report/report.html"),
@@ -351,27 +363,18 @@ fn train_from_s3(
     })
 }
 
-fn registry_step(e: &crate::model::RegistryError) -> Step {
-    match e {
-        crate::model::RegistryError::Store(s) => step(e, s.is_retriable()),
-        _ => step(e, false),
-    }
-}
-
 /// Downloads the images (in parallel) to their staging paths.
-fn stage_images(stores: &Stores, wanted: &[(String, PathBuf)], limit: u64) -> Result<(), Step> {
+fn stage_images(stores: &Stores, wanted: &[(String, PathBuf)], limit: u64) -> Result<(), JobError> {
     use rayon::prelude::*;
     wanted.par_iter().try_for_each(|(uri, local)| {
         if local.exists() {
             return Ok(());
         }
-        let bytes = stores
-            .get_uri(uri, limit)
-            .map_err(|e| step(&e, e.is_retriable()))?;
+        let bytes = stores.get_uri_blocking(uri, limit)?;
         if let Some(dir) = local.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| step(e, true))?;
+            std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(local, bytes).map_err(|e| step(e, true))
+        Ok(std::fs::write(local, bytes)?)
     })
 }
 
@@ -470,7 +473,7 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
     // Nothing to load before consuming: a job brings its own base model.
     crate::observe::health().set_model_loaded(true);
     let handler = Arc::new(TrainWorker {
-        stores: Arc::new(Stores::new(args.s3.clone())),
+        stores: Arc::new(Stores::connect(args.s3.clone()).await?),
         args: args.clone(),
         worker_name: name.clone(),
     });

@@ -145,6 +145,30 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
+/// Local-mode options for grading `inputs` with `model` into `out` on the CPU
+/// (batches of up to 4, every class's overlay drawn).
+pub fn classify_options(
+    model: &Path,
+    out: &Path,
+    inputs: Vec<PathBuf>,
+) -> cinflow::local::ClassifyOptions {
+    cinflow::local::ClassifyOptions {
+        model: model.to_path_buf(),
+        out: out.to_path_buf(),
+        infer: cinflow::infer::InferConfig {
+            device: cinflow::infer::Device::Cpu,
+            ..Default::default()
+        },
+        grader: cinflow::engine::GraderConfig {
+            max_batch: 4,
+            batch_wait: std::time::Duration::from_millis(2),
+        },
+        overlays: cinflow::pipeline::Overlays::All,
+        in_flight: 0,
+        inputs,
+    }
+}
+
 /// The Garage server's S3 settings from the environment that
 /// `scripts/garage.sh start` prints (`make test` exports them).
 pub fn s3_config() -> cinflow::storage::S3Config {

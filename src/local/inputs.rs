@@ -72,6 +72,18 @@ pub fn file_uri(path: &Path) -> String {
     format!("file://{}", abs.display())
 }
 
+/// Parses `WIDTHxHEIGHT`.
+pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    let p = |v: &str| v.trim().parse::<u32>().ok().filter(|v| *v > 0);
+    match (p(w), p(h)) {
+        (Some(w), Some(h)) => Ok((w, h)),
+        _ => Err(format!("{s:?} is not WIDTHxHEIGHT with positive integers")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::{classify, ClassifyArgs};
+use super::{classify, ClassifyOptions};
+use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::model::Bundle;
+use crate::pipeline::Overlays;
 use crate::train::{read_labels, LabelRow};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -27,7 +29,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 240)]
     pub n: usize,
     /// Synthetic image size (the scanner size of the research data).
-    #[arg(long, default_value = "2560x1920", value_parser = super::parse_size)]
+    #[arg(long, default_value = "2560x1920", value_parser = super::inputs::parse_size)]
     pub size: (u32, u32),
     /// Seed of the synthetic data and the tiny backbone (`--seed` seeds training).
     #[arg(long, default_value_t = 7)]
@@ -51,7 +53,7 @@ pub struct DemoArgs {
     pub infer: InferConfig,
 }
 
-pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
+pub fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let data = a.out.join("data");
     let labels = data.join("labels.csv");
     // Reuse earlier synthetic data only if it is what these options would make.
@@ -65,7 +67,7 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
             a.n,
             data.display()
         );
-        let bar = super::progress_bar(a.n as u64, "synth");
+        let bar = crate::progress::progress_bar(a.n as u64, "synth");
         crate::synth::generate(
             &crate::synth::SynthOptions {
                 out: data.clone(),
@@ -95,11 +97,13 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         patients(&held_out)
     );
     let results = a.out.join("results");
-    let report = classify(&ClassifyArgs {
+    let report = classify(&ClassifyOptions {
         model: model_dir.clone(),
         out: results.clone(),
-        batch_size: 4,
         infer: a.infer.clone(),
+        grader: GraderConfig::default(),
+        overlays: Overlays::Predicted,
+        in_flight: 0,
         inputs: held_out.iter().map(|r| r.path.clone()).collect(),
     })?;
     let truth: BTreeMap<String, String> = held_out
@@ -123,7 +127,7 @@ pub(super) fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         100.0 * accuracy
     );
     println!(
-        "  results:         {} (one JSON, heatmaps and a .cam.npy per image; summary.csv)",
+        "  results:         {} (per image a JSON and a folder with the preprocessed image, raw maps and the predicted class's heatmap; summary.csv)",
         results.display()
     );
     if let Some(report) = fitted.report {

@@ -61,7 +61,7 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
         })?;
         labels.push(idx);
     }
-    let bar = super::progress_bar(rows.len() as u64, "features");
+    let bar = crate::progress::progress_bar(rows.len() as u64, "features");
     let mut pooled = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(args.batch_size.max(1)) {
         let prepared = chunk

@@ -1,0 +1,345 @@
+//! `cinflow worker infer`: one `cinflow.job/v1` message, top to bottom.
+//!
+//! 1. Parse and validate the message (a bad one is refused: error result and
+//!    dead-letter).
+//! 2. Pin the model version: the served one, or the alias/version the job
+//!    names. Every image of the job is graded by it.
+//! 3. Per image, concurrently (at most `--images-in-flight` over all jobs):
+//!    [`fetch`](super::fetch) -> [`prepare`](super::prepare) ->
+//!    [`grade`](super::grade) (batched across jobs) ->
+//!    [`render`](super::render) -> [`put`](super::put). An image that can
+//!    never be graded (missing, corrupt, too large) becomes an error entry; a
+//!    transient failure that outlasts its object's retries fails the job.
+//! 4. The FHIR report, then the result record, then the `cinflow.result/v1`
+//!    event (publisher confirms).
+//! 5. The outcome goes to [`settle`](super::settle): ack only now, so any
+//!    earlier crash means redelivery, never loss; a redelivered job rewrites
+//!    the same objects.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use super::consume::{Broker, Handler, Incoming};
+use super::error::JobError;
+use super::fetch::Fetcher;
+use super::keys::Keys;
+use super::put::Putter;
+use super::serving::Serving;
+use super::settle::Outcome;
+use crate::engine::Grader;
+use crate::pipeline::Overlays;
+use crate::queue::messages::{check_id, JobMessage};
+use crate::result::fhir::{diagnostic_report, Systems};
+use crate::result::{ImageResult, ImageStatus, JobIds, JobTimings, ResultRecord};
+use crate::retry::{RetryPolicy, Transient};
+
+/// The inference handler and its stages.
+#[derive(Debug)]
+pub struct InferWorker {
+    pub serving: Arc<Serving>,
+    pub fetcher: Fetcher,
+    pub putter: Putter,
+    /// Images between fetch and put at once, over all jobs (bounds memory).
+    pub images: Semaphore,
+    pub overlays: Overlays,
+    /// Retries of steps outside the stages (loading a model a job names).
+    pub retry: RetryPolicy,
+    pub results_prefix: String,
+    pub fhir: Systems,
+    pub worker_name: String,
+    /// Tags jobs for the grader's count of jobs per backbone call.
+    pub next_tag: AtomicU64,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl InferWorker {
+    async fn grade_job(&self, msg: Incoming, job: JobMessage, broker: Broker) -> Outcome {
+        let received = msg.received;
+        let grader = match self.pin_model(&job).await {
+            Ok(g) => g,
+            Err(e) => return self.fail(&msg, Some(&job), &e, &broker).await,
+        };
+        let m = grader.model().manifest().clone();
+        let keys = Keys::new(&self.results_prefix, &job.job_id, &m);
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+
+        let images = futures_util::future::try_join_all(
+            job.images
+                .iter()
+                .enumerate()
+                .map(|(i, uri)| self.image(&grader, &keys, tag, i, uri.clone())),
+        )
+        .await;
+        let images = match images {
+            Ok(images) => images,
+            Err(e) => return self.fail(&msg, Some(&job), &e, &broker).await,
+        };
+        for i in &images {
+            crate::observe::metrics().image_done(i.timings.as_ref(), i.predicted_class.as_deref());
+        }
+        let timings = job_timings(&images, msg.queue_wait_ms, received);
+        let mut record = ResultRecord::new(
+            Some(job.job_id.clone()),
+            Some(job.slide_id.clone()),
+            &m,
+            grader.model().provider(),
+            images,
+        );
+        record.ids = ids(&job);
+        record.attempt = Some(msg.delivery_count + 1);
+        record.timings = Some(timings);
+        let error = record.error.clone();
+        if let Err(e) = self.write_and_announce(record, &keys, &broker).await {
+            return Outcome::of_failure(&e);
+        }
+        match error {
+            None => {
+                tracing::info!(model = %m.version, images = job.images.len(), ms = ms(received), "job graded");
+                Outcome::Done
+            }
+            Some(reason) => Outcome::Rejected { reason },
+        }
+    }
+
+    /// The model version that grades every image of the job.
+    async fn pin_model(&self, job: &JobMessage) -> Result<Arc<Grader>, JobError> {
+        let Some(want) = &job.model else {
+            return Ok(self.serving.current());
+        };
+        self.retry
+            .run("load model", || {
+                let (serving, want) = (self.serving.clone(), want.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || serving.get(&want))
+                        .await
+                        .expect("model loading panicked")
+                        .map_err(JobError::from)
+                }
+            })
+            .await
+    }
+
+    /// fetch -> prepare -> grade -> render -> put of the job's image `i`.
+    async fn image(
+        &self,
+        grader: &Arc<Grader>,
+        keys: &Keys,
+        tag: u64,
+        i: usize,
+        uri: String,
+    ) -> Result<ImageResult, JobError> {
+        let _slot = self.images.acquire().await.expect("never closed");
+        let model = grader.model();
+        let fetched = match self.fetcher.fetch(&uri).await {
+            Ok(f) => f,
+            Err(e) if e.is_transient() => return Err(JobError::from(e).during("fetch")),
+            Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
+        };
+        let prepared = match super::prepare::prepare(model, fetched.bytes, fetched.ms).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
+        };
+        let mut graded = match super::grade::grade(grader, prepared.clone(), tag).await {
+            Ok(g) => g,
+            Err(e) => {
+                let sha = Some(prepared.sha256.clone());
+                return Ok(ImageResult::failed(uri, sha, e.to_string()));
+            }
+        };
+        let (rendered, render_ms) =
+            super::render::render(model, &prepared, &graded, self.overlays).await;
+        graded.timings.render_ms = render_ms;
+        let t = Instant::now();
+        self.putter
+            .put_image(keys, i, &rendered)
+            .await
+            .map_err(|e| JobError::from(e).during("upload"))?;
+        graded.timings.upload_ms = ms(t);
+        let stores = &self.putter.stores;
+        Ok(
+            rendered.image_result(uri, &prepared, &graded, model.manifest(), |name| {
+                stores.uri(&keys.artifact(i, name))
+            }),
+        )
+    }
+
+    /// Writes `record` and its FHIR DiagnosticReport (the record last, as the
+    /// LIS reads it first) and announces it.
+    async fn write_and_announce(
+        &self,
+        mut record: ResultRecord,
+        keys: &Keys,
+        broker: &Broker,
+    ) -> Result<(), JobError> {
+        let stores = &self.putter.stores;
+        record.result_uri = Some(stores.uri(&keys.result()));
+        record.fhir_report_uri = Some(stores.uri(&keys.fhir()));
+        record.worker = Some(self.worker_name.clone());
+        let json = serde_json::to_vec_pretty(&record).expect("result serialises");
+        let report = diagnostic_report(&record, &self.fhir);
+        let report = serde_json::to_vec_pretty(&report).expect("report serialises");
+        self.putter
+            .put_result(keys, report.into(), json.clone().into())
+            .await
+            .map_err(|e| JobError::from(e).during("write result"))?;
+        let status = match record.status {
+            ImageStatus::Ok => "ok",
+            ImageStatus::Error => "error",
+        };
+        let id = format!(
+            "{}:{}",
+            record.job_id.as_deref().unwrap_or("-"),
+            record.model.version
+        );
+        broker
+            .publish_event(&format!("result.{status}"), &id, &json)
+            .await
+            .map_err(|e| JobError::from(e).during("result event"))
+    }
+
+    /// A failure left after the stages' retries: a transient one returns the
+    /// job to the queue; a permanent one writes the job's error result and
+    /// refuses it.
+    async fn fail(
+        &self,
+        msg: &Incoming,
+        job: Option<&JobMessage>,
+        e: &JobError,
+        broker: &Broker,
+    ) -> Outcome {
+        match Outcome::of_failure(e) {
+            Outcome::Rejected { reason } => self.refuse(msg, job, reason, broker).await,
+            other => other,
+        }
+    }
+
+    /// Writes the error result of a job refused as a whole and dead-letters it.
+    async fn refuse(
+        &self,
+        msg: &Incoming,
+        job: Option<&JobMessage>,
+        reason: String,
+        broker: &Broker,
+    ) -> Outcome {
+        let grader = self.serving.current();
+        let model = grader.model();
+        let m = model.manifest();
+        let job_id = job
+            .map(|j| j.job_id.clone())
+            .unwrap_or_else(|| fallback_job_id(msg));
+        let mut record = ResultRecord::rejected(
+            job_id.clone(),
+            m,
+            model.provider(),
+            job.map(|j| j.images.clone()).unwrap_or_default(),
+            &reason,
+        );
+        if let Some(j) = job {
+            record.slide_id = Some(j.slide_id.clone());
+            record.ids = ids(j);
+        }
+        record.attempt = Some(msg.delivery_count + 1);
+        let keys = Keys::new(&self.results_prefix, &job_id, m);
+        match self.write_and_announce(record, &keys, broker).await {
+            Ok(()) => Outcome::Rejected { reason },
+            Err(e) => Outcome::Retry {
+                reason: format!("cannot record the rejection ({reason}): {e}"),
+            },
+        }
+    }
+}
+
+/// A usable job id for a message that could not be parsed.
+fn fallback_job_id(msg: &Incoming) -> String {
+    match &msg.message_id {
+        Some(id) if check_id("message_id", id).is_ok() => id.clone(),
+        _ => format!(
+            "unidentified-{}",
+            &crate::hashing::sha256_hex(&msg.data)[..32]
+        ),
+    }
+}
+
+fn ids(job: &JobMessage) -> JobIds {
+    JobIds {
+        accession_id: job.accession_id.clone(),
+        patient_id: job.patient_id.clone(),
+        specimen_id: job.specimen_id.clone(),
+    }
+}
+
+/// The job's critical path per stage group: its images run concurrently, so
+/// each figure is the slowest image's.
+fn job_timings(
+    images: &[ImageResult],
+    queue_wait_ms: Option<f64>,
+    received: Instant,
+) -> JobTimings {
+    let worst = |f: &dyn Fn(&crate::pipeline::StageTimings) -> f64| {
+        images
+            .iter()
+            .filter_map(|i| i.timings.as_ref())
+            .map(f)
+            .fold(0.0, f64::max)
+    };
+    JobTimings {
+        queue_wait_ms,
+        fetch_prepare_ms: worst(&|t| t.fetch_ms + t.decode_ms + t.preprocess_ms),
+        infer_ms: worst(&|t| t.infer_wait_ms + t.infer_ms + t.cam_ms),
+        upload_ms: worst(&|t| t.render_ms + t.upload_ms),
+        total_ms: ms(received),
+    }
+}
+
+impl Handler for InferWorker {
+    async fn handle(self: Arc<Self>, msg: Incoming, broker: Broker) -> Outcome {
+        let job = match JobMessage::parse(&msg.data) {
+            Ok(j) => j,
+            Err(e) => {
+                let id = fallback_job_id(&msg);
+                let span = tracing::info_span!("job", job_id = %id);
+                return self
+                    .refuse(&msg, None, e.to_string(), &broker)
+                    .instrument(span)
+                    .await;
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job.job_id, slide_id = %job.slide_id);
+        self.grade_job(msg, job, broker).instrument(span).await
+    }
+
+    async fn poison(self: Arc<Self>, msg: Incoming, reason: String, broker: Broker) -> Outcome {
+        let job = JobMessage::parse(&msg.data).ok();
+        let id = job
+            .as_ref()
+            .map(|j| j.job_id.clone())
+            .unwrap_or_else(|| fallback_job_id(&msg));
+        let span = tracing::info_span!("job", job_id = %id);
+        self.refuse(&msg, job.as_ref(), reason, &broker)
+            .instrument(span)
+            .await
+    }
+}
+
+/// Polls the registry alias and switches models between jobs.
+pub async fn follow_alias(serving: Arc<Serving>, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let s = serving.clone();
+        match tokio::task::spawn_blocking(move || s.refresh()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.is_transient() => {
+                tracing::warn!(error = %e, "cannot check the model alias; will try again")
+            }
+            Ok(Err(_)) => {} // logged once by refresh
+            Err(e) => tracing::error!(error = %e, "model refresh panicked"),
+        }
+    }
+}

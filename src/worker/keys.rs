@@ -1,0 +1,36 @@
+//! Where a job's results live: deterministic keys from the job id and the
+//! model version, so a redelivered job rewrites the same objects.
+//!
+//! `results/<job_id>/<model>/<version>/`:
+//! `result.json` (written last), `diagnostic-report.json`, and per image
+//! `images/NNN/<artifact>` (see [`crate::pipeline::artifacts`]).
+
+use crate::model::Manifest;
+use crate::storage::join_key;
+
+/// Keys of one job's results under one model version.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(results_prefix: &str, job_id: &str, m: &Manifest) -> Keys {
+        Keys {
+            prefix: join_key(&[results_prefix, job_id, &m.name, &m.version]),
+        }
+    }
+
+    pub fn result(&self) -> String {
+        join_key(&[&self.prefix, "result.json"])
+    }
+
+    pub fn fhir(&self) -> String {
+        join_key(&[&self.prefix, "diagnostic-report.json"])
+    }
+
+    /// An artifact of the job's image `image` (its index in the job).
+    pub fn artifact(&self, image: usize, name: &str) -> String {
+        join_key(&[&self.prefix, &format!("images/{image:03}"), name])
+    }
+}

@@ -1,0 +1,23 @@
+//! Stage 4, render: the image's artifacts (preprocessed JPEG, raw maps, the
+//! pre-drawn overlays) encoded on the rayon pool, once: a failed upload sends
+//! the same bytes again. See [`crate::pipeline::artifacts`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::on_cpu;
+use crate::pipeline::{render as render_image, Graded, Model, Overlays, Prepared, Rendered};
+
+/// Renders one graded image; returns the artifacts and the milliseconds spent.
+pub async fn render(
+    model: &Arc<Model>,
+    image: &Arc<Prepared>,
+    graded: &Graded,
+    overlays: Overlays,
+) -> (Rendered, f64) {
+    let (m, p, g) = (model.clone(), image.clone(), graded.clone());
+    let t = Instant::now();
+    let r = on_cpu(move || render_image(&p, &g, m.manifest(), overlays)).await;
+    crate::observe::metrics().renders.inc();
+    (r, t.elapsed().as_secs_f64() * 1e3)
+}

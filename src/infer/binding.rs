@@ -22,6 +22,8 @@ pub(crate) struct Bound {
     input_allocator: Allocator,
     /// The last input buffer, reused while the batch shape stays the same.
     input: Option<(Vec<i64>, Tensor<f32>)>,
+    /// Where the output is bound: pinned host memory or the CPU.
+    output_info: MemoryInfo<'static>,
     /// "CudaPinned" or "Cpu": the memory the output must come back in.
     memory: &'static str,
 }
@@ -70,14 +72,15 @@ impl Bound {
                         MemoryInfo::new(device.clone(), id, AllocatorType::Device, output_type)?;
                     let mut binding = session.create_binding()?;
                     binding.bind_output_to_device(output, &out_info)?;
-                    Ok((alloc, binding))
+                    Ok((alloc, binding, out_info))
                 });
             match attempt {
-                Ok((input_allocator, binding)) => {
+                Ok((input_allocator, binding, output_info)) => {
                     return Ok(Bound {
                         binding,
                         input_allocator,
                         input: None,
+                        output_info,
                         memory,
                     })
                 }
@@ -102,6 +105,11 @@ impl Bound {
             let t = Tensor::<f32>::new(&self.input_allocator, shape)
                 .map_err(run_err("cannot allocate the bound input"))?;
             self.input = Some((dims.clone(), t));
+            // ONNX Runtime keeps the last output in the binding and writes the
+            // next one into it: a new batch size needs an unallocated output.
+            self.binding
+                .bind_output_to_device(output_name, &self.output_info)
+                .map_err(run_err("cannot bind the output"))?;
         }
         let (_, tensor) = self.input.as_mut().expect("allocated above");
         let len = batch.len();

@@ -101,7 +101,8 @@ if [ -n "$unpack" ]; then
   lib="$work/lib"
   mkdir -p "$lib"
   t0=$(date +%s)
-  cat "$unpack"/p1/cuda.zst.part* "$unpack"/p2/cuda.zst.part* "$unpack"/p3/cuda.zst.part* >"$work/cuda.zst"
+  cat "$unpack"/p1/cuda.zst.part* "$unpack"/p2/cuda.zst.part* "$unpack"/p3/cuda.zst.part* \
+    $(ls "$unpack"/base/cuda.zst.part* 2>/dev/null) >"$work/cuda.zst"
   decompress "$work/cuda.zst" "$lib/libonnxruntime_providers_cuda.so"
   rm -f "$work/cuda.zst"
   for f in "$unpack"/base/*.zst; do

@@ -4,8 +4,8 @@
 # libraries, in four folders of at most 60 MiB each (what one device call can
 # carry; docs/gpu.md has the calls):
 #
-#   .gpu/p1 .gpu/p2 .gpu/p3   libonnxruntime_providers_cuda.so, zstd -19, in three parts
-#   .gpu/base                 cinflow and libonnxruntime.so.1.31.1 (zstd -19),
+#   .gpu/p1 .gpu/p2 .gpu/p3   libonnxruntime_providers_cuda.so, zstd -19, in parts
+#   .gpu/base                 its last part, cinflow and libonnxruntime.so.1.31.1 (zstd -19),
 #                             libonnxruntime_providers_shared.so and
 #                             libonnxruntime_providers_tensorrt.so, SHA256SUMS
 #
@@ -70,13 +70,21 @@ fi
 
 rm -rf "$out"
 mkdir -p "$out"/p1 "$out"/p2 "$out"/p3 "$out"/base
-split -n 3 -d -a 1 "$libs/cuda.zst" "$out/cuda.zst.part"
-mv "$out/cuda.zst.part0" "$out/p1/"
-mv "$out/cuda.zst.part1" "$out/p2/"
-mv "$out/cuda.zst.part2" "$out/p3/"
 zstd -q -19 -T0 -f "$cinflow" -o "$out/base/cinflow.zst"
 zstd -q -19 -T0 -f "$libs/libonnxruntime.so.$version" -o "$out/base/libonnxruntime.so.$version.zst"
 cp "$libs/libonnxruntime_providers_shared.so" "$libs/libonnxruntime_providers_tensorrt.so" "$out/base/"
+# The CUDA provider compresses to ~186 MB (its GPU kernels do not compress
+# much): three equal parts go to p1..p3 and the rest to base, sized so that the
+# four folders come out about equal.
+total=$(stat -c %s "$libs/cuda.zst")
+other=$(du -sb "$out/base" | cut -f1)
+part=$(( (total + other + 3) / 4 ))
+[ "$part" -le "$total" ] || part=$(( (total + 2) / 3 ))
+split -b "$part" -d -a 1 "$libs/cuda.zst" "$out/cuda.zst.part"
+mv "$out/cuda.zst.part0" "$out/p1/"
+mv "$out/cuda.zst.part1" "$out/p2/"
+mv "$out/cuda.zst.part2" "$out/p3/"
+[ ! -e "$out/cuda.zst.part3" ] || mv "$out/cuda.zst.part3" "$out/base/"
 {
   (cd "$(dirname "$cinflow")" && sha256sum cinflow)
   (cd "$libs" && sha256sum "libonnxruntime.so.$version" libonnxruntime_providers_shared.so \

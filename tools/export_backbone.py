@@ -59,6 +59,15 @@ is taken from the checkpoint's classifier when it has C outputs (for --classes
 2 a 2-output softmax classifier is converted exactly into the single logit
 w[0]-w[1], b[0]-b[1]); otherwise a random head is written with a warning.
 
+With --fp16 the backbone's weights and arithmetic are float16 while its input
+``image`` and output ``features`` stay float32 (a Cast at each end), so the
+Rust side and the bundle format do not change; the manifest's provenance says
+"precision": "fp16" (else "fp32"). The float32 graph is verified against
+PyTorch first, then the float16 one against it (features relative max
+difference <= 2e-2 on ONNX Runtime's CPU provider, which computes float16
+nodes in float32; GPUs compute in float16: see docs/gpu.md for the measured
+probability differences).
+
 The export is verified with ONNX Runtime against PyTorch on random inputs
 (relative max difference <= 1e-4, at the declared size with a batch of 2 and,
 when H/W are dynamic, at half size) and the pooled features times the head are
@@ -110,6 +119,11 @@ CLASSIFIER = {
     "inception_resnet_v2": ("classif", ("last_linear",)),
 }
 REL_TOL = 1e-4
+# float16 graph against the float32 one (ONNX Runtime CPU), relative to max|features|.
+FP16_REL_TOL = 2e-2
+# Inputs that ONNX requires in float32 whatever the model's precision.
+FLOAT32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+FP16_MAX = 65504.0
 TOOL = "tools/export_backbone.py"
 
 
@@ -175,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exporter", default="auto", choices=("auto", "torchscript", "dynamo"),
                    help="torch.onnx exporter: auto = TorchScript (dynamo=False) if available, "
                         "else the dynamo exporter")
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 weights and arithmetic inside the backbone, float32 input and "
+                        "output (for GPUs; checked against the float32 export)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     a = p.parse_args(argv)
 
@@ -223,7 +240,10 @@ def build_model(arch: str, num_classes: int):
     if arch == "tiny":
         return TinyCNN(num_classes)
     if arch == "densenet161":
-        import torchvision
+        try:
+            import torchvision
+        except ImportError:  # e.g. a GPU machine with torch only: the same network
+            return DenseNet161(num_classes)
         return torchvision.models.densenet161(weights=None, num_classes=num_classes)
     if arch == "inception_resnet_v2":
         import timm
@@ -253,6 +273,97 @@ class TinyCNN(nn.Module):
     def forward(self, x):
         f = self.features(x)
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
+
+
+class DenseNet161(nn.Module):
+    """torchvision's DenseNet-161 (same module names, so the same checkpoints load;
+    same initialisation), used where torchvision is not installed."""
+
+    def __init__(self, num_classes: int, growth: int = 48, blocks=(6, 12, 36, 24),
+                 init_features: int = 96, bn_size: int = 4):
+        super().__init__()
+        from collections import OrderedDict
+
+        f = nn.Sequential(OrderedDict([
+            ("conv0", nn.Conv2d(3, init_features, 7, 2, 3, bias=False)),
+            ("norm0", nn.BatchNorm2d(init_features)), ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(3, 2, 1))]))
+        c = init_features
+        for i, n in enumerate(blocks):
+            f.add_module(f"denseblock{i + 1}", _DenseBlock(n, c, bn_size, growth))
+            c += n * growth
+            if i != len(blocks) - 1:
+                f.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict([
+                    ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU(inplace=True)),
+                    ("conv", nn.Conv2d(c, c // 2, 1, bias=False)), ("pool", nn.AvgPool2d(2, 2))])))
+                c //= 2
+        f.add_module("norm5", nn.BatchNorm2d(c))
+        self.features = f
+        self.classifier = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x):
+        out = F.relu(self.features(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, inputs):
+        x = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        return self.conv2(self.relu2(self.norm2(x)))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, n: int, cin: int, bn_size: int, growth: int):
+        super().__init__()
+        for i in range(n):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer(cin + i * growth, growth, bn_size))
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def save_head(tensors: dict, path: Path) -> None:
+    """head.safetensors; written by hand (the format is a JSON header and raw
+    little-endian data) where the safetensors package is not installed."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        import struct
+
+        header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+        for name in sorted(tensors):
+            b = tensors[name].detach().cpu().contiguous().float().numpy().astype("<f4").tobytes()
+            header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                            "data_offsets": [off, off + len(b)]}
+            blobs.append(b)
+            off += len(b)
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+        return
+    # one metadata key: safetensors orders metadata randomly
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def feature_channels(arch: str) -> int:
@@ -547,6 +658,83 @@ def verify(arch: str, model, onnx_path: Path, head_w, head_b, binary_from_two: b
     return worst
 
 
+def _to_fp16(t):
+    """A float32 TensorProto as float16 (same name); refuses values float16 cannot hold."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    a = numpy_helper.to_array(t)
+    finite = a[np.isfinite(a)]
+    if finite.size and float(np.max(np.abs(finite))) > FP16_MAX:
+        raise RuntimeError(f"{t.name or 'a constant'} has values beyond float16's range "
+                           f"(max |x| {float(np.max(np.abs(finite))):.3g}); export without --fp16")
+    return numpy_helper.from_array(a.astype(np.float16), t.name)
+
+
+def convert_fp16(model):
+    """float32 -> float16 inside the graph: initializers, Constant values and Cast
+    targets. The graph input and output stay float32 behind a Cast at each end,
+    and inputs ONNX requires in float32 (Resize scales) are left alone."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    keep = {node.input[i] for node in g.node
+            for i in FLOAT32_INPUTS.get(node.op_type, ()) if i < len(node.input)}
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT and t.name not in keep:
+            g.initializer[i].CopyFrom(_to_fp16(t))
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type in ("Constant", "ConstantOfShape") and a.name == "value" \
+                    and a.t.data_type == TensorProto.FLOAT and node.output[0] not in keep:
+                a.t.CopyFrom(_to_fp16(a.t))
+            elif node.op_type == "Constant" and a.name in ("value_float", "value_floats"):
+                raise RuntimeError(f"Constant {node.name} has a {a.name} attribute; export without --fp16")
+            elif node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    inp, out = g.input[0].name, g.output[0].name
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name == inp:
+                node.input[k] = f"{inp}_fp16"
+        for k, name in enumerate(node.output):
+            if name == out:
+                node.output[k] = f"{out}_fp16"
+    g.node.insert(0, helper.make_node("Cast", [inp], [f"{inp}_fp16"], name=f"{inp}_to_fp16",
+                                      to=TensorProto.FLOAT16))
+    g.node.append(helper.make_node("Cast", [f"{out}_fp16"], [out], name=f"{out}_to_fp32",
+                                   to=TensorProto.FLOAT))
+    del g.value_info[:]  # float32 intermediate types: stale now, inferred again on load
+    return model
+
+
+def verify_fp16(fp32_path: Path, fp16_path: Path, sizes, seed: int) -> float:
+    """Runs both graphs with ONNX Runtime (CPU) on random inputs; returns the worst
+    relative max difference of the features. Raises above FP16_REL_TOL."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    ref = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
+    half = ort.InferenceSession(str(fp16_path), so, providers=["CPUExecutionProvider"])
+    gen = np.random.default_rng(seed + 54321)
+    worst = 0.0
+    for (n, h, w) in sizes:
+        x = gen.standard_normal((n, 3, h, w)).astype(np.float32)
+        (a,) = ref.run(["features"], {"image": x})
+        (b,) = half.run(["features"], {"image": x})
+        if b.dtype != np.float32 or b.shape != a.shape or not np.all(np.isfinite(b)):
+            raise RuntimeError(f"float16 graph output {b.shape} {b.dtype}, float32 {a.shape}")
+        rel = float(np.max(np.abs(b.astype(np.float64) - a))) / (float(np.max(np.abs(a))) or 1.0)
+        log(f"  verify fp16 N={n} {w}x{h}: max|fp16-fp32| relative {rel:.3e}")
+        worst = max(worst, rel)
+        if rel > FP16_REL_TOL:
+            raise RuntimeError(f"float16 backbone differs from float32: relative {rel:.3e} > "
+                               f"{FP16_REL_TOL}")
+    return worst
+
+
 # --------------------------------------------------------------------------
 # Bundle writing
 
@@ -608,8 +796,6 @@ def run(a: argparse.Namespace) -> int:
         raise UserError(f"checkpoint not found: {a.weights}")
 
     t_start = time.perf_counter()
-    from safetensors.torch import save_file
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     binary = a.classes == 2
     rows = 1 if binary else a.classes
@@ -690,10 +876,21 @@ def run(a: argparse.Namespace) -> int:
                        channels)
         log(f"verified in {time.perf_counter() - t0:.1f}s: max|ort-torch| "
             f"{worst['features_max_abs']:.3e}, relative {worst['features_rel']:.3e} (<= {REL_TOL})")
+        if a.fp16:
+            import onnx
+
+            fp32_path = tmp / "backbone-fp32.onnx"
+            os.replace(onnx_path, fp32_path)
+            onnx.save(convert_fp16(onnx.load(str(fp32_path))), str(onnx_path))
+            check_onnx_graph(onnx_path, channels, not a.static_size, a.width, a.height)
+            t0 = time.perf_counter()
+            rel16 = verify_fp16(fp32_path, onnx_path, sizes, a.seed)
+            fp32_path.unlink()
+            log(f"float16 backbone ({human_size(onnx_path.stat().st_size)}) verified in "
+                f"{time.perf_counter() - t0:.1f}s: relative {rel16:.3e} (<= {FP16_REL_TOL})")
 
         head_path = tmp / "head.safetensors"
-        save_file({"weight": head_w, "bias": head_b}, str(head_path),
-                  metadata={"format": "pt"})  # one key: safetensors orders metadata randomly
+        save_head({"weight": head_w, "bias": head_b}, head_path)
         fsync_file(onnx_path)
         fsync_file(head_path)
         manifest = {
@@ -712,7 +909,7 @@ def run(a: argparse.Namespace) -> int:
                       "head.safetensors": sha256_file(head_path)},
             "provenance": {"tool": TOOL, "backbone_weights": backbone_prov, "head": head_prov,
                            "torch": torch.__version__, "opset": a.opset,
-                           "seed": a.seed},
+                           "seed": a.seed, "precision": "fp16" if a.fp16 else "fp32"},
             "metrics": None,
             "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "parent_version": None,

@@ -56,7 +56,8 @@ def check_bundle(d: Path, arch="tiny", classes=4, channels=64, width=160, height
     assert m["preprocess"]["version"] == "cinflow-preprocess/1"
     assert m["files"] == {"backbone.onnx": sha(d / "backbone.onnx"),
                           "head.safetensors": sha(d / "head.safetensors")}
-    assert set(m["provenance"]) == {"tool", "backbone_weights", "head", "torch", "opset", "seed"}
+    assert set(m["provenance"]) == {"tool", "backbone_weights", "head", "torch", "opset", "seed",
+                                    "precision"}
     assert m["metrics"] is None and m["parent_version"] is None
     time.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ")
     h = load_file(str(d / "head.safetensors"))
@@ -189,6 +190,68 @@ def test_refuses_overwrite_unless_force():
         m, _ = check_bundle(d)
         assert m["provenance"]["seed"] == 7
         assert sorted(p.name for p in Path(t).iterdir()) == ["b"]
+
+
+# Largest difference of a class probability between a float16 and a float32
+# export of the same network, through ONNX Runtime's CPU provider (docs/gpu.md
+# has the measured values, the GPU's are checked by scripts/gpu-check.sh).
+FP16_PROB_TOL = 1e-3
+
+
+def test_fp16_keeps_float32_io_and_close_probabilities():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        run_tool("--arch", "tiny", "--out", t / "32", "--seed", "5", *SMALL)
+        p = run_tool("--arch", "tiny", "--out", t / "16", "--seed", "5", "--fp16", *SMALL)
+        assert "verify fp16" in p.stdout
+        m32, h32 = check_bundle(t / "32")
+        m16, h16 = check_bundle(t / "16")
+        assert m32["provenance"]["precision"] == "fp32"
+        assert m16["provenance"]["precision"] == "fp16"
+        assert np.array_equal(h32["weight"], h16["weight"])  # the head stays float32
+        g = onnx.load(str(t / "16" / "backbone.onnx"))
+        floats = {i.data_type for i in g.graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in floats and onnx.TensorProto.FLOAT not in floats
+        assert (t / "16" / "backbone.onnx").stat().st_size < 0.6 * (t / "32" / "backbone.onnx").stat().st_size
+        s32 = ort.InferenceSession(str(t / "32" / "backbone.onnx"), providers=["CPUExecutionProvider"])
+        s16 = ort.InferenceSession(str(t / "16" / "backbone.onnx"), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((4, 3, 120, 160)).astype(np.float32)
+        probs = []
+        for s in (s32, s16):
+            (f,) = s.run(None, {"image": x})
+            assert f.dtype == np.float32
+            z = f.astype(np.float64).mean(axis=(2, 3)) @ h32["weight"].T.astype(np.float64) * 100
+            e = np.exp(z - z.max(axis=1, keepdims=True))  # x100: a head that is not ~uniform
+            probs.append(e / e.sum(axis=1, keepdims=True))
+        assert np.max(np.abs(probs[0] - probs[1])) < FP16_PROB_TOL
+
+
+def test_fallbacks_without_torchvision_or_safetensors_match():
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.densenet161(weights=None, num_classes=4).eval()
+    own = eb.DenseNet161(4).eval()
+    sd = ref.state_dict()
+    assert {k: v.shape for k, v in own.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    own.load_state_dict(sd)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ref(x), own(x))
+    with tempfile.TemporaryDirectory() as t:
+        w, b = torch.randn(4, 7), torch.randn(4)
+        import safetensors.torch as st
+
+        eb.save_head({"weight": w, "bias": b}, Path(t) / "lib.safetensors")
+        saved = st.save_file
+        try:
+            del st.save_file  # the import inside save_head fails: hand-written file
+            eb.save_head({"weight": w, "bias": b}, Path(t) / "own.safetensors")
+        finally:
+            st.save_file = saved
+        a, c = load_file(str(Path(t) / "lib.safetensors")), load_file(str(Path(t) / "own.safetensors"))
+        assert set(a) == set(c) == {"weight", "bias"}
+        assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
 def test_help():

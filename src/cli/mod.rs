@@ -2,6 +2,7 @@
 //! `train`, `fit-head`, `verify`, `registry`), the broker side (`enqueue`,
 //! `enqueue-train`) and the queue workers (`worker`). Errors are reported here with `anyhow`.
 
+mod bench_backbone;
 mod classify;
 mod deadletters;
 mod enqueue;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand};
 pub use crate::local::demo::DemoArgs;
 pub use crate::local::fit_head::FitHeadArgs;
 pub use crate::local::ClassifyReport;
+pub use bench_backbone::{bench_backbone, BenchBackboneArgs, BenchBackboneReport};
 pub use classify::{classify, ClassifyArgs};
 
 /// Grades cervical biopsy images for CIN and explains each grade with Grad-CAM.
@@ -69,6 +71,9 @@ pub enum Command {
     /// Load ONNX Runtime and set up the device without a model (check a GPU node
     /// or an image before it serves); exits 1 if the device cannot be used.
     CheckRuntime(crate::infer::InferConfig),
+    /// Time the bare backbone at the bundle's input size (no decoding, no head);
+    /// prints one JSON line.
+    BenchBackbone(Box<BenchBackboneArgs>),
     /// Verify a model bundle (manifest, hashes, head shape) and print its summary.
     Verify {
         /// Bundle folder.
@@ -229,17 +234,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckRuntime(cfg) => match crate::infer::check_runtime(&cfg) {
             Ok(r) => {
                 println!("ONNX Runtime: {}", r.ort_lib);
-                println!(
-                    "CUDA execution provider: {}",
-                    if r.cuda_listed {
+                let listed = |yes| {
+                    if yes {
                         "in this build"
                     } else {
                         "not in this build"
                     }
-                );
+                };
+                println!("CUDA execution provider: {}", listed(r.cuda_listed));
+                println!("TensorRT execution provider: {}", listed(r.tensorrt_listed));
                 let device = clap::ValueEnum::to_possible_value(&cfg.device)
                     .map_or_else(|| "?".into(), |v| v.get_name().to_string());
-                println!("device {device}: sessions run on {}", r.provider);
+                println!(
+                    "device {device}: sessions run on {}, IO binding {}",
+                    r.provider,
+                    if r.io_binding { "on" } else { "off" }
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -247,6 +257,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
+        Command::BenchBackbone(a) => {
+            println!("{}", serde_json::to_string(&bench_backbone(&a)?)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
         Command::DeadLetters(a) => deadletters::run(&a),

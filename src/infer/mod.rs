@@ -2,9 +2,13 @@
 //! (K x h x w per image); pooling and the head run in Rust so that Grad-CAM can
 //! reuse the same feature map exactly.
 
+mod binding;
+mod config;
+mod providers;
 mod runtime;
 
-pub use runtime::{check_runtime, Backbone, Device, InferConfig, InferError, RuntimeReport};
+pub use config::{ArenaStrategy, ConvAlgoSearch, Device, InferConfig, IoBindingMode};
+pub use runtime::{check_runtime, Backbone, InferError, RuntimeReport};
 
 /// One image's backbone output: `channels` planes of `height x width`, row-major.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,52 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use ort::ep::{self, ExecutionProvider};
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::Session;
 use ort::value::Tensor;
 
-use super::FeatureMap;
-
-/// Where inference runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// CUDA when this ONNX Runtime build has it and a GPU answers, else CPU.
-    #[default]
-    Auto,
-    /// CPU only.
-    Cpu,
-    /// CUDA only: an error if it is not available (never a silent fallback).
-    Cuda,
-}
-
-/// How to load ONNX Runtime and build sessions.
-#[derive(Debug, Clone, clap::Args)]
-pub struct InferConfig {
-    /// Execution device.
-    #[arg(long, env = "CINFLOW_DEVICE", value_enum, default_value_t = Device::Auto)]
-    pub device: Device,
-    /// CUDA device ordinal.
-    #[arg(long, env = "CINFLOW_CUDA_DEVICE", default_value_t = 0)]
-    pub cuda_device: i32,
-    /// ONNX Runtime shared library (libonnxruntime.so) to load.
-    #[arg(long, env = "ORT_DYLIB_PATH")]
-    pub ort_lib: Option<PathBuf>,
-    /// Threads ONNX Runtime uses inside one inference (0: its default).
-    #[arg(long, env = "CINFLOW_INTRA_THREADS", default_value_t = 0)]
-    pub intra_threads: usize,
-}
-
-impl Default for InferConfig {
-    fn default() -> Self {
-        InferConfig {
-            device: Device::Auto,
-            cuda_device: 0,
-            ort_lib: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
-            intra_threads: 0,
-        }
-    }
-}
+use super::binding::Bound;
+use super::providers::{listed, session_builder};
+use super::{FeatureMap, InferConfig, IoBindingMode};
 
 /// Inference failures. `Runtime` and `Session` are set-up problems; `Run` is a
 /// failed inference call.
@@ -58,6 +18,8 @@ pub enum InferError {
     Runtime { path: String, detail: String },
     #[error("CUDA was requested but {0}")]
     CudaUnavailable(String),
+    #[error("TensorRT was requested but {0}")]
+    TensorRtUnavailable(String),
     #[error("cannot load backbone {path}: {detail}")]
     Session { path: String, detail: String },
     #[error("backbone {path} does not fit its manifest: {detail}")]
@@ -77,7 +39,9 @@ impl crate::retry::Transient for InferError {
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-fn environment(cfg: &InferConfig) -> Result<&'static ort::environment::Environment, InferError> {
+pub(crate) fn environment(
+    cfg: &InferConfig,
+) -> Result<&'static ort::environment::Environment, InferError> {
     let path = cfg.ort_lib.clone().unwrap_or_else(default_ort_lib);
     ENVIRONMENT
         .get_or_init(|| {
@@ -97,7 +61,7 @@ fn environment(cfg: &InferConfig) -> Result<&'static ort::environment::Environme
 /// Without `--ort-lib`/`ORT_DYLIB_PATH`: the project's venv when run from the
 /// checkout, a library beside the executable (container images), else the
 /// system loader's search path.
-fn default_ort_lib() -> PathBuf {
+pub(crate) fn default_ort_lib() -> PathBuf {
     let beside_exe = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("libonnxruntime.so")));
@@ -111,85 +75,27 @@ fn default_ort_lib() -> PathBuf {
     .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
 }
 
-/// A session builder on the configured device: loads ONNX Runtime and, when
-/// CUDA is wanted, registers its execution provider (which loads the provider
-/// library and the CUDA libraries and opens the GPU). Returns the provider
-/// sessions will run on.
-/// `what` names the session in errors (the backbone's path).
-fn session_builder(
-    cfg: &InferConfig,
-    what: &str,
-) -> Result<(ort::session::builder::SessionBuilder, &'static str), InferError> {
-    let env = environment(cfg)?;
-    let serr = |e: ort::Error| InferError::Session {
-        path: what.to_string(),
-        detail: e.to_string(),
-    };
-    let cuda_listed = ep::CUDA::is_available().unwrap_or(false);
-    let want_cuda = match cfg.device {
-        Device::Cpu => false,
-        Device::Cuda if !cuda_listed => {
-            return Err(InferError::CudaUnavailable(format!(
-                "the loaded ONNX Runtime ({}) has no CUDA execution provider; install onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so",
-                cfg.ort_lib.clone().unwrap_or_else(default_ort_lib).display()
-            )))
-        }
-        Device::Cuda => true,
-        Device::Auto => cuda_listed,
-    };
-    let mut builder = Session::builder(env)
-        .map_err(serr)?
-        .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| serr(e.into()))?
-        // Decoding and CLAHE of the next images run beside inference: idle
-        // ONNX Runtime threads must sleep, not spin on the cores they need.
-        .with_intra_op_spinning(false)
-        .map_err(|e| serr(e.into()))?;
-    if cfg.intra_threads > 0 {
-        builder = builder
-            .with_intra_threads(cfg.intra_threads)
-            .map_err(|e| serr(e.into()))?;
-    }
-    let mut provider = "CPUExecutionProvider";
-    if want_cuda {
-        let cuda = ep::CUDA::default()
-            .with_device_id(cfg.cuda_device)
-            .build()
-            .error_on_failure();
-        match builder.clone().with_execution_providers([cuda]) {
-            Ok(b) => {
-                builder = b;
-                provider = "CUDAExecutionProvider";
-            }
-            Err(e) if cfg.device == Device::Cuda => {
-                return Err(InferError::CudaUnavailable(format!(
-                    "the CUDA execution provider could not start on device {}: {e}",
-                    cfg.cuda_device
-                )))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "CUDA execution provider unavailable; using CPU");
-            }
-        }
-    }
-    Ok((builder, provider))
-}
-
 /// What `cinflow check-runtime` reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RuntimeReport {
     pub ort_lib: String,
     /// Whether this ONNX Runtime build has the CUDA execution provider.
     pub cuda_listed: bool,
+    /// Whether this ONNX Runtime build lists the TensorRT execution provider
+    /// (it still needs the TensorRT libraries to start).
+    pub tensorrt_listed: bool,
     /// The provider sessions would run on with this configuration.
     pub provider: &'static str,
+    /// Whether backbones would bind their input and output (`--io-binding`).
+    pub io_binding: bool,
 }
 
 /// Loads ONNX Runtime and sets up the configured device without a model, so a
-/// node (or an image) can be checked before it serves: `--device cuda` fails
-/// with the reason when the GPU cannot be used.
+/// node (or an image) can be checked before it serves: `--device cuda` or
+/// `--device tensorrt` fails with the reason when the GPU cannot be used.
 pub fn check_runtime(cfg: &InferConfig) -> Result<RuntimeReport, InferError> {
     let (_, provider) = session_builder(cfg, "(no model)")?;
+    let (cuda_listed, tensorrt_listed) = listed();
     Ok(RuntimeReport {
         ort_lib: cfg
             .ort_lib
@@ -197,15 +103,23 @@ pub fn check_runtime(cfg: &InferConfig) -> Result<RuntimeReport, InferError> {
             .unwrap_or_else(default_ort_lib)
             .display()
             .to_string(),
-        cuda_listed: ep::CUDA::is_available().unwrap_or(false),
+        cuda_listed,
+        tensorrt_listed,
         provider,
+        io_binding: cfg.io_binding.applies_to(provider),
     })
+}
+
+/// The session and, when binding is on, its binding and buffers.
+struct Engine {
+    session: Session,
+    bound: Option<Bound>,
 }
 
 /// A loaded backbone. `features` serialises calls through a mutex: ONNX Runtime
 /// parallelises inside one run, and workers feed it batches from one thread.
 pub struct Backbone {
-    session: Mutex<Session>,
+    engine: Mutex<Engine>,
     input: String,
     output: String,
     provider: &'static str,
@@ -217,13 +131,15 @@ impl std::fmt::Debug for Backbone {
         f.debug_struct("Backbone")
             .field("path", &self.path)
             .field("provider", &self.provider)
+            .field("io_binding", &self.io_binding())
             .finish()
     }
 }
 
 impl Backbone {
     /// Builds a session for `path` on the configured device and checks that it
-    /// has the named input and output.
+    /// has the named input and output. With `--io-binding on` a binding that
+    /// cannot be set up is an error; with `auto` it falls back to plain runs.
     pub fn load(
         path: &Path,
         input: &str,
@@ -249,8 +165,25 @@ impl Backbone {
                 ),
             });
         }
+        let bound = if cfg.io_binding.applies_to(provider) {
+            match Bound::new(&session, provider, cfg.cuda_device, output) {
+                Ok(b) => Some(b),
+                Err(e) if cfg.io_binding == IoBindingMode::On => {
+                    return Err(InferError::Session {
+                        path: p,
+                        detail: format!("cannot bind input and output on {provider}: {e}"),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, provider, "IO binding unavailable; plain runs");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Backbone {
-            session: Mutex::new(session),
+            engine: Mutex::new(Engine { session, bound }),
             input: input.to_string(),
             output: output.to_string(),
             provider,
@@ -261,6 +194,12 @@ impl Backbone {
     /// The execution provider the session runs on.
     pub fn provider(&self) -> &'static str {
         self.provider
+    }
+
+    /// Whether runs go through an `IoBinding` (pinned host memory on a GPU).
+    pub fn io_binding(&self) -> bool {
+        let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        engine.bound.is_some()
     }
 
     /// Runs a batch: `batch` is `n x 3 x height x width` float32 (NCHW).
@@ -274,6 +213,30 @@ impl Backbone {
         self.features_timed(batch, n, height, width).map(|(f, _)| f)
     }
 
+    /// One run per batch size on a blank `height x width` batch, so that what
+    /// ONNX Runtime does lazily on the first run of a shape (cuDNN's
+    /// convolution algorithm search, arena growth, pinned buffers, TensorRT
+    /// engine builds) happens before serving rather than in the first jobs.
+    pub fn warm_up(
+        &self,
+        height: u32,
+        width: u32,
+        batch_sizes: &[usize],
+    ) -> Result<(), InferError> {
+        let per_image = 3 * height as usize * width as usize;
+        for &n in batch_sizes.iter().filter(|n| **n > 0) {
+            let started = std::time::Instant::now();
+            self.features(vec![0f32; n * per_image], n, height, width)?;
+            tracing::debug!(
+                batch = n,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                provider = self.provider,
+                "backbone warmed up"
+            );
+        }
+        Ok(())
+    }
+
     /// [`Backbone::features`], also returning how long the call waited for the
     /// session (another thread's inference) before it ran.
     pub fn features_timed(
@@ -284,18 +247,32 @@ impl Backbone {
         width: u32,
     ) -> Result<(Vec<FeatureMap>, std::time::Duration), InferError> {
         let shape = [n, 3, height as usize, width as usize];
-        debug_assert_eq!(batch.len(), shape.iter().product::<usize>());
-        let tensor =
-            Tensor::from_array((shape, batch)).map_err(|e| InferError::Run(e.to_string()))?;
+        if batch.len() != shape.iter().product::<usize>() {
+            return Err(InferError::Run(format!(
+                "batch has {} values, {n} x 3 x {height} x {width} needs {}",
+                batch.len(),
+                shape.iter().product::<usize>()
+            )));
+        }
         let waiting = std::time::Instant::now();
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         let waited = waiting.elapsed();
-        let outputs = session
-            .run(ort::inputs![self.input.as_str() => tensor])
-            .map_err(|e| InferError::Run(e.to_string()))?;
-        let (dims, data) = outputs[self.output.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| InferError::Run(format!("output {:?}: {e}", self.output)))?;
+        let Engine { session, bound } = &mut *engine;
+        let (dims, data) = match bound {
+            Some(bound) => bound.run(session, &self.input, &self.output, shape, &batch)?,
+            None => {
+                let tensor = Tensor::from_array((shape, batch))
+                    .map_err(|e| InferError::Run(e.to_string()))?;
+                let outputs = session
+                    .run(ort::inputs![self.input.as_str() => tensor])
+                    .map_err(|e| InferError::Run(e.to_string()))?;
+                let (dims, data) = outputs[self.output.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| InferError::Run(format!("output {:?}: {e}", self.output)))?;
+                (dims.to_vec(), data.to_vec())
+            }
+        };
+        drop(engine);
         if dims.len() != 4 || dims[0] as usize != n {
             return Err(InferError::Interface {
                 path: self.path.display().to_string(),
@@ -307,7 +284,7 @@ impl Backbone {
         }
         let (k, h, w) = (dims[1] as usize, dims[2] as usize, dims[3] as usize);
         let maps = data
-            .chunks_exact(k * h * w)
+            .chunks_exact((k * h * w).max(1))
             .map(|chunk| FeatureMap {
                 channels: k,
                 height: h,

@@ -127,11 +127,9 @@ impl Model {
     /// is per input shape).
     pub fn warm_up(&self, batch_sizes: &[usize]) -> Result<(), InferError> {
         let m = self.manifest();
-        let (w, h) = (m.input.width, m.input.height);
-        for &n in batch_sizes {
-            let n = n.max(1);
-            self.backbone_features(vec![0f32; n * 3 * (w * h) as usize], n, h, w)?;
-        }
+        self.backbone
+            .warm_up(m.input.height, m.input.width, batch_sizes)
+    }
         Ok(())
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod faulty_s3;
 pub mod http;
 pub mod sklearn;
 pub mod tls;

@@ -165,18 +165,12 @@ fn fp16_export_grades_like_fp32() {
     let graded: Vec<_> = bundles
         .iter()
         .map(|b| {
-            cinflow::cli::classify(&cinflow::cli::ClassifyArgs {
-                model: b.clone(),
-                out: tmp
-                    .path()
+            cinflow::local::classify(&common::classify_options(
+                b,
+                &tmp.path()
                     .join(format!("out-{}", b.file_name().unwrap().to_string_lossy())),
-                batch_size: 4,
-                infer: InferConfig {
-                    device: Device::Cpu,
-                    ..InferConfig::default()
-                },
-                inputs: images.clone(),
-            })
+                images.clone(),
+            ))
             .unwrap()
         })
         .collect();

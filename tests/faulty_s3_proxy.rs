@@ -157,7 +157,7 @@ fn with_one_attempt_the_injected_failure_is_reported_retriable() {
 
     proxy.fail("GET", "/img.jpg", 1, 503);
     let e = s.get(&key).unwrap_err();
-    assert!(e.is_retriable(), "{e:?}");
+    assert!(cinflow::retry::Transient::is_transient(&e), "{e:?}");
     assert!(e.to_string().contains("ServiceUnavailable"), "{e}");
     assert_eq!(s.get(&key).unwrap(), b"jpeg");
     assert_eq!(proxy.count("GET", "/img.jpg"), 2);
@@ -166,14 +166,14 @@ fn with_one_attempt_the_injected_failure_is_reported_retriable() {
     let other = format!("{p}/other.png");
     proxy.fail("PUT", "/other.png", 1, 500);
     let e = s.put(&other, &bytes(1 << 20, 3), "image/png").unwrap_err();
-    assert!(e.is_retriable(), "{e:?}");
+    assert!(cinflow::retry::Transient::is_transient(&e), "{e:?}");
     assert!(e.to_string().contains("InternalError"), "{e}");
     assert!(!s.exists(&other).unwrap());
 
     // HEAD answers carry no body.
     proxy.fail("HEAD", "/img.jpg", 1, 503);
     let e = s.exists(&key).unwrap_err();
-    assert!(e.is_retriable(), "{e:?}");
+    assert!(cinflow::retry::Transient::is_transient(&e), "{e:?}");
     assert!(s.exists(&key).unwrap());
 }
 

@@ -4,6 +4,8 @@
 
 mod common;
 
+use cinflow::retry::Transient;
+
 use std::sync::Arc;
 
 use cinflow::model::Registry;

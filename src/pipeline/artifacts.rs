@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `preprocessed.jpg` | the CLAHE'd, resized image the model saw (JPEG, quality 90) |
 //! | `cam.npy` | un-clipped class maps, float32 `[classes, h, w]`, logit units |
-//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image (JPEG, quality 85) |
+//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image (JPEG, quality 75) |
 //!
 //! The names are relative to the image's own prefix; the caller decides where
 //! that is (a worker job's `images/NNN/`, a classify run's `<key>/`) and how a
@@ -26,8 +26,10 @@ use super::{Graded, Prepared};
 
 /// JPEG quality of the stored preprocessed image: visually lossless for tissue.
 pub const PREPROCESSED_QUALITY: u8 = 90;
-/// JPEG quality of pre-drawn overlays (a colour map over the image).
-pub const OVERLAY_QUALITY: u8 = 85;
+/// JPEG quality of pre-drawn overlays: a view for people (any overlay can be
+/// drawn again from the preprocessed image and the raw maps), so it takes the
+/// smaller share of the 0.5 MB per image.
+pub const OVERLAY_QUALITY: u8 = 75;
 
 /// Name of the stored preprocessed image.
 pub const PREPROCESSED_NAME: &str = "preprocessed.jpg";

@@ -130,8 +130,6 @@ impl Model {
         self.backbone
             .warm_up(m.input.height, m.input.width, batch_sizes)
     }
-        Ok(())
-    }
 
     /// Decodes and preprocesses one image's bytes as this model expects.
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {

@@ -313,7 +313,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(!err.is_transient());
+        assert!(!crate::retry::Transient::is_transient(&err));
     }
 
     #[test]

@@ -60,8 +60,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$device" in
-  cuda) images="${images:-256}"; compare="${compare:-32}"; batches="${batches:-1 8 32}"; iters="${iters:-20}" ;;
-  cpu) images="${images:-8}"; compare="${compare:-8}"; batches="${batches:-1 2}"; iters="${iters:-2}" ;;
+  cuda) images="${images:-256}"; compare="${compare:-32}"; batches="${batches:-1 8 32}"; iters="${iters:-20}"; max_batch=32 ;;
+  cpu) images="${images:-8}"; compare="${compare:-8}"; batches="${batches:-1 2}"; iters="${iters:-2}"; max_batch=8 ;;
   *) echo "gpu-check.sh: --device must be cuda or cpu" >&2; exit 2 ;;
 esac
 case "$arch" in densenet161|tiny) ;; *) echo "gpu-check.sh: --arch must be densenet161 or tiny" >&2; exit 2 ;; esac
@@ -212,7 +212,7 @@ classify() { # NAME DEVICE MODEL INPUT EXTRA... ; prints wall seconds
   rm -rf "$dir"
   local t0 t1
   t0=$(date +%s.%N)
-  "$cinflow" classify --model "$model" --out "$dir" --device "$dev" --batch-size 8 "$@" "$input" \
+  "$cinflow" classify --model "$model" --out "$dir" --device "$dev" --max-batch "$max_batch" "$@" "$input" \
     2>"$work/classify-$(basename "$dir").log" \
     || { cat "$work/classify-$(basename "$dir").log" >&2; exit 1; }
   t1=$(date +%s.%N)

@@ -213,12 +213,16 @@ async fn write_graded(
     prepared: Arc<Prepared>,
     mut graded: crate::pipeline::Graded,
 ) -> Result<ImageResult, ClassifyError> {
-    let t = Instant::now();
-    let rendered = {
+    let (rendered, render_ms) = {
         let (m, p, g) = (model.clone(), prepared.clone(), graded.clone());
-        on_cpu(move || render(&p, &g, m.manifest(), overlays)).await
+        on_cpu(move || {
+            let t = Instant::now();
+            let r = render(&p, &g, m.manifest(), overlays);
+            (r, t.elapsed().as_secs_f64() * 1e3)
+        })
+        .await
     };
-    graded.timings.render_ms = t.elapsed().as_secs_f64() * 1e3;
+    graded.timings.render_ms = render_ms;
     let t = Instant::now();
     let dir = out.join(key);
     for a in &rendered.artifacts {

@@ -8,7 +8,8 @@ use std::time::Instant;
 use crate::engine::on_cpu;
 use crate::pipeline::{render as render_image, Graded, Model, Overlays, Prepared, Rendered};
 
-/// Renders one graded image; returns the artifacts and the milliseconds spent.
+/// Renders one graded image; returns the artifacts and the milliseconds the
+/// rendering took (on its rayon thread, not counting the wait for one).
 pub async fn render(
     model: &Arc<Model>,
     image: &Arc<Prepared>,
@@ -16,8 +17,12 @@ pub async fn render(
     overlays: Overlays,
 ) -> (Rendered, f64) {
     let (m, p, g) = (model.clone(), image.clone(), graded.clone());
-    let t = Instant::now();
-    let r = on_cpu(move || render_image(&p, &g, m.manifest(), overlays)).await;
+    let r = on_cpu(move || {
+        let t = Instant::now();
+        let r = render_image(&p, &g, m.manifest(), overlays);
+        (r, t.elapsed().as_secs_f64() * 1e3)
+    })
+    .await;
     crate::observe::metrics().renders.inc();
-    (r, t.elapsed().as_secs_f64() * 1e3)
+    r
 }

@@ -36,13 +36,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// One attempt, no retry.
-    pub const ONCE: RetryPolicy = RetryPolicy {
-        first: Duration::from_millis(1),
-        max: Duration::from_millis(1),
-        limit: Limit::Attempts(1),
-    };
-
     /// Whether another attempt may start after `attempts` failed ones, the first
     /// at `started`, given the wait `delay` before it.
     fn allows(&self, attempts: u32, started: Instant, delay: Duration) -> bool {
@@ -123,7 +116,7 @@ mod tests {
     fn transient_failures_are_retried_up_to_the_limit_and_permanent_ones_never() {
         assert_eq!(count(policy(Limit::Attempts(4)), true), 4);
         assert_eq!(count(policy(Limit::Attempts(4)), false), 1);
-        assert_eq!(count(RetryPolicy::ONCE, true), 1);
+        assert_eq!(count(policy(Limit::Attempts(1)), true), 1);
         assert!(count(policy(Limit::For(Duration::from_millis(30))), true) > 2);
     }
 

@@ -15,33 +15,8 @@ use common::worker::{bundle_as_version, close_broker_connection, Fixture};
 /// Independent check of a result: its probabilities against local-mode
 /// classification of the same bytes with the same bundle.
 fn check_against_local(fx: &Fixture, r: &cinflow::result::ResultRecord) {
-    let dir = fx
-        .tmp
-        .path()
-        .join(format!("local-{}", r.job_id.as_deref().unwrap()));
-    let inputs: Vec<std::path::PathBuf> = r
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, img)| {
-            let key = img.uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
-            let p = dir.join(format!("in/{i:03}.jpg"));
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(
-                &p,
-                cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap(),
-            )
-            .unwrap();
-            p
-        })
-        .collect();
-    let local = cinflow::local::classify(&common::classify_options(
-        &fx.bundle,
-        &dir.join("out"),
-        inputs,
-    ))
-    .unwrap();
-    for (img, (_, want)) in r.images.iter().zip(&local.results) {
+    let local = fx.grade_locally(r, 4);
+    for (img, want) in r.images.iter().zip(&local) {
         let (got, probs) = (
             img.probabilities.as_ref().unwrap(),
             want.probabilities.as_ref().unwrap(),

@@ -15,30 +15,8 @@ use common::worker::Fixture;
 /// Probabilities of `r`'s images against local-mode grading of the same bytes
 /// with one image per backbone call, within `tol`.
 fn same_as_alone(fx: &Fixture, r: &ResultRecord, tol: f32) {
-    let dir = fx
-        .tmp
-        .path()
-        .join(format!("alone-{}", r.job_id.as_deref().unwrap()));
-    let inputs: Vec<std::path::PathBuf> = r
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, img)| {
-            let key = img.uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
-            let p = dir.join(format!("in/{i:03}.jpg"));
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(
-                &p,
-                cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap(),
-            )
-            .unwrap();
-            p
-        })
-        .collect();
-    let mut o = common::classify_options(&fx.bundle, &dir.join("out"), inputs);
-    o.grader.max_batch = 1;
-    let alone = cinflow::local::classify(&o).unwrap();
-    for (img, (_, want)) in r.images.iter().zip(&alone.results) {
+    let alone = fx.grade_locally(r, 1);
+    for (img, want) in r.images.iter().zip(&alone) {
         assert_eq!(want.batch.unwrap().images, 1);
         let (got, want) = (
             img.probabilities.as_ref().unwrap(),

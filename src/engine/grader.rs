@@ -93,10 +93,6 @@ impl Grader {
         &self.model
     }
 
-    pub fn config(&self) -> GraderConfig {
-        self.cfg
-    }
-
     /// Grades one prepared image of job `job` in the next batch.
     pub async fn grade(&self, prepared: Arc<Prepared>, job: u64) -> Result<Graded, InferError> {
         let room = self

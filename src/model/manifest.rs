@@ -17,7 +17,9 @@ pub enum Task {
     Binary,
 }
 
-/// The class schemes of the product (DESIGN.md, "Class schemes").
+/// The class schemes of the product: 4-class (CIN3, CIN2, CIN1, Non-neoplasm),
+/// the published study's 3-class (CIN2-3, CIN1, Non-neoplasm) and 2-class (CIN,
+/// Non-neoplasm); classes are ordered most severe first (README.md, opening).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClassScheme {
     /// CIN3, CIN2, CIN1, Non-neoplasm.

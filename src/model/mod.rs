@@ -1,5 +1,5 @@
 //! The model bundle: `manifest.json` + `backbone.onnx` + `head.safetensors`
-//! (DESIGN.md, "Model bundle"), loaded and verified before anything is served.
+//! (README.md, "Model bundle"), loaded and verified before anything is served.
 
 mod bundle;
 mod head;

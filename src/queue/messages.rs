@@ -1,4 +1,4 @@
-//! The JSON messages on the broker (DESIGN.md, "Messages"), each versioned by its
+//! The JSON messages on the broker (README.md, "Broker" and "Result record"), each versioned by its
 //! `schema` field and documented as JSON Schema in `src/queue/schemas/`, for
 //! publishers written in any language.
 

@@ -183,16 +183,16 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         results.push(reference(&id));
         for h in &img.heatmaps {
             let id = local_id(&["heatmap", &image_no, &h.class]);
-            contained.push(with_context(json!({
-                "resourceType": "Media",
-                "id": id,
-                "status": "completed",
-                "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
-                "modality": { "text": "Grad-CAM heatmap overlay" },
-                "content": { "contentType": content_type(&h.overlay), "url": h.overlay, "title": format!("Grad-CAM {} on image {image_no}", h.class) },
-                "device": reference("model"),
-                "note": [{ "text": format!("Grad-CAM of {} drawn over image {image_no} ({}) as the model sees it", h.class, img.uri) }],
-            })));
+            contained.push(with_context(model_media(
+                &id,
+                "Grad-CAM heatmap overlay",
+                &h.overlay,
+                &format!("Grad-CAM {} on image {image_no}", h.class),
+                &format!(
+                    "Grad-CAM of {} drawn over image {image_no} ({}) as the model sees it",
+                    h.class, img.uri
+                ),
+            )));
             media.push(json!({
                 "comment": format!("Grad-CAM evidence for {} on image {image_no} (full red = {:.3} logit units)", h.class, h.scale),
                 "link": reference(&id),
@@ -200,16 +200,16 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         }
         if let Some(pre) = &img.preprocessed_image {
             let id = local_id(&["preprocessed", &image_no]);
-            contained.push(with_context(json!({
-                "resourceType": "Media",
-                "id": id,
-                "status": "completed",
-                "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
-                "modality": { "text": "Preprocessed image (CLAHE, resized) as the model sees it" },
-                "content": { "contentType": content_type(pre), "url": pre, "title": format!("Image {image_no} as graded") },
-                "device": reference("model"),
-                "note": [{ "text": format!("Image {image_no} ({}) after CLAHE and resizing; every class's Grad-CAM can be drawn over it from the raw maps", img.uri) }],
-            })));
+            contained.push(with_context(model_media(
+                &id,
+                "Preprocessed image (CLAHE, resized) as the model sees it",
+                pre,
+                &format!("Image {image_no} as graded"),
+                &format!(
+                    "Image {image_no} ({}) after CLAHE and resizing; every class's Grad-CAM can be drawn over it from the raw maps",
+                    img.uri
+                ),
+            )));
             media.push(json!({
                 "comment": format!("Image {image_no} as the model saw it"),
                 "link": reference(&id),
@@ -310,6 +310,20 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         }]);
     }
     report
+}
+
+/// A contained `Media` the model made (an overlay, the preprocessed image).
+fn model_media(id: &str, modality: &str, url: &str, title: &str, note: &str) -> Value {
+    json!({
+        "resourceType": "Media",
+        "id": id,
+        "status": "completed",
+        "type": coded("http://terminology.hl7.org/CodeSystem/media-type", "image", "Image"),
+        "modality": { "text": modality },
+        "content": { "contentType": content_type(url), "url": url, "title": title },
+        "device": reference("model"),
+        "note": [{ "text": note }],
+    })
 }
 
 fn round6(p: f32) -> f64 {

@@ -1,5 +1,5 @@
 //! Hyper-parameters of head training. The defaults are the seed project's
-//! (DESIGN.md, "Hyper-parameters from the seed"); every one can be overridden.
+//! (README.md, "Retraining": the seed preset); every one can be overridden.
 
 use serde::{Deserialize, Serialize};
 

@@ -45,11 +45,6 @@ impl Stores {
         })
     }
 
-    /// The worker's own bucket.
-    pub fn home_bucket(&self) -> &str {
-        &self.cfg.bucket
-    }
-
     /// The worker's own bucket as a synchronous store (blocking threads only).
     pub fn home(&self) -> Arc<S3Store> {
         self.bucket(&self.cfg.bucket)

@@ -318,6 +318,40 @@ impl Fixture {
         );
     }
 
+    /// Local-mode grades of the same bytes as `r`'s images, with the same
+    /// bundle and at most `max_batch` images per backbone call: the
+    /// independent check of a worker's result.
+    pub fn grade_locally(
+        &self,
+        r: &ResultRecord,
+        max_batch: usize,
+    ) -> Vec<cinflow::result::ImageResult> {
+        let dir = self.tmp.path().join(format!(
+            "local-{}-{max_batch}",
+            r.job_id.as_deref().unwrap()
+        ));
+        let inputs: Vec<PathBuf> = r
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let key = img
+                    .uri
+                    .split_once(&format!("{}/", self.s3.bucket))
+                    .unwrap()
+                    .1;
+                let p = dir.join(format!("in/{i:03}.jpg"));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, self.store.get(key).unwrap()).unwrap();
+                p
+            })
+            .collect();
+        let mut o = super::classify_options(&self.bundle, &dir.join("out"), inputs);
+        o.grader.max_batch = max_batch;
+        let local = cinflow::local::classify(&o).unwrap();
+        local.results.into_iter().map(|(_, r)| r).collect()
+    }
+
     /// Every object under a job's results.
     pub fn result_objects(&self, job_id: &str) -> Vec<String> {
         self.store

@@ -422,6 +422,9 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
 
     // With no time to drain, the job in flight goes back to the queue unacked.
+    // A slide of 12 images keeps it in flight well past the signal: the engine
+    // grades 4 images of this size in about 0.3 s on 2 cores.
+    let big = fx.images(12, 2560, 1920);
     let mut w = fx.spawn(
         "infer",
         &[
@@ -429,9 +432,8 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
             ("CINFLOW_DRAIN_TIMEOUT_S", "0"),
         ],
     );
-    fx.publish(&fx.job("returned", &slide));
+    fx.publish(&fx.job("returned", &big));
     fx.wait_taken(&fx.amqp.infer_queue);
-    std::thread::sleep(Duration::from_millis(300));
     w.signal("TERM");
     let status = w.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{status:?}\n{}", w.log());

@@ -225,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         train_queue: format!("{tag}.train"),
         results_exchange: format!("{tag}.results"),
         delivery_limit: 5,
+        confirm_timeout_s: 30,
         heartbeat_s: 30,
         ca_file: None,
     };

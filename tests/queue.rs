@@ -90,7 +90,7 @@ async fn enqueue_publishes_jobs_that_dead_letter_when_rejected() {
     );
 
     // A routing key no queue is bound to: returned, reported, not lost silently.
-    let e = publish_json(&ch, &cfg.jobs_exchange, "nowhere", "m1", b"{}", None)
+    let e = publish_json(&ch, &cfg, &cfg.jobs_exchange, "nowhere", "m1", b"{}", None)
         .await
         .unwrap_err();
     assert!(matches!(e, QueueError::Unroutable { .. }), "{e}");
@@ -154,4 +154,108 @@ async fn enqueue_command_turns_an_s3_prefix_into_one_job_per_slide() {
             .all(|u| u.starts_with("s3://") && !u.ends_with(".txt")));
     }
     delete_topology(&ch, &cfg).await.unwrap();
+}
+
+/// `rabbitmqctl list_queues name arguments`, as text lines.
+fn queue_arguments() -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "arguments"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn queues_dead_letter_at_least_once_and_old_queues_are_named() {
+    let cfg = config();
+    let conn = connect(&cfg, "cinflow-test").await.unwrap();
+    let ch = confirm_channel(&conn).await.unwrap();
+    declare_topology(&ch, &cfg).await.unwrap();
+    let listed = queue_arguments();
+    let delay = AmqpConfig::delay_queue(&cfg.infer_queue);
+    for q in [&cfg.infer_queue, &cfg.train_queue, &delay] {
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("{q} not in\n{listed}"));
+        assert!(
+            line.contains("at-least-once") && line.contains("reject-publish"),
+            "{line}"
+        );
+    }
+    delete_topology(&ch, &cfg).await.unwrap();
+
+    // A queue as an earlier release declared it: the declaration is refused
+    // and the error says which queue and where the migration is described.
+    let old = config();
+    let mut args = lapin::types::FieldTable::default();
+    let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        lapin::types::AMQPValue::LongInt(5),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&old.dead_letter_exchange()),
+    );
+    args.insert("x-dead-letter-routing-key".into(), text(&old.infer_dlq()));
+    ch.queue_declare(
+        old.infer_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    let conn2 = connect(&old, "cinflow-test").await.unwrap();
+    let ch2 = conn2.create_channel().await.unwrap();
+    let e = declare_topology(&ch2, &old).await.unwrap_err();
+    assert!(matches!(e, QueueError::Inequivalent { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&old.infer_queue) && text.contains("Upgrading the queues"),
+        "{text}"
+    );
+    assert!(!cinflow::retry::Transient::is_transient(&e));
+
+    // `cinflow queues migrate` recreates it and keeps its messages.
+    for id in ["waiting-1", "waiting-2"] {
+        publish_json(&ch, &old, "", &old.infer_queue, id, b"{}", None)
+            .await
+            .unwrap();
+    }
+    let migrated = cinflow::queue::migrate::migrate(&conn2, &old)
+        .await
+        .unwrap();
+    assert_eq!(migrated[0].queue, old.infer_queue);
+    assert_eq!(migrated[0].messages, Some(2));
+    assert_eq!(migrated[1].messages, None, "{migrated:?}");
+    let line = queue_arguments()
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(old.infer_queue.as_str()))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("at-least-once"), "{line}");
+    let ch3 = confirm_channel(&conn2).await.unwrap();
+    let mut ids = Vec::new();
+    while let Some(m) = get(&ch3, &old.infer_queue).await {
+        ids.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string(),
+        );
+        if ids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(ids, ["waiting-1", "waiting-2"]);
+    // Again: nothing to do.
+    let again = cinflow::queue::migrate::migrate(&conn2, &old)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|m| m.messages.is_none()), "{again:?}");
+    delete_topology(&ch3, &old).await.unwrap();
 }

@@ -70,3 +70,37 @@ fn a_worker_finishes_its_job_across_an_s3_outage() {
         .get(&fx.amqp.infer_dlq(), Duration::from_secs(1))
         .is_none());
 }
+
+#[test]
+fn jobs_outlast_an_s3_outage_longer_than_the_retry_budget() {
+    let _turn = OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = common::worker::Fixture::new("s3long", 4);
+    let img = fx.images(1, 640, 480);
+    // A retry budget of one second, rounds of two: the outage lasts several
+    // rounds, more than the delivery limit (3).
+    let w = fx.spawn(
+        "infer",
+        &[("CINFLOW_RETRY_FOR_S", "1"), ("CINFLOW_RETRY_DELAY_S", "2")],
+    );
+    fx.publish(&fx.job("before", &img));
+    fx.wait_result("before", "v1", &w);
+
+    garage("stop");
+    for id in ["during-1", "during-2", "during-3"] {
+        fx.publish(&fx.job(id, &img));
+    }
+    std::thread::sleep(Duration::from_secs(12));
+    garage("start");
+    for id in ["during-1", "during-2", "during-3"] {
+        let r = fx.wait_result(id, "v1", &w);
+        assert_eq!(r.status, cinflow::result::ImageStatus::Ok);
+    }
+    let rounds = w.log().matches("job delayed").count();
+    assert!(rounds >= 3 * 3, "{rounds} rounds:\n{}", w.log());
+    assert!(
+        fx.get(&fx.amqp.infer_dlq(), Duration::from_secs(1))
+            .is_none(),
+        "a job was dead-lettered because of the outage:\n{}",
+        w.log()
+    );
+}

@@ -173,6 +173,7 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
     fx.rt
         .block_on(cinflow::queue::publish_json(
             &fx.channel,
+            &fx.amqp,
             &fx.amqp.jobs_exchange,
             cinflow::queue::TRAIN_KEY,
             &job,

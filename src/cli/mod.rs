@@ -6,6 +6,7 @@ mod bench_backbone;
 mod classify;
 mod deadletters;
 mod enqueue;
+mod queues;
 mod registry;
 mod worker;
 
@@ -66,6 +67,9 @@ pub enum Command {
     EnqueueTrain(Box<enqueue::EnqueueTrainArgs>),
     /// List the dead-letter queue with each message's reason, or send messages back to work.
     DeadLetters(Box<deadletters::DeadLettersArgs>),
+    /// Broker queues: `migrate` recreates queues an earlier release declared
+    /// with other arguments, keeping their messages.
+    Queues(Box<queues::QueuesArgs>),
     /// Run a queue worker (`infer` or `train`) against RabbitMQ and S3.
     Worker(worker::WorkerArgs),
     /// Load ONNX Runtime and set up the device without a model (check a GPU node
@@ -264,6 +268,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
         Command::DeadLetters(a) => deadletters::run(&a),
+        Command::Queues(a) => queues::run(&a),
         Command::Worker(a) => {
             worker::run(a)?;
             Ok(ExitCode::SUCCESS)

@@ -150,6 +150,7 @@ fn grade_batch(model: &Model, batch: Vec<Request>) {
     let images: Vec<&Prepared> = batch.iter().map(|r| r.prepared.as_ref()).collect();
     let graded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.grade(&images)))
         .unwrap_or_else(|_| Err(InferError::Run("the backbone panicked".into())));
+    crate::observe::health().progress();
     match graded {
         Ok(graded) => {
             for (req, mut g) in batch.into_iter().zip(graded) {

@@ -254,6 +254,7 @@ impl Backbone {
                 shape.iter().product::<usize>()
             )));
         }
+        crate::observe::health().progress();
         let waiting = std::time::Instant::now();
         let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         let waited = waiting.elapsed();

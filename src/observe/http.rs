@@ -1,6 +1,7 @@
 //! The worker's small HTTP server: `/metrics` (Prometheus), `/healthz` (the
-//! process answers) and `/readyz` (model loaded and warmed up, broker
-//! connected). It runs on the async runtime beside the consumer; its handlers
+//! process answers and its jobs make progress: 503 when jobs are in flight and
+//! none moved for `--stall-limit-s`) and `/readyz` (model loaded and warmed
+//! up, broker connected). It runs on the async runtime beside the consumer; its handlers
 //! only read atomics and encode counters, so they answer while jobs run.
 
 use std::convert::Infallible;
@@ -69,7 +70,17 @@ fn route(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => respond(StatusCode::OK, OPENMETRICS, metrics().encode()),
-        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => match health().stalled() {
+            None => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            Some(s) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "stalled: {} job(s) in flight and no progress for {:.0} s (--stall-limit-s)\n",
+                    s.jobs, s.for_s
+                ),
+            ),
+        },
         "/readyz" => {
             let h = health();
             let body = serde_json::json!({

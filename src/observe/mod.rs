@@ -5,8 +5,9 @@
 
 pub mod http;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -102,6 +103,9 @@ pub struct Metrics {
     /// Bytes of artifacts uploaded (preprocessed images, raw maps, overlays).
     pub artifact_bytes: Counter,
     pub in_flight: Gauge,
+    /// The decode memory budget (`--memory-budget-mb`) and the share admitted now.
+    pub decode_budget_bytes: Gauge,
+    pub decode_budget_used_bytes: Gauge,
     /// Transient failures retried, by step (`fetch images`, `inference`, …).
     pub retries: Family<StepLabel, Counter>,
     /// Messages republished to the dead-letter queue, by cause.
@@ -143,6 +147,8 @@ impl Metrics {
             renders: Counter::default(),
             artifact_bytes: Counter::default(),
             in_flight: Gauge::default(),
+            decode_budget_bytes: Gauge::default(),
+            decode_budget_used_bytes: Gauge::default(),
             retries: Family::default(),
             dead_letters: Family::default(),
             images: Family::default(),
@@ -192,6 +198,16 @@ impl Metrics {
             "jobs_in_flight",
             "Jobs being processed",
             m.in_flight.clone(),
+        );
+        m.registry.register(
+            "decode_budget_bytes",
+            "Memory budget for decoding and preprocessing images (--memory-budget-mb)",
+            m.decode_budget_bytes.clone(),
+        );
+        m.registry.register(
+            "decode_budget_used_bytes",
+            "Share of the decode budget held by images being decoded and preprocessed",
+            m.decode_budget_used_bytes.clone(),
         );
         m.registry.register(
             "retries",
@@ -338,10 +354,34 @@ pub fn metrics() -> &'static Metrics {
 
 /// What `/readyz` answers from: ready once the model is loaded and warmed up
 /// (training workers: once started) and while the broker connection is up.
+/// `/healthz` answers from the progress state: failing when jobs are in
+/// flight and none has made progress for longer than the stall limit.
 #[derive(Debug, Default)]
 pub struct Health {
     model_loaded: AtomicBool,
     broker_connected: AtomicBool,
+    jobs_in_flight: AtomicU64,
+    /// Milliseconds since [`epoch`] of the last progress.
+    last_progress_ms: AtomicU64,
+    /// 0: never stalled.
+    stall_limit_ms: AtomicU64,
+}
+
+/// The process's clock for progress.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Jobs stuck without progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stall {
+    pub jobs: u64,
+    pub for_s: f64,
 }
 
 impl Health {
@@ -368,6 +408,29 @@ impl Health {
         self.model_loaded() && self.broker_connected()
     }
 
+    /// `/healthz` fails after `limit` without progress while jobs run (zero: never).
+    pub fn set_stall_limit(&self, limit: Duration) {
+        self.stall_limit_ms
+            .store(limit.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Something moved: an object fetched or written, a batch graded, an
+    /// epoch trained, a job started or settled.
+    pub fn progress(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// The jobs in flight and how long since progress, if past the limit.
+    pub fn stalled(&self) -> Option<Stall> {
+        let limit = self.stall_limit_ms.load(Ordering::SeqCst);
+        let jobs = self.jobs_in_flight.load(Ordering::SeqCst);
+        let idle = now_ms().saturating_sub(self.last_progress_ms.load(Ordering::SeqCst));
+        (limit > 0 && jobs > 0 && idle > limit).then(|| Stall {
+            jobs,
+            for_s: idle as f64 / 1e3,
+        })
+    }
+
     fn publish(&self) {
         metrics().ready.set(i64::from(self.ready()));
     }
@@ -386,6 +449,9 @@ pub struct InFlight(());
 impl InFlight {
     pub fn start() -> InFlight {
         metrics().in_flight.inc();
+        let h = health();
+        h.progress();
+        h.jobs_in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(())
     }
 }
@@ -393,6 +459,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics().in_flight.dec();
+        let h = health();
+        h.jobs_in_flight.fetch_sub(1, Ordering::SeqCst);
+        h.progress();
     }
 }
 

@@ -16,11 +16,13 @@
 //! on a small share of pixels, and CLAHE's steep LUTs in flat regions can magnify that
 //! locally. Training and serving both use this module, so the model never sees the gap.
 
+mod budget;
 mod clahe;
 mod decode;
 mod normalise;
 mod resize;
 
+pub use budget::{decode_cost, DecodeCost};
 pub use clahe::clahe_rgb;
 pub use decode::{decode, decode_with_limit, MAX_PIXELS};
 pub use normalise::normalise_into;
@@ -98,6 +100,14 @@ pub enum PreprocessError {
     /// Zero width or height.
     #[error("empty image: {width}x{height}")]
     Empty { width: u32, height: u32 },
+    /// Decoding it alone would need more memory than the worker's whole budget.
+    #[error("image too large for this worker: {width}x{height} needs about {need_mib} MiB to decode and preprocess, more than the whole memory budget of {budget_mib} MiB (--memory-budget-mb)")]
+    OverBudget {
+        width: u32,
+        height: u32,
+        need_mib: u32,
+        budget_mib: u32,
+    },
 }
 
 impl crate::retry::Transient for PreprocessError {

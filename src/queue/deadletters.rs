@@ -6,7 +6,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 
-use super::{publish_json, AmqpConfig, QueueError, INFER_KEY, TRAIN_KEY};
+use super::{publish_json, republished_headers, AmqpConfig, QueueError, INFER_KEY, TRAIN_KEY};
 
 /// Header with the reason a message was dead-lettered (set by the workers).
 pub const REASON_HEADER: &str = "x-cinflow-reason";
@@ -143,26 +143,14 @@ pub async fn requeue(
             keep.push(m);
             continue;
         }
-        let mut headers = FieldTable::default();
-        if let Some(h) = m.delivery.properties.headers().as_ref() {
-            for (k, v) in h.inner() {
-                let k = k.as_str();
-                if !(k.starts_with("x-cinflow-")
-                    || k.starts_with("x-death")
-                    || k == "x-delivery-count"
-                    || k.starts_with("x-first-death")
-                    || k.starts_with("x-last-death"))
-                {
-                    headers.insert(ShortString::from(k), v.clone());
-                }
-            }
-        }
+        let mut headers = republished_headers(m.delivery.properties.headers().as_ref(), false);
         headers.insert(
             ShortString::from(REQUEUED_HEADER),
             AMQPValue::LongString(LongString::from(d.reason.as_str())),
         );
         publish_json(
             ch,
+            cfg,
             &cfg.jobs_exchange,
             queue.routing_key(),
             &d.message_id,

@@ -81,6 +81,7 @@ pub async fn publish_jobs(
         let payload = serde_json::to_vec(job).expect("job serialises");
         publish_json(
             &ch,
+            cfg,
             &cfg.jobs_exchange,
             super::INFER_KEY,
             &job.job_id,
@@ -102,6 +103,7 @@ pub async fn publish_train(cfg: &AmqpConfig, job: &TrainMessage) -> Result<(), Q
     let payload = serde_json::to_vec(job).expect("train job serialises");
     publish_json(
         &ch,
+        cfg,
         &cfg.jobs_exchange,
         super::TRAIN_KEY,
         &job.job_id,

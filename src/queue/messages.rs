@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub const JOB_SCHEMA: &str = "cinflow.job/v1";
 /// Schema tag of a training job.
 pub const TRAIN_SCHEMA: &str = "cinflow.train/v1";
+/// Largest promotion margin a training job may ask for (a margin on macro AUC;
+/// negative ones would promote a worse model).
+pub const MAX_PROMOTION_MARGIN: f64 = 0.5;
 
 /// Why a message cannot be processed; the text goes into the dead-letter header.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum MessageError {
     },
     #[error("field {field:?}: {reason}")]
     Field { field: String, reason: String },
+    #[error("message is {bytes} bytes; at most {limit} are accepted (--max-message-bytes)")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 fn field(field: &str, reason: impl Into<String>) -> MessageError {
@@ -80,10 +85,18 @@ fn schema_of(bytes: &[u8], expected: &'static str) -> Result<serde_json::Value, 
     Ok(v)
 }
 
-/// Checks an identifier (job, slide, model): 1-200 letters, digits, `.`, `_`, `-` or `:`.
+/// Checks an identifier (job, slide, model): 1-200 letters, digits, `.`, `_`,
+/// `-` or `:`, and not `.`, `..` or any other run of dots alone (ids become
+/// object key segments, where those name folders).
 pub fn check_id(name: &str, v: &str) -> Result<(), MessageError> {
     if v.trim().is_empty() {
         return Err(field(name, "must not be empty"));
+    }
+    if v.chars().all(|c| c == '.') {
+        return Err(field(
+            name,
+            format!("{v:?} cannot be an object key segment ('.' and '..' name folders)"),
+        ));
     }
     if v.len() > 200
         || !v
@@ -108,6 +121,64 @@ pub fn check_s3_uri(name: &str, uri: &str) -> Result<(), MessageError> {
             name,
             format!("{uri:?} is not an s3://bucket/key URI"),
         )),
+    }
+}
+
+/// What a worker accepts beyond a message's own rules: its size, and the
+/// buckets a job may make the worker read (the worker's credentials reach
+/// further than the publisher's should).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Largest message body accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Buckets that image and label URIs may name.
+    pub allowed_buckets: Vec<String>,
+}
+
+impl Admission {
+    /// Parses and validates an inference job against the worker's limits.
+    pub fn job(&self, bytes: &[u8]) -> Result<JobMessage, MessageError> {
+        self.check_size(bytes)?;
+        let job = JobMessage::parse(bytes)?;
+        for (i, uri) in job.images.iter().enumerate() {
+            self.check_bucket(&format!("images[{i}]"), uri)?;
+        }
+        Ok(job)
+    }
+
+    /// Parses and validates a training job against the worker's limits.
+    pub fn train(&self, bytes: &[u8]) -> Result<TrainMessage, MessageError> {
+        self.check_size(bytes)?;
+        let job = TrainMessage::parse(bytes)?;
+        self.check_bucket("labels", &job.labels)?;
+        Ok(job)
+    }
+
+    fn check_size(&self, bytes: &[u8]) -> Result<(), MessageError> {
+        if bytes.len() > self.max_message_bytes {
+            return Err(MessageError::TooLarge {
+                bytes: bytes.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_bucket(&self, name: &str, uri: &str) -> Result<(), MessageError> {
+        let bucket = uri
+            .strip_prefix("s3://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default();
+        if self.allowed_buckets.iter().any(|b| b == bucket) {
+            return Ok(());
+        }
+        Err(field(
+            name,
+            format!(
+                "bucket {bucket:?} is not one this worker may read (--allowed-buckets: {})",
+                self.allowed_buckets.join(", ")
+            ),
+        ))
     }
 }
 
@@ -148,8 +219,11 @@ impl TrainMessage {
         check_id("model", &job.model)?;
         check_s3_uri("labels", &job.labels)?;
         if let Some(m) = job.promotion_margin {
-            if !m.is_finite() {
-                return Err(field("promotion_margin", "must be a number"));
+            if !(0.0..=MAX_PROMOTION_MARGIN).contains(&m) {
+                return Err(field(
+                    "promotion_margin",
+                    format!("{m} is out of range: a margin on macro AUC from 0 to {MAX_PROMOTION_MARGIN}"),
+                ));
             }
         }
         Ok(job)
@@ -206,6 +280,42 @@ mod tests {
             "{}",
             e(wrong_type)
         );
+        for id in [".", "..", "..."] {
+            let dots = serde_json::json!({"schema": JOB_SCHEMA, "job_id": id, "slide_id": "s", "images": ["s3://b/k"]});
+            let e = e(&serde_json::to_vec(&dots).unwrap());
+            assert!(e.contains("job_id") && e.contains("object key"), "{e}");
+        }
+        assert!(check_id("job_id", "a.b..c").is_ok());
+    }
+
+    #[test]
+    fn admission_limits_size_and_buckets() {
+        let a = Admission {
+            max_message_bytes: 200,
+            allowed_buckets: vec!["lab".into(), "scans".into()],
+        };
+        assert!(a.job(&job(&["s3://lab/a.jpg", "s3://scans/b.jpg"])).is_ok());
+        let e = a
+            .job(&job(&["s3://lab/a.jpg", "s3://other/b.jpg"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("images[1]") && e.contains("\"other\"") && e.contains("lab, scans"),
+            "{e}"
+        );
+        let big: Vec<String> = (0..20).map(|i| format!("s3://lab/{i}.jpg")).collect();
+        let big: Vec<&str> = big.iter().map(String::as_str).collect();
+        let e = a.job(&job(&big)).unwrap_err().to_string();
+        assert!(
+            e.contains("at most 200") && e.contains("--max-message-bytes"),
+            "{e}"
+        );
+        let t = serde_json::json!({"schema": TRAIN_SCHEMA, "job_id": "t", "labels": "s3://other/l.csv", "model": "m"});
+        let e = a
+            .train(&serde_json::to_vec(&t).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("labels") && e.contains("other"), "{e}");
     }
 
     #[test]
@@ -242,6 +352,15 @@ mod tests {
         let bad = serde_json::json!({"schema": TRAIN_SCHEMA, "job_id": "t1", "labels": "labels.csv", "model": "cin4"});
         let e = TrainMessage::parse(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
         assert!(e.to_string().contains("labels"), "{e}");
+        for m in [-0.1, 0.7] {
+            let bad = serde_json::json!({"schema": TRAIN_SCHEMA, "job_id": "t1", "labels": "s3://b/l.csv", "model": "cin4", "promotion_margin": m});
+            let e = TrainMessage::parse(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
+            assert!(
+                e.to_string().contains("promotion_margin")
+                    && e.to_string().contains("out of range"),
+                "{e}"
+            );
+        }
         assert_eq!(new_job_id().len(), 32);
     }
 }

@@ -1,16 +1,28 @@
 //! RabbitMQ (AMQP 0-9-1, lapin): the topology the workers declare, publishing
 //! with confirms, and the message schemas.
 //!
-//! Topology (every name configurable; tests use unique ones):
+//!Topology (every name configurable; tests use unique ones):
 //! - direct exchange `cinflow.jobs`: routing key `infer` -> quorum queue
 //!   `cinflow.infer`, key `train` -> quorum queue `cinflow.train`;
 //! - both queues have a delivery limit and dead-letter into the direct exchange
-//!   `cinflow.jobs.dlx`, which routes to `cinflow.infer.dlq` / `cinflow.train.dlq`;
+//!   `cinflow.jobs.dlx`, which routes to `cinflow.infer.dlq` / `cinflow.train.dlq`,
+//!   at least once (`x-dead-letter-strategy: at-least-once`, which needs
+//!   `x-overflow: reject-publish`: a full queue refuses publishes instead of
+//!   dropping its oldest messages);
+//! - delay queues `cinflow.infer.delay` / `cinflow.train.delay` (no consumers):
+//!   a job whose transient failures outlasted the retry budget waits there for
+//!   its per-message TTL, then dead-letters back to its work queue;
 //! - topic exchange `cinflow.results` for result events.
+//!
+//! Queues created by a release before the delay queues and at-least-once
+//! dead-lettering have other arguments; RabbitMQ refuses to redeclare them, and
+//! [`declare_topology`] says so with the way out (README.md, "Upgrading the
+//! queues").
 
 pub mod deadletters;
 pub mod enqueue;
 pub mod messages;
+pub mod migrate;
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -57,6 +69,9 @@ pub struct AmqpConfig {
     /// Deliveries of one message before it is dead-lettered (poison messages).
     #[arg(long, env = "CINFLOW_DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
+    /// Seconds to wait for the broker to confirm a published message.
+    #[arg(long, env = "CINFLOW_CONFIRM_TIMEOUT_S", default_value_t = 30)]
+    pub confirm_timeout_s: u64,
     /// Heartbeat interval in seconds asked of the broker (unless the URL sets `heartbeat`).
     #[arg(long, env = "CINFLOW_AMQP_HEARTBEAT_S", default_value_t = 30)]
     pub heartbeat_s: u16,
@@ -78,6 +93,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("train_queue", &self.train_queue)
             .field("results_exchange", &self.results_exchange)
             .field("delivery_limit", &self.delivery_limit)
+            .field("confirm_timeout_s", &self.confirm_timeout_s)
             .field("heartbeat_s", &self.heartbeat_s)
             .field("ca_file", &self.ca_file)
             .finish()
@@ -108,6 +124,15 @@ impl AmqpConfig {
     pub fn train_dlq(&self) -> String {
         format!("{}.dlq", self.train_queue)
     }
+
+    /// The delay queue of a work queue.
+    pub fn delay_queue(queue: &str) -> String {
+        format!("{queue}.delay")
+    }
+
+    fn confirm_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.confirm_timeout_s.max(1))
+    }
 }
 
 /// Why a broker operation failed (all but `Config` are worth retrying after a reconnect).
@@ -129,6 +154,12 @@ pub enum QueueError {
     },
     #[error("broker refused the message {message_id} ({what})")]
     Nacked { message_id: String, what: String },
+    #[error(
+        "the broker did not confirm message {message_id} within {seconds} s (--confirm-timeout-s)"
+    )]
+    ConfirmTimeout { message_id: String, seconds: u64 },
+    #[error("queue {queue:?} exists with other arguments than this release declares ({detail}); RabbitMQ cannot change a queue's arguments: move its messages and recreate it as README.md, \"Upgrading the queues\", describes")]
+    Inequivalent { queue: String, detail: String },
     #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: message {message_id} was returned (is the topology declared?)")]
     Unroutable {
         exchange: String,
@@ -138,12 +169,15 @@ pub enum QueueError {
 }
 
 impl crate::retry::Transient for QueueError {
-    /// A broker that is down, refused a message or lost the channel may do
-    /// better later; a bad URL or an unroutable message (no topology) will not.
+    /// A broker that is down, slow, refused a message or lost the channel may
+    /// do better later; a bad URL, an unroutable message (no topology) or a
+    /// queue declared with other arguments will not.
     fn is_transient(&self) -> bool {
         !matches!(
             self,
-            QueueError::Config { .. } | QueueError::Unroutable { .. }
+            QueueError::Config { .. }
+                | QueueError::Unroutable { .. }
+                | QueueError::Inequivalent { .. }
         )
     }
 }
@@ -186,25 +220,57 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, QueueEr
     .map_err(|source| QueueError::Connect { url, source })
 }
 
-fn quorum_args(cfg: &AmqpConfig, dead_letter_key: &str) -> FieldTable {
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Arguments of a quorum queue that dead-letters at least once to
+/// `exchange` with `key`.
+fn quorum_args(exchange: &str, key: &str) -> FieldTable {
     let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    args.insert(ShortString::from("x-dead-letter-exchange"), text(exchange));
+    args.insert(ShortString::from("x-dead-letter-routing-key"), text(key));
     args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
+        ShortString::from("x-dead-letter-strategy"),
+        text("at-least-once"),
     );
-    args.insert(
-        ShortString::from("x-delivery-limit"),
-        AMQPValue::LongInt(cfg.delivery_limit as i32),
-    );
-    args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange())),
-    );
-    args.insert(
-        ShortString::from("x-dead-letter-routing-key"),
-        AMQPValue::LongString(LongString::from(dead_letter_key)),
-    );
+    args.insert(ShortString::from("x-overflow"), text("reject-publish"));
     args
+}
+
+/// Declares a durable queue; a queue that exists with other arguments is
+/// named as such.
+async fn declare_queue(ch: &Channel, queue: &str, args: FieldTable) -> Result<(), QueueError> {
+    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map(|_| ())
+        .map_err(|source| match inequivalent(&source) {
+            Some(detail) => QueueError::Inequivalent {
+                queue: queue.to_string(),
+                detail,
+            },
+            None => QueueError::Amqp {
+                what: format!("declare queue {queue}"),
+                source,
+            },
+        })
+}
+
+/// The broker's text when it refused a declaration for differing arguments.
+fn inequivalent(e: &lapin::Error) -> Option<String> {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p)
+            if matches!(
+                p.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            Some(p.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Declares every exchange, queue and binding (idempotent: declaring the same
@@ -227,13 +293,12 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
         (&cfg.infer_queue, INFER_KEY, cfg.infer_dlq()),
         (&cfg.train_queue, TRAIN_KEY, cfg.train_dlq()),
     ] {
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            quorum_args(cfg, &dlq),
-        )
-        .await
-        .map_err(amqp(format!("declare queue {queue}")))?;
+        let mut work = quorum_args(&cfg.dead_letter_exchange(), &dlq);
+        work.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongInt(cfg.delivery_limit as i32),
+        );
+        declare_queue(ch, queue, work).await?;
         ch.queue_bind(
             queue.as_str().into(),
             cfg.jobs_exchange.as_str().into(),
@@ -243,18 +308,12 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
         )
         .await
         .map_err(amqp(format!("bind {queue}")))?;
+        // Expired messages go back through the jobs exchange to the work queue.
+        let delay = AmqpConfig::delay_queue(queue);
+        declare_queue(ch, &delay, quorum_args(&cfg.jobs_exchange, key)).await?;
         let mut dlq_args = FieldTable::default();
-        dlq_args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        ch.queue_declare(
-            dlq.as_str().into(),
-            QueueDeclareOptions::durable(),
-            dlq_args,
-        )
-        .await
-        .map_err(amqp(format!("declare queue {dlq}")))?;
+        dlq_args.insert(ShortString::from("x-queue-type"), text("quorum"));
+        declare_queue(ch, &dlq, dlq_args).await?;
         ch.queue_bind(
             dlq.as_str().into(),
             cfg.dead_letter_exchange().as_str().into(),
@@ -275,6 +334,8 @@ pub async fn delete_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queue
     for q in [
         cfg.infer_queue.clone(),
         cfg.train_queue.clone(),
+        AmqpConfig::delay_queue(&cfg.infer_queue),
+        AmqpConfig::delay_queue(&cfg.train_queue),
         cfg.infer_dlq(),
         cfg.train_dlq(),
     ] {
@@ -303,26 +364,60 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, QueueError> {
     Ok(ch)
 }
 
+/// The headers a republished copy of a message keeps: the publisher's,
+/// without the broker's delivery bookkeeping (`x-delivery-count`,
+/// `x-acquired-count`, `x-death` and its summaries, which the broker sets on
+/// the copy afresh) and, unless `keep_ours`, without cinflow's own
+/// (`x-cinflow-*`: counts and dead-letter reasons).
+pub fn republished_headers(headers: Option<&FieldTable>, keep_ours: bool) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in headers.map(|h| h.inner().iter()).into_iter().flatten() {
+        let k = k.as_str();
+        let brokers = k == "x-delivery-count"
+            || k == "x-acquired-count"
+            || k.starts_with("x-death")
+            || k.starts_with("x-first-death")
+            || k.starts_with("x-last-death");
+        if !brokers && (keep_ours || !k.starts_with("x-cinflow-")) {
+            out.insert(ShortString::from(k), v.clone());
+        }
+    }
+    out
+}
+
+/// A message to publish with confirms.
+#[derive(Debug, Clone, Copy)]
+pub struct Publish<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub message_id: &'a str,
+    pub payload: &'a [u8],
+    /// A message no queue takes is an error, not a silent drop.
+    pub mandatory: bool,
+    /// Per-message TTL in milliseconds (delay queues).
+    pub expiration_ms: Option<u64>,
+}
+
 /// Publishes a persistent JSON message and waits for the broker's confirm; a
 /// message no queue takes is an error, not a silent drop.
 pub async fn publish_json(
     ch: &Channel,
+    cfg: &AmqpConfig,
     exchange: &str,
     routing_key: &str,
     message_id: &str,
     payload: &[u8],
     headers: Option<FieldTable>,
 ) -> Result<(), QueueError> {
-    publish(
-        ch,
+    let p = Publish {
         exchange,
         routing_key,
         message_id,
         payload,
-        headers,
-        true,
-    )
-    .await
+        mandatory: true,
+        expiration_ms: None,
+    };
+    publish(ch, cfg, p, headers).await
 }
 
 /// Publishes a persistent JSON event and waits for the broker's confirm. Unlike
@@ -330,56 +425,73 @@ pub async fn publish_json(
 /// and a lab may not subscribe to events at all.
 pub async fn publish_event(
     ch: &Channel,
-    exchange: &str,
+    cfg: &AmqpConfig,
     routing_key: &str,
     message_id: &str,
     payload: &[u8],
 ) -> Result<(), QueueError> {
-    publish(ch, exchange, routing_key, message_id, payload, None, false).await
+    let p = Publish {
+        exchange: &cfg.results_exchange,
+        routing_key,
+        message_id,
+        payload,
+        mandatory: false,
+        expiration_ms: None,
+    };
+    publish(ch, cfg, p, None).await
 }
 
-async fn publish(
+/// Publishes `p` and waits at most `--confirm-timeout-s` for the confirm.
+pub async fn publish(
     ch: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    message_id: &str,
-    payload: &[u8],
+    cfg: &AmqpConfig,
+    p: Publish<'_>,
     headers: Option<FieldTable>,
-    mandatory: bool,
 ) -> Result<(), QueueError> {
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(message_id.into())
+        .with_message_id(p.message_id.into())
         .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
     if let Some(h) = headers {
         props = props.with_headers(h);
     }
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
+    if let Some(ms) = p.expiration_ms {
+        props = props.with_expiration(ms.to_string().into());
+    }
+    let message_id = p.message_id;
+    let confirmed = async {
+        ch.basic_publish(
+            p.exchange.into(),
+            p.routing_key.into(),
             BasicPublishOptions {
-                mandatory,
+                mandatory: p.mandatory,
                 ..Default::default()
             },
-            payload,
+            p.payload,
             props,
         )
         .await
         .map_err(amqp(format!("publish {message_id}")))?
         .await
-        .map_err(amqp(format!("confirm {message_id}")))?;
+        .map_err(amqp(format!("confirm {message_id}")))
+    };
+    let confirm = tokio::time::timeout(cfg.confirm_timeout(), confirmed)
+        .await
+        .map_err(|_| QueueError::ConfirmTimeout {
+            message_id: message_id.to_string(),
+            seconds: cfg.confirm_timeout().as_secs(),
+        })??;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(QueueError::Unroutable {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
+            exchange: p.exchange.to_string(),
+            routing_key: p.routing_key.to_string(),
             message_id: message_id.to_string(),
         }),
         Confirmation::Nack(_) => Err(QueueError::Nacked {
             message_id: message_id.to_string(),
-            what: format!("exchange {exchange}, key {routing_key}"),
+            what: format!("exchange {:?}, key {}", p.exchange, p.routing_key),
         }),
     }
 }
@@ -404,6 +516,7 @@ mod tests {
             train_queue: "t".into(),
             results_exchange: "r".into(),
             delivery_limit: 5,
+            confirm_timeout_s: 30,
             heartbeat_s: 30,
             ca_file: Some("/nonexistent/ca.pem".into()),
         };

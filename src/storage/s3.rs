@@ -231,6 +231,7 @@ impl S3Client {
                 });
             }
         }
+        crate::observe::health().progress();
         Ok(bytes)
     }
 
@@ -255,7 +256,7 @@ impl S3Client {
             .body(ByteStream::from(bytes))
             .send()
             .await
-            .map(|_| ())
+            .map(|_| crate::observe::health().progress())
             .map_err(|e| classify(&uri, &e))
     }
 

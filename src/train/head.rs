@@ -158,6 +158,7 @@ pub fn train_head(
     let mut since_best = 0usize;
     let mut stopped = format!("max epochs ({}) reached", hp.max_epochs);
     for epoch in 1..=hp.max_epochs {
+        crate::observe::health().progress();
         let lr = hp.lr_at(epoch);
         opt.set_lr(lr);
         let view: Vec<i64> = (0..n).map(|_| rng.random_range(0..VIEWS as i64)).collect();

@@ -76,23 +76,42 @@ impl HyperParams {
         (self.learning_rate * self.lr_factor.powi(steps)).max(self.min_lr)
     }
 
-    /// Names the first bad value.
+    /// Names the first value out of its range (field name as in a training
+    /// message's `hyper_parameters`). The bounds keep one job from asking for
+    /// a week of epochs or a batch that cannot fit in memory.
     pub fn problems(&self) -> Option<String> {
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Some(format!(
-                "learning rate {} must be positive",
-                self.learning_rate
-            ));
-        }
-        if !(self.lr_factor > 0.0 && self.lr_factor <= 1.0) {
-            return Some(format!("lr factor {} must be in (0, 1]", self.lr_factor));
-        }
-        if self.batch_size == 0 || self.max_epochs == 0 || self.lr_step_epochs == 0 {
-            return Some("batch size, max epochs and lr step epochs must be at least 1".into());
-        }
-        None
+        let real = |name: &str, v: f64, lo: f64, hi: f64, lo_open: bool| {
+            let above = if lo_open { v > lo } else { v >= lo };
+            (!(above && v <= hi && v.is_finite())).then(|| {
+                let open = if lo_open { "(" } else { "[" };
+                format!("{name} = {v} is out of range {open}{lo}, {hi}]")
+            })
+        };
+        let count = |name: &str, v: usize, lo: usize, hi: usize| {
+            (!(lo..=hi).contains(&v)).then(|| format!("{name} = {v} is out of range [{lo}, {hi}]"))
+        };
+        real("learning_rate", self.learning_rate, 0.0, 1.0, true)
+            .or_else(|| real("lr_factor", self.lr_factor, 0.0, 1.0, true))
+            .or_else(|| real("min_lr", self.min_lr, 0.0, self.learning_rate, false))
+            .or_else(|| count("batch_size", self.batch_size, 1, MAX_BATCH_SIZE))
+            .or_else(|| count("max_epochs", self.max_epochs, 1, MAX_EPOCHS))
+            .or_else(|| count("lr_step_epochs", self.lr_step_epochs, 1, MAX_EPOCHS))
+            .or_else(|| {
+                count(
+                    "early_stopping_start",
+                    self.early_stopping_start,
+                    0,
+                    MAX_EPOCHS,
+                )
+            })
+            .or_else(|| count("patience", self.patience, 1, MAX_EPOCHS))
     }
 }
+
+/// Most images per optimiser step.
+pub const MAX_BATCH_SIZE: usize = 4096;
+/// Most epochs (and the largest epoch-valued setting).
+pub const MAX_EPOCHS: usize = 10_000;
 
 #[cfg(test)]
 mod tests {
@@ -105,5 +124,23 @@ mod tests {
         assert!(close(hp.lr_at(1), 1e-4) && close(hp.lr_at(10), 1e-4));
         assert!(close(hp.lr_at(11), 1e-5) && close(hp.lr_at(21), 1e-6));
         assert!(close(hp.lr_at(31), 1e-7) && close(hp.lr_at(200), 1e-7));
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        assert_eq!(HyperParams::default().problems(), None);
+        let bad = |f: &dyn Fn(&mut HyperParams)| {
+            let mut hp = HyperParams::default();
+            f(&mut hp);
+            hp.problems().unwrap()
+        };
+        assert!(bad(&|h| h.learning_rate = 0.0).starts_with("learning_rate = 0"));
+        assert!(bad(&|h| h.learning_rate = f64::NAN).starts_with("learning_rate"));
+        assert!(bad(&|h| h.learning_rate = 5.0).contains("(0, 1]"));
+        assert!(bad(&|h| h.batch_size = 0).starts_with("batch_size"));
+        assert!(bad(&|h| h.batch_size = 100_000).starts_with("batch_size"));
+        assert!(bad(&|h| h.max_epochs = 1_000_000).starts_with("max_epochs"));
+        assert!(bad(&|h| h.min_lr = 1.0).starts_with("min_lr"));
+        assert!(bad(&|h| h.patience = 0).starts_with("patience"));
     }
 }

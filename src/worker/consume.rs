@@ -1,10 +1,19 @@
 //! The consumer loop both workers share: connect, declare the topology, consume
-//! with manual acks and a prefetch, run each delivery's job in its own task,
-//! settle it (ack, dead-letter with a reason, or return it to the queue), and
-//! reconnect with backoff when the broker goes away. How each outcome is
-//! settled is [`super::settle`]'s decision. SIGTERM/SIGINT stop
-//! consuming and give in-flight jobs a drain limit; what is unfinished then goes
-//! back to the queue unacked when the connection closes.
+//! with manual acks and a prefetch, run each delivery's job in its own task
+//! under a deadline (`--job-timeout-s`), settle it, and reconnect with backoff
+//! when the broker goes away. How each outcome is settled is
+//! [`super::settle`]'s decision.
+//!
+//! Publishing (result events, dead letters, delayed and given-back copies)
+//! uses a connection of its own, as RabbitMQ recommends: a publisher the
+//! broker blocks (memory or disk alarm) cannot hold up the consumer's acks.
+//! Losing either connection ends the session: its jobs are stopped at once
+//! (the broker has put their messages back), so after a reconnect no more
+//! than `--concurrency` jobs ever run.
+//!
+//! SIGTERM/SIGINT stop consuming and give in-flight jobs the drain limit;
+//! what is unfinished then is given back to the queue without counting a
+//! failure.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,22 +22,23 @@ use std::time::{Duration, Instant};
 use futures_lite::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::settle::{settle, Outcome};
+use super::settle::{settle, Cause, Deliveries, Outcome, Route};
 use crate::observe::{health, metrics, InFlight};
-use crate::queue::{confirm_channel, connect, declare_topology, AmqpConfig};
+use crate::queue::{confirm_channel, connect, declare_topology, AmqpConfig, QueueError};
+use crate::retry::Transient;
 
 /// One received message, as a job handler sees it.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub data: Vec<u8>,
     pub message_id: Option<String>,
-    /// Earlier deliveries of this message (quorum queues count them).
-    pub delivery_count: u32,
+    /// Earlier and failed deliveries of this message.
+    pub deliveries: Deliveries,
     /// Milliseconds from the publisher's AMQP `timestamp` (one-second
     /// resolution) to receipt, if the publisher set one.
     pub queue_wait_ms: Option<f64>,
@@ -51,14 +61,8 @@ impl Broker {
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), crate::queue::QueueError> {
-        crate::queue::publish_event(
-            &self.channel,
-            &self.cfg.results_exchange,
-            routing_key,
-            message_id,
-            payload,
-        )
-        .await
+        crate::queue::publish_event(&self.channel, &self.cfg, routing_key, message_id, payload)
+            .await
     }
 }
 
@@ -72,9 +76,10 @@ pub trait Handler: Send + Sync + 'static {
         broker: Broker,
     ) -> impl Future<Output = Outcome> + Send;
 
-    /// A message delivered too often without being settled (the workers that
-    /// took it crashed or lost their connection each time): write its error
-    /// result; it is dead-lettered with `reason` instead of being tried again.
+    /// A message that is not tried again: it failed on too many deliveries
+    /// (the workers that took it crashed, were killed or ran past the job
+    /// deadline each time), or transient failures outlasted the retry rounds.
+    /// Write its error result; it is dead-lettered with `reason`.
     fn poison(
         self: Arc<Self>,
         msg: Incoming,
@@ -91,6 +96,12 @@ pub struct ConsumeOptions {
     pub dlq: String,
     pub prefetch: u16,
     pub drain: Duration,
+    /// Longest a job may run before it counts as failed.
+    pub job_timeout: Duration,
+    /// How long a job waits in the delay queue.
+    pub retry_delay: Duration,
+    /// Rounds through the delay queue before a job is given up (0: never).
+    pub retry_rounds: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// Connection name shown by the broker (`rabbitmqctl list_connections`).
@@ -100,6 +111,17 @@ pub struct ConsumeOptions {
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// Reconnecting cannot help (the queues exist with other arguments).
+    Fatal(QueueError),
+}
+
+/// Why running jobs are stopped before they finish.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    /// The drain limit passed: give the message back, no failure counted.
+    GiveBack,
+    /// The connection is gone: the broker has returned the message already.
+    Abandon,
 }
 
 /// Consumes until `shutdown` turns true; reconnects after broker failures.
@@ -118,6 +140,7 @@ pub async fn run<H: Handler>(
         health().set_broker_connected(false);
         match end {
             SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Fatal(e) => return Err(e.into()),
             SessionEnd::Lost(why) => {
                 metrics().broker_reconnects.inc();
                 if started.elapsed() > Duration::from_secs(30) {
@@ -134,16 +157,33 @@ pub async fn run<H: Handler>(
     }
 }
 
+/// Both connections of a session.
+struct Session {
+    consuming: Connection,
+    publishing: Connection,
+    channel: Channel,
+    broker: Broker,
+}
+
+impl Session {
+    async fn close(&self, why: &str) {
+        let _ = self.consuming.close(200, why.into()).await;
+        let _ = self.publishing.close(200, why.into()).await;
+    }
+}
+
 async fn session<H: Handler>(
     handler: &Arc<H>,
     opts: &ConsumeOptions,
     shutdown: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
-    let (conn, ch, broker) = match open(opts).await {
-        Ok(x) => x,
-        Err(e) => return SessionEnd::Lost(format!("{e:#}")),
+    let s = match open(opts).await {
+        Ok(s) => s,
+        Err(e) if !e.is_transient() => return SessionEnd::Fatal(e),
+        Err(e) => return SessionEnd::Lost(e.to_string()),
     };
-    let mut consumer = match ch
+    let mut consumer = match s
+        .channel
         .basic_consume(
             opts.queue.as_str().into(),
             opts.connection_name.as_str().into(),
@@ -153,22 +193,46 @@ async fn session<H: Handler>(
         .await
     {
         Ok(c) => c,
-        Err(e) => return SessionEnd::Lost(format!("consume {}: {e}", opts.queue)),
+        Err(e) => {
+            s.close("cannot consume").await;
+            return SessionEnd::Lost(format!("consume {}: {e}", opts.queue));
+        }
     };
+    let mut publisher_events = s.publishing.events_listener();
     health().set_broker_connected(true);
     tracing::info!(queue = %opts.queue, prefetch = opts.prefetch, "consuming");
     let mut tasks = JoinSet::new();
-    let limit = opts.amqp.delivery_limit;
-    let route = Arc::new((opts.queue.clone(), opts.dlq.clone()));
+    let (stop, stopped) = watch::channel(None::<Stop>);
+    let job = Arc::new(JobContext {
+        broker: s.broker.clone(),
+        route: Route {
+            queue: opts.queue.clone(),
+            dlq: opts.dlq.clone(),
+            delay: AmqpConfig::delay_queue(&opts.queue),
+            retry_delay: opts.retry_delay,
+        },
+        limit: opts.amqp.delivery_limit,
+        retry_rounds: opts.retry_rounds,
+        timeout: opts.job_timeout,
+        stopped,
+    });
     let end = loop {
         tokio::select! {
             _ = shutdown.changed() => break SessionEnd::Shutdown,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(process(handler.clone(), delivery, broker.clone(), route.clone(), limit));
+                    tasks.spawn(process(handler.clone(), delivery, job.clone()));
                 }
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
+            },
+            Some(event) = publisher_events.next() => match event {
+                lapin::Event::Error(e) => break SessionEnd::Lost(format!("publishing connection: {e}")),
+                lapin::Event::ConnectionBlocked(why) => {
+                    tracing::warn!(reason = %why, "the broker blocks publishing (resource alarm); results wait, acks go on");
+                }
+                lapin::Event::ConnectionUnblocked => tracing::info!("the broker unblocked publishing"),
+                _ => {}
             },
             Some(done) = tasks.join_next() => {
                 if let Err(e) = done {
@@ -179,76 +243,106 @@ async fn session<H: Handler>(
     };
     match end {
         SessionEnd::Shutdown => {
-            let _ = ch
+            let _ = s
+                .channel
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                 .await;
             let n = tasks.len();
             tracing::info!(in_flight = n, limit = ?opts.drain, "stopping: draining in-flight jobs");
-            let drained = tokio::time::timeout(opts.drain, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
+            if !finish(&mut tasks, opts.drain).await {
                 tracing::warn!(
                     unfinished = tasks.len(),
                     "drain limit reached: unfinished jobs go back to the queue"
                 );
-                tasks.abort_all();
+                let _ = stop.send(Some(Stop::GiveBack));
+                finish_or_abort(&mut tasks, settle_limit(opts)).await;
             }
-            let _ = conn.close(200, "worker stopping".into()).await;
+            s.close("worker stopping").await;
             SessionEnd::Shutdown
         }
         lost => {
-            // Their messages are back in the queue already; let them finish
-            // (the objects they write are the ones a redelivery rewrites).
-            tasks.detach_all();
+            // The broker has put their messages back: stop them now, so no
+            // more than --concurrency jobs run after the reconnect.
+            let _ = stop.send(Some(Stop::Abandon));
+            finish_or_abort(&mut tasks, settle_limit(opts)).await;
+            s.close("connection lost").await;
             lost
         }
     }
 }
 
-async fn open(opts: &ConsumeOptions) -> anyhow::Result<(Connection, Channel, Broker)> {
-    let conn = connect(&opts.amqp, &opts.connection_name).await?;
-    let ch = conn.create_channel().await?;
-    declare_topology(&ch, &opts.amqp).await?;
-    ch.basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
-        .await?;
-    let events = confirm_channel(&conn).await?;
+/// Longest a stopped job takes to settle (one confirmed publish and an ack).
+fn settle_limit(opts: &ConsumeOptions) -> Duration {
+    Duration::from_secs(opts.amqp.confirm_timeout_s.max(1) + 5)
+}
+
+/// Waits up to `limit` for every task; whether all finished.
+async fn finish(tasks: &mut JoinSet<()>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_ok()
+}
+
+async fn finish_or_abort(tasks: &mut JoinSet<()>, limit: Duration) {
+    if !finish(tasks, limit).await {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn open(opts: &ConsumeOptions) -> Result<Session, QueueError> {
+    let amqp = |what: &'static str| {
+        move |source| QueueError::Amqp {
+            what: what.into(),
+            source,
+        }
+    };
+    let consuming = connect(&opts.amqp, &opts.connection_name).await?;
+    let channel = consuming
+        .create_channel()
+        .await
+        .map_err(amqp("open channel"))?;
+    declare_topology(&channel, &opts.amqp).await?;
+    channel
+        .basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
+        .await
+        .map_err(amqp("set the prefetch"))?;
+    let publishing = connect(
+        &opts.amqp,
+        &format!("{} (publishing)", opts.connection_name),
+    )
+    .await?;
+    let events = confirm_channel(&publishing).await?;
     let broker = Broker {
         channel: events,
         cfg: Arc::new(opts.amqp.clone()),
     };
-    Ok((conn, ch, broker))
+    Ok(Session {
+        consuming,
+        publishing,
+        channel,
+        broker,
+    })
 }
 
-/// Earlier deliveries of a message, from the quorum queue's `x-delivery-count`.
-fn delivery_count(headers: Option<&FieldTable>) -> u32 {
-    let v = headers.and_then(|h| h.inner().get("x-delivery-count"));
-    match v {
-        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongUInt(n)) => *n,
-        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
-        Some(AMQPValue::ShortShortInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::ShortShortUInt(n)) => u32::from(*n),
-        _ => 0,
-    }
-}
-
-async fn process<H: Handler>(
-    handler: Arc<H>,
-    delivery: Delivery,
+/// What every job of a session shares.
+struct JobContext {
     broker: Broker,
-    route: Arc<(String, String)>,
+    route: Route,
+    /// Failed deliveries after which a message is poison (0: no limit).
     limit: u32,
-) {
+    retry_rounds: u32,
+    timeout: Duration,
+    stopped: watch::Receiver<Option<Stop>>,
+}
+
+async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobContext>) {
     let _in_flight = InFlight::start();
     let props = &delivery.properties;
     let msg = Incoming {
         data: delivery.data.clone(),
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
-        delivery_count: delivery_count(props.headers().as_ref()),
+        deliveries: Deliveries::of(props.headers().as_ref()),
         queue_wait_ms: props.timestamp().map(|ts| {
             let now = chrono::Utc::now().timestamp_millis() as f64;
             (now - ts as f64 * 1e3).max(0.0)
@@ -260,24 +354,64 @@ async fn process<H: Handler>(
         metrics().queue_wait_seconds.observe(ms / 1e3);
     }
     let received = msg.received;
-    let poison = limit > 0 && msg.delivery_count >= limit;
-    let outcome = if poison {
-        let reason = format!(
-            "poison message: delivered {} times without finishing (the workers that took it crashed, were killed or lost their connection, or gave it back after transient failures outlasted their retries); not tried again",
-            msg.delivery_count + 1
-        );
-        std::panic::AssertUnwindSafe(handler.poison(msg, reason, broker.clone()))
-            .catch_unwind()
-            .await
-    } else {
-        std::panic::AssertUnwindSafe(handler.handle(msg, broker.clone()))
-            .catch_unwind()
-            .await
+    let counts = msg.deliveries;
+    let poison = cx.limit > 0 && counts.failed >= cx.limit;
+    let broker = cx.broker.clone();
+    let again = msg.clone();
+    let work = async {
+        if poison {
+            let reason = format!(
+                "poison message: {} failed deliveries (the workers that took it crashed, were killed, lost their connection or ran past --job-timeout-s); not tried again",
+                counts.failed
+            );
+            std::panic::AssertUnwindSafe(handler.clone().poison(msg, reason, broker))
+                .catch_unwind()
+                .await
+        } else {
+            std::panic::AssertUnwindSafe(handler.clone().handle(msg, broker))
+                .catch_unwind()
+                .await
+        }
     };
-    let outcome = outcome.unwrap_or_else(|panic| Outcome::Retry {
-        reason: format!("job panicked: {}", panic_text(&panic)),
-    });
-    let settled = settle(&delivery, outcome, &broker, &route, &id, poison).await;
+    let mut stopped = cx.stopped.clone();
+    let outcome = tokio::select! {
+        done = tokio::time::timeout(cx.timeout, work) => match done {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(panic)) => Outcome::Failed {
+                reason: format!("job panicked: {}", panic_text(&panic)),
+            },
+            Err(_) => Outcome::Failed {
+                reason: format!(
+                    "job did not finish within {} s (--job-timeout-s)",
+                    cx.timeout.as_secs()
+                ),
+            },
+        },
+        stop = stopped.wait_for(Option::is_some) => match stop.map(|s| *s) {
+            Ok(Some(Stop::GiveBack)) => Outcome::GiveBack,
+            _ => Outcome::Abandoned,
+        },
+    };
+    let (outcome, cause) = match outcome {
+        Outcome::Retry { reason }
+            if cx.retry_rounds > 0 && counts.retries + 1 >= cx.retry_rounds =>
+        {
+            let reason = format!(
+                "gave up: transient failures outlasted the retries {} times (--retry-rounds); the last: {reason}",
+                counts.retries + 1
+            );
+            (
+                handler.poison(again, reason, cx.broker.clone()).await,
+                Cause::GaveUp,
+            )
+        }
+        o if poison => (o, Cause::Poison),
+        o => (o, Cause::Rejected),
+    };
+    let settled = settle(
+        &delivery, counts, outcome, &cx.broker, &cx.route, &id, cause,
+    )
+    .await;
     metrics().job_settled(settled);
     metrics()
         .job_seconds
@@ -289,19 +423,4 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delivery_count_reads_every_integer_type() {
-        assert_eq!(delivery_count(None), 0);
-        let mut h = FieldTable::default();
-        h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
-        assert_eq!(delivery_count(Some(&h)), 3);
-        h.insert("x-delivery-count".into(), AMQPValue::LongInt(-1));
-        assert_eq!(delivery_count(Some(&h)), 0);
-    }
 }

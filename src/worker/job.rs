@@ -1,20 +1,24 @@
 //! `cinflow worker infer`: one `cinflow.job/v1` message, top to bottom.
 //!
-//! 1. Parse and validate the message (a bad one is refused: error result and
-//!    dead-letter).
-//! 2. Pin the model version: the served one, or the alias/version the job
-//!    names. Every image of the job is graded by it.
+//! 1. Check the message against the worker's limits and parse it (a bad one
+//!    is refused: error result and dead-letter).
+//! 2. Pin the model version through the job's [claim](super::claim): an
+//!    earlier delivery's version, else the served one or the alias/version
+//!    the job names, claimed now. Another content under the same job id is
+//!    refused without touching the stored result; a job whose result is
+//!    already complete is announced again, not graded again.
 //! 3. Per image, concurrently (at most `--images-in-flight` over all jobs):
-//!    [`fetch`](super::fetch) -> [`prepare`](super::prepare) ->
-//!    [`grade`](super::grade) (batched across jobs) ->
-//!    [`render`](super::render) -> [`put`](super::put). An image that can
-//!    never be graded (missing, corrupt, too large) becomes an error entry; a
-//!    transient failure that outlasts its object's retries fails the job.
+//!    [`fetch`](super::fetch) -> [`prepare`](super::prepare) (admitted
+//!    against the memory budget) -> [`grade`](super::grade) (batched across
+//!    jobs) -> [`render`](super::render) -> [`put`](super::put). An image that
+//!    can never be graded (missing, corrupt, too large) becomes an error
+//!    entry; a transient failure that outlasts its object's retries fails the
+//!    job.
 //! 4. The FHIR report, then the result record, then the `cinflow.result/v1`
 //!    event (publisher confirms).
 //! 5. The outcome goes to [`settle`](super::settle): ack only now, so any
 //!    earlier crash means redelivery, never loss; a redelivered job rewrites
-//!    the same objects.
+//!    the same objects under the same version.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,16 +27,18 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use super::claim::{content_sha256, duplicate_reason, Claim, Claims};
 use super::consume::{Broker, Handler, Incoming};
 use super::error::JobError;
 use super::fetch::Fetcher;
 use super::keys::Keys;
+use super::prepare::Preparer;
 use super::put::Putter;
-use super::serving::Serving;
+use super::serving::{Serving, ServingError};
 use super::settle::Outcome;
 use crate::engine::Grader;
 use crate::pipeline::Overlays;
-use crate::queue::messages::{check_id, JobMessage};
+use crate::queue::messages::{check_id, Admission, JobMessage};
 use crate::result::fhir::{diagnostic_report, Systems};
 use crate::result::{ImageResult, ImageStatus, JobIds, JobTimings, ResultRecord};
 use crate::retry::{RetryPolicy, Transient};
@@ -43,9 +49,13 @@ pub struct InferWorker {
     pub serving: Arc<Serving>,
     pub fetcher: Fetcher,
     pub putter: Putter,
+    /// Decodes and preprocesses within the memory budget.
+    pub preparer: Preparer,
     /// Images between fetch and put at once, over all jobs (bounds memory).
     pub images: Semaphore,
     pub overlays: Overlays,
+    /// Message size and bucket limits.
+    pub admission: Admission,
     /// Retries of steps outside the stages (loading a model a job names).
     pub retry: RetryPolicy,
     pub results_prefix: String,
@@ -59,15 +69,30 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// The model version a delivery grades with.
+enum Pin {
+    /// `earlier`: a previous delivery of the job claimed this version.
+    Model { grader: Arc<Grader>, earlier: bool },
+    /// The job id was claimed for other content: the reason to refuse it.
+    Duplicate(String),
+}
+
 impl InferWorker {
     async fn grade_job(&self, msg: Incoming, job: JobMessage, broker: Broker) -> Outcome {
         let received = msg.received;
-        let grader = match self.pin_model(&job).await {
-            Ok(g) => g,
-            Err(e) => return self.fail(&msg, Some(&job), &e, &broker).await,
+        let content = content_sha256(Some(&job), &msg.data);
+        let (grader, earlier) = match self.pin(&job.job_id, &content, job.model.as_deref()).await {
+            Ok(Pin::Model { grader, earlier }) => (grader, earlier),
+            Ok(Pin::Duplicate(reason)) => return Outcome::Rejected { reason },
+            Err(e) => return self.fail(&msg, Some(&job), None, &e, &broker).await,
         };
         let m = grader.model().manifest().clone();
         let keys = Keys::new(&self.results_prefix, &job.job_id, &m);
+        if earlier {
+            if let Some(outcome) = self.announce_complete(&keys, &broker).await {
+                return outcome;
+            }
+        }
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
 
         let images = futures_util::future::try_join_all(
@@ -79,7 +104,11 @@ impl InferWorker {
         .await;
         let images = match images {
             Ok(images) => images,
-            Err(e) => return self.fail(&msg, Some(&job), &e, &broker).await,
+            Err(e) => {
+                return self
+                    .fail(&msg, Some(&job), Some(&grader), &e, &broker)
+                    .await
+            }
         };
         for i in &images {
             crate::observe::metrics().image_done(i.timings.as_ref(), i.predicted_class.as_deref());
@@ -93,7 +122,7 @@ impl InferWorker {
             images,
         );
         record.ids = ids(&job);
-        record.attempt = Some(msg.delivery_count + 1);
+        record.attempt = Some(msg.deliveries.earlier + 1);
         record.timings = Some(timings);
         let error = record.error.clone();
         if let Err(e) = self.write_and_announce(record, &keys, &broker).await {
@@ -108,16 +137,123 @@ impl InferWorker {
         }
     }
 
-    /// The model version that grades every image of the job.
-    async fn pin_model(&self, job: &JobMessage) -> Result<Arc<Grader>, JobError> {
-        let Some(want) = &job.model else {
+    fn claims(&self) -> Claims<'_> {
+        Claims {
+            stores: &self.putter.stores,
+            retry: self.retry,
+            results_prefix: &self.results_prefix,
+        }
+    }
+
+    /// The one model version of the job `job_id` with content `content`: the
+    /// one an earlier delivery claimed, else the served one or the one the job
+    /// names (`want`), claimed now.
+    async fn pin(&self, job_id: &str, content: &str, want: Option<&str>) -> Result<Pin, JobError> {
+        let claims = self.claims();
+        if let Some(earlier) = claims.read(job_id).await? {
+            return self.follow(earlier, content, true).await;
+        }
+        let grader = self.choose_model(want).await?;
+        let m = grader.model().manifest();
+        let mine = Claim::new(
+            job_id,
+            content.to_string(),
+            &m.name,
+            &m.version,
+            &self.worker_name,
+        );
+        let stored = claims.write(&mine).await?;
+        if (&stored.content_sha256, &stored.version) == (&mine.content_sha256, &mine.version) {
+            return Ok(Pin::Model {
+                grader,
+                earlier: false,
+            });
+        }
+        tracing::warn!(other = %stored.worker, "another worker claimed the job at the same moment; following its claim");
+        self.follow(stored, content, false).await
+    }
+
+    /// The version a stored claim names, if it was made for this content.
+    async fn follow(&self, claim: Claim, content: &str, earlier: bool) -> Result<Pin, JobError> {
+        if claim.content_sha256 != content {
+            return Ok(Pin::Duplicate(duplicate_reason(&claim.job_id, &claim)));
+        }
+        if claim.model != self.serving.name() {
+            return Err(JobError::Invalid(format!(
+                "job {} is graded by model {} {} (its claim); this worker serves model {}",
+                claim.job_id,
+                claim.model,
+                claim.version,
+                self.serving.name()
+            )));
+        }
+        let version = claim.version;
+        let grader = self
+            .load("load the claimed model version", move |s| {
+                s.version(&version, &version)
+            })
+            .await?;
+        Ok(Pin::Model { grader, earlier })
+    }
+
+    /// If an earlier delivery completed the job, announces its result again
+    /// (the crash or lost connection came between the write and the ack).
+    async fn announce_complete(&self, keys: &Keys, broker: &Broker) -> Option<Outcome> {
+        let stores = &self.putter.stores;
+        let found = self
+            .retry
+            .run("read an earlier result", || async {
+                match stores.get(&keys.result()).await {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        let json = match found {
+            Ok(Some(json)) => json,
+            Ok(None) => return None,
+            Err(e) => {
+                return Some(Outcome::of_failure(
+                    &JobError::from(e).during("read an earlier result"),
+                ))
+            }
+        };
+        let record: ResultRecord = serde_json::from_slice(&json).ok()?;
+        if record.error.is_some() {
+            return None; // graded again: its cause may be fixed (a re-sent dead letter)
+        }
+        tracing::info!(
+            attempt = ?record.attempt,
+            "already graded by an earlier delivery; announcing its result again"
+        );
+        let id = event_id(&record);
+        Some(match broker.publish_event("result.ok", &id, &json).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::of_failure(&JobError::from(e).during("result event")),
+        })
+    }
+
+    /// The served model, or the alias or version the job names.
+    async fn choose_model(&self, want: Option<&str>) -> Result<Arc<Grader>, JobError> {
+        let Some(want) = want else {
             return Ok(self.serving.current());
         };
+        let want = want.to_string();
+        self.load("load model", move |s| s.get(&want)).await
+    }
+
+    /// Loads a model on a blocking thread, retrying an unavailable registry.
+    async fn load(
+        &self,
+        what: &str,
+        get: impl Fn(&Serving) -> Result<Arc<Grader>, ServingError> + Clone + Send + 'static,
+    ) -> Result<Arc<Grader>, JobError> {
         self.retry
-            .run("load model", || {
-                let (serving, want) = (self.serving.clone(), want.clone());
+            .run(what, || {
+                let (serving, get) = (self.serving.clone(), get.clone());
                 async move {
-                    tokio::task::spawn_blocking(move || serving.get(&want))
+                    tokio::task::spawn_blocking(move || get(&serving))
                         .await
                         .expect("model loading panicked")
                         .map_err(JobError::from)
@@ -142,7 +278,11 @@ impl InferWorker {
             Err(e) if e.is_transient() => return Err(JobError::from(e).during("fetch")),
             Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
         };
-        let prepared = match super::prepare::prepare(model, fetched.bytes, fetched.ms).await {
+        let prepared = match self
+            .preparer
+            .prepare(model, fetched.bytes, fetched.ms)
+            .await
+        {
             Ok(p) => Arc::new(p),
             Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
         };
@@ -193,11 +333,7 @@ impl InferWorker {
             ImageStatus::Ok => "ok",
             ImageStatus::Error => "error",
         };
-        let id = format!(
-            "{}:{}",
-            record.job_id.as_deref().unwrap_or("-"),
-            record.model.version
-        );
+        let id = event_id(&record);
         broker
             .publish_event(&format!("result.{status}"), &id, &json)
             .await
@@ -206,34 +342,59 @@ impl InferWorker {
 
     /// A failure left after the stages' retries: a transient one returns the
     /// job to the queue; a permanent one writes the job's error result and
-    /// refuses it.
+    /// refuses it. `pinned`: the job's model version, if already known.
     async fn fail(
         &self,
         msg: &Incoming,
         job: Option<&JobMessage>,
+        pinned: Option<&Arc<Grader>>,
         e: &JobError,
         broker: &Broker,
     ) -> Outcome {
         match Outcome::of_failure(e) {
-            Outcome::Rejected { reason } => self.refuse(msg, job, reason, broker).await,
+            Outcome::Rejected { reason } => self.refuse(msg, job, pinned, reason, broker).await,
             other => other,
         }
     }
 
-    /// Writes the error result of a job refused as a whole and dead-letters it.
+    /// Writes the error result of a job refused as a whole (under its claimed
+    /// model version) and dead-letters it. A message whose job id holds other
+    /// content is dead-lettered without writing anything.
     async fn refuse(
         &self,
         msg: &Incoming,
         job: Option<&JobMessage>,
+        pinned: Option<&Arc<Grader>>,
         reason: String,
         broker: &Broker,
     ) -> Outcome {
-        let grader = self.serving.current();
-        let model = grader.model();
-        let m = model.manifest();
         let job_id = job
             .map(|j| j.job_id.clone())
             .unwrap_or_else(|| fallback_job_id(msg));
+        let grader = match pinned {
+            Some(g) => g.clone(),
+            None => {
+                let content = content_sha256(job, &msg.data);
+                let want = job.and_then(|j| j.model.as_deref());
+                match self.pin(&job_id, &content, want).await {
+                    Ok(Pin::Model { grader, .. }) => grader,
+                    Ok(Pin::Duplicate(dup)) => {
+                        return Outcome::Rejected {
+                            reason: format!("{reason}; {dup}"),
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
+                        return Outcome::Retry {
+                            reason: format!("cannot record the rejection ({reason}): {e}"),
+                        }
+                    }
+                    // The model the job names does not exist: recorded under the served one.
+                    Err(_) => self.serving.current(),
+                }
+            }
+        };
+        let model = grader.model();
+        let m = model.manifest();
         let mut record = ResultRecord::rejected(
             job_id.clone(),
             m,
@@ -245,7 +406,7 @@ impl InferWorker {
             record.slide_id = Some(j.slide_id.clone());
             record.ids = ids(j);
         }
-        record.attempt = Some(msg.delivery_count + 1);
+        record.attempt = Some(msg.deliveries.earlier + 1);
         let keys = Keys::new(&self.results_prefix, &job_id, m);
         match self.write_and_announce(record, &keys, broker).await {
             Ok(()) => Outcome::Rejected { reason },
@@ -254,6 +415,15 @@ impl InferWorker {
             },
         }
     }
+}
+
+/// The id of a result event: the job and the version that graded it.
+fn event_id(record: &ResultRecord) -> String {
+    format!(
+        "{}:{}",
+        record.job_id.as_deref().unwrap_or("-"),
+        record.model.version
+    )
 }
 
 /// A usable job id for a message that could not be parsed.
@@ -300,13 +470,13 @@ fn job_timings(
 
 impl Handler for InferWorker {
     async fn handle(self: Arc<Self>, msg: Incoming, broker: Broker) -> Outcome {
-        let job = match JobMessage::parse(&msg.data) {
+        let job = match self.admission.job(&msg.data) {
             Ok(j) => j,
             Err(e) => {
                 let id = fallback_job_id(&msg);
                 let span = tracing::info_span!("job", job_id = %id);
                 return self
-                    .refuse(&msg, None, e.to_string(), &broker)
+                    .refuse(&msg, None, None, e.to_string(), &broker)
                     .instrument(span)
                     .await;
             }
@@ -322,7 +492,7 @@ impl Handler for InferWorker {
             .map(|j| j.job_id.clone())
             .unwrap_or_else(|| fallback_job_id(&msg));
         let span = tracing::info_span!("job", job_id = %id);
-        self.refuse(&msg, job.as_ref(), reason, &broker)
+        self.refuse(&msg, job.as_ref(), None, reason, &broker)
             .instrument(span)
             .await
     }

@@ -11,6 +11,7 @@
 //! failure is retried is a property of its error type ([`error`],
 //! [`crate::retry`]), and each object is retried by itself.
 
+pub mod claim;
 pub mod consume;
 pub mod error;
 pub mod fetch;
@@ -36,6 +37,7 @@ use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::model::Registry;
 use crate::pipeline::Overlays;
+use crate::queue::messages::Admission;
 use crate::queue::AmqpConfig;
 use crate::retry::{Limit, RetryPolicy};
 use crate::storage::S3Config;
@@ -57,6 +59,25 @@ pub struct WorkerConfig {
     /// before it is returned to the queue.
     #[arg(long, env = "CINFLOW_RETRY_FOR_S", default_value_t = 300)]
     pub retry_for_s: u64,
+    /// Seconds a job whose transient failures outlasted --retry-for-s waits in
+    /// the delay queue before it is handed out again.
+    #[arg(long, env = "CINFLOW_RETRY_DELAY_S", default_value_t = 60)]
+    pub retry_delay_s: u64,
+    /// Rounds through the delay queue before a job is given up (error result,
+    /// dead-letter with the last reason); 0: never.
+    #[arg(long, env = "CINFLOW_RETRY_ROUNDS", default_value_t = 24)]
+    pub retry_rounds: u32,
+    /// Longest a job may run, in seconds; then it counts as a failed delivery.
+    /// Keep it below the broker's `consumer_timeout`. Default: 1500 (25
+    /// minutes) for inference, 18000 (5 hours) for training.
+    #[arg(long, env = "CINFLOW_JOB_TIMEOUT_S")]
+    pub job_timeout_s: Option<u64>,
+    /// /healthz fails when jobs are in flight and none has made progress (an
+    /// object fetched or written, a batch graded, an epoch trained) for this
+    /// many seconds: a wedged inference call or S3 request gets the pod
+    /// restarted. 0: never.
+    #[arg(long, env = "CINFLOW_STALL_LIMIT_S", default_value_t = 600)]
+    pub stall_limit_s: u64,
     /// First backoff between retries and broker reconnects, in milliseconds (doubled each time).
     #[arg(long, env = "CINFLOW_RETRY_BACKOFF_MS", default_value_t = 500)]
     pub retry_backoff_ms: u64,
@@ -73,12 +94,37 @@ pub struct WorkerConfig {
     /// accession ids): `urn:...` gets `:patient-id`, a URL `/patient-id`.
     #[arg(long, env = "CINFLOW_FHIR_SYSTEM", default_value = "urn:cinflow")]
     pub fhir_system: String,
+    /// Buckets a job's image and label URIs may name, comma-separated (default:
+    /// the worker's own bucket). Others are refused when the message is
+    /// validated: the worker's credentials must not read for any publisher.
+    #[arg(long, env = "CINFLOW_ALLOWED_BUCKETS", value_delimiter = ',')]
+    pub allowed_buckets: Vec<String>,
+    /// Largest message body accepted, in bytes; larger ones are refused.
+    #[arg(long, env = "CINFLOW_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
     /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
     #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: String,
 }
 
 impl WorkerConfig {
+    /// The message limits; `own_bucket` is allowed when no list is given.
+    pub fn admission(&self, own_bucket: &str) -> Admission {
+        let mut allowed: Vec<String> = self
+            .allowed_buckets
+            .iter()
+            .map(|b| b.trim().to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if allowed.is_empty() {
+            allowed.push(own_bucket.to_string());
+        }
+        Admission {
+            max_message_bytes: self.max_message_bytes,
+            allowed_buckets: allowed,
+        }
+    }
+
     /// How long a step retries transient failures (`--retry-for-s`, backoff flags).
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -106,6 +152,13 @@ pub struct EngineArgs {
     /// plus the cores.
     #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
     pub images_in_flight: usize,
+    /// Memory for decoding and preprocessing images, over all jobs, in MiB:
+    /// images are admitted from their header dimensions before they are
+    /// decoded, and one that needs more than all of it is refused. 0: half the
+    /// container's memory limit (a quarter of the machine's without one), at
+    /// least 1024.
+    #[arg(long, env = "CINFLOW_MEMORY_BUDGET_MB", default_value_t = 0)]
+    pub memory_budget_mb: u32,
     /// Class overlays drawn as JPEGs beside the preprocessed image and raw maps:
     /// the predicted class's, every class's, or none.
     #[arg(long, env = "CINFLOW_OVERLAYS", value_enum, default_value_t = Overlays::Predicted)]
@@ -117,6 +170,14 @@ impl EngineArgs {
         GraderConfig {
             max_batch: self.max_batch.max(1),
             batch_wait: Duration::from_millis(self.batch_wait_ms),
+        }
+    }
+
+    /// `--memory-budget-mb`, or its default.
+    pub fn memory_budget_mib(&self) -> u32 {
+        match self.memory_budget_mb {
+            0 => prepare::default_budget_mib(),
+            n => n,
         }
     }
 
@@ -216,6 +277,11 @@ pub fn worker_name(kind: &str) -> String {
     format!("cinflow-{kind}@{host}:{}", std::process::id())
 }
 
+/// Default `--job-timeout-s` of the inference worker.
+pub const INFER_JOB_TIMEOUT_S: u64 = 1500;
+/// Default `--job-timeout-s` of the training worker.
+pub const TRAIN_JOB_TIMEOUT_S: u64 = 18_000;
+
 fn consume_options(
     amqp: &AmqpConfig,
     worker: &WorkerConfig,
@@ -223,13 +289,20 @@ fn consume_options(
     dlq: String,
     prefetch: u16,
     name: &str,
+    default_job_timeout_s: u64,
 ) -> consume::ConsumeOptions {
+    crate::observe::health().set_stall_limit(Duration::from_secs(worker.stall_limit_s));
     consume::ConsumeOptions {
         amqp: amqp.clone(),
         queue,
         dlq,
         prefetch,
         drain: Duration::from_secs(worker.drain_timeout_s),
+        job_timeout: Duration::from_secs(
+            worker.job_timeout_s.unwrap_or(default_job_timeout_s).max(1),
+        ),
+        retry_delay: Duration::from_secs(worker.retry_delay_s),
+        retry_rounds: worker.retry_rounds,
         backoff_min: Duration::from_millis(worker.retry_backoff_ms.max(1)),
         backoff_max: Duration::from_millis(
             worker.retry_backoff_max_ms.max(worker.retry_backoff_ms),
@@ -250,7 +323,7 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     {
         let g = serving.current();
         let (m, provider) = (g.model().manifest(), g.model().provider());
-        tracing::info!(model = %m.name, version = %m.version, provider, max_batch = args.engine.max_batch, "model loaded");
+        tracing::info!(model = %m.name, version = %m.version, provider, max_batch = args.engine.max_batch, memory_budget_mib = args.engine.memory_budget_mib(), "model loaded");
         crate::observe::metrics().serving(m, provider);
         // Serving::start warmed the model up.
         crate::observe::health().set_model_loaded(true);
@@ -269,8 +342,10 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
             limit: args.worker.max_image_bytes,
         },
         putter: put::Putter { stores, retry },
+        preparer: prepare::Preparer::new(args.engine.memory_budget_mib()),
         images: tokio::sync::Semaphore::new(args.engine.images_in_flight()),
         overlays: args.engine.overlays,
+        admission: args.worker.admission(&args.s3.bucket),
         retry,
         results_prefix: args.worker.results_prefix.clone(),
         fhir: crate::result::fhir::Systems::new(&args.worker.fhir_system),
@@ -284,6 +359,7 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         args.amqp.infer_dlq(),
         args.worker.concurrency,
         &name,
+        INFER_JOB_TIMEOUT_S,
     );
     let r = consume::run(handler, opts, shutdown).await;
     follow.abort();

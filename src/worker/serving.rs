@@ -100,6 +100,11 @@ impl Serving {
         &self.alias
     }
 
+    /// The model name in the registry.
+    pub fn name(&self) -> &str {
+        self.registry.name()
+    }
+
     /// Follows the alias: loads and switches to the version it points at now.
     /// Returns the new version when it switched.
     pub fn refresh(&self) -> Result<Option<String>, ServingError> {
@@ -165,13 +170,20 @@ impl Serving {
             Err(RegistryError::BadName { .. }) => want.to_string(),
             Err(e) => return Err(e.into()),
         };
+        self.version(&version, want)
+    }
+
+    /// A version of the served model name by its id (`want`: what the job
+    /// asked for, for the error).
+    pub fn version(&self, version: &str, want: &str) -> Result<Arc<Grader>, ServingError> {
+        let current = self.current();
         if version == current.model().manifest().version {
             return Ok(current);
         }
-        if let Some(m) = self.others.lock().expect("lock").get(&version) {
+        if let Some(m) = self.others.lock().expect("lock").get(version) {
             return Ok(m.clone());
         }
-        if !self.registry.versions()?.contains(&version) {
+        if !self.registry.versions()?.iter().any(|v| v == version) {
             return Err(ServingError::Unknown {
                 name: self.registry.name().to_string(),
                 want: want.to_string(),
@@ -182,13 +194,13 @@ impl Serving {
             &self.cache,
             &self.infer,
             self.grader,
-            &version,
+            version,
         )?);
         let mut others = self.others.lock().expect("lock");
         if others.len() >= MAX_OTHER_MODELS {
             others.clear();
         }
-        others.insert(version, model.clone());
+        others.insert(version.to_string(), model.clone());
         Ok(model)
     }
 }

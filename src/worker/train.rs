@@ -125,7 +125,7 @@ impl TrainWorker {
             test_macro_auc: None,
             features_computed: None,
             features_cached: None,
-            attempt: msg.delivery_count + 1,
+            attempt: msg.deliveries.earlier + 1,
             worker: self.worker_name.clone(),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
@@ -410,7 +410,8 @@ pub fn override_hyper(
 
 impl Handler for TrainWorker {
     async fn handle(self: Arc<Self>, msg: Incoming, broker: Broker) -> Outcome {
-        let job = match TrainMessage::parse(&msg.data) {
+        let admission = self.args.worker.admission(&self.args.s3.bucket);
+        let job = match admission.train(&msg.data) {
             Ok(j) => j,
             Err(e) => {
                 let id = msg.message_id.clone().unwrap_or_else(|| {
@@ -424,6 +425,11 @@ impl Handler for TrainWorker {
             }
         };
         let span = tracing::info_span!("train_job", job_id = %job.job_id, model = %job.model);
+        // Out-of-range numbers are refused before anything is downloaded.
+        if let Err(reason) = override_hyper(&self.args.hyper, &job.hyper_parameters) {
+            let r = self.result(&job.job_id, &job.model, &msg);
+            return self.refuse(r, reason, &broker).instrument(span).await;
+        }
         self.run_job(msg, job, broker).instrument(span).await
     }
 
@@ -484,6 +490,7 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
         args.amqp.train_dlq(),
         1,
         &name,
+        super::TRAIN_JOB_TIMEOUT_S,
     );
     super::consume::run(handler, opts, shutdown).await
 }

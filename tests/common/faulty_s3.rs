@@ -51,7 +51,15 @@ struct Fault {
     method: String,
     path_contains: String,
     left: usize,
-    status: u16,
+    action: Action,
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    /// Answer with this error status, not forwarded.
+    Fail(u16),
+    /// Hold the request this long, then forward it.
+    Delay(Duration),
 }
 
 struct Seen {
@@ -135,7 +143,18 @@ impl FaultyS3 {
             method: method.to_string(),
             path_contains: path_contains.to_string(),
             left: times,
-            status,
+            action: Action::Fail(status),
+        });
+    }
+
+    /// Holds the next `times` matching requests for `by` before forwarding
+    /// them (a slow or wedged server).
+    pub fn delay(&self, method: &str, path_contains: &str, times: usize, by: Duration) {
+        self.state.lock().unwrap().faults.push(Fault {
+            method: method.to_string(),
+            path_contains: path_contains.to_string(),
+            left: times,
+            action: Action::Delay(by),
         });
     }
 
@@ -217,7 +236,7 @@ async fn serve(client: TcpStream, target: SocketAddr, state: Arc<Mutex<State>>) 
                 .find(|f| f.left > 0 && matches(&req.method, &path, &f.method, &f.path_contains))
                 .map(|f| {
                     f.left -= 1;
-                    f.status
+                    f.action
                 });
             st.seen.push(Seen {
                 method: req.method.clone(),
@@ -228,12 +247,15 @@ async fn serve(client: TcpStream, target: SocketAddr, state: Arc<Mutex<State>>) 
             (st.seen.len() - 1, fault)
         };
         let answer = match fault {
-            Some(status) => Response {
+            Some(Action::Fail(status)) => Response {
                 status,
                 raw: s3_error(status, &req.method, &path, index),
                 close: false,
             },
-            None => {
+            delayed => {
+                if let Some(Action::Delay(by)) = delayed {
+                    tokio::time::sleep(by).await;
+                }
                 match tokio::time::timeout(UPSTREAM_TIMEOUT, forward(&mut upstream, target, &req))
                     .await
                 {

@@ -198,6 +198,7 @@ pub fn amqp_config(prefix: &str) -> cinflow::queue::AmqpConfig {
         train_queue: format!("{prefix}.train"),
         results_exchange: format!("{prefix}.results"),
         delivery_limit: 3,
+        confirm_timeout_s: 30,
         heartbeat_s: 30,
         ca_file: None,
     }

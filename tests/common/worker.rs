@@ -105,9 +105,15 @@ impl Fixture {
     /// A fresh topology and a registry whose `current` alias is the tiny
     /// `classes`-class bundle as version `v1`.
     pub fn new(what: &str, classes: u32) -> Fixture {
+        Fixture::with_delivery_limit(what, classes, 3)
+    }
+
+    /// [`Fixture::new`] with queues that dead-letter after `limit` failed deliveries.
+    pub fn with_delivery_limit(what: &str, classes: u32, limit: u32) -> Fixture {
         let prefix = super::unique_prefix(what);
         let amqp = AmqpConfig {
             heartbeat_s: 10,
+            delivery_limit: limit,
             ..super::amqp_config(&prefix)
         };
         let s3 = super::s3_config();
@@ -205,6 +211,7 @@ impl Fixture {
         self.rt
             .block_on(publish_json(
                 &self.channel,
+                &self.amqp,
                 &self.amqp.jobs_exchange,
                 cinflow::queue::INFER_KEY,
                 message_id,

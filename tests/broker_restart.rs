@@ -1,0 +1,109 @@
+//! RabbitMQ restarted (`rabbitmqctl stop_app` / `start_app`) while a worker
+//! grades jobs: it reconnects within seconds of the broker and every job
+//! finishes once. Its own test binary, because it takes the shared broker
+//! away from everything else.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cinflow::result::ImageStatus;
+use cinflow::storage::ObjectStore;
+use common::http::{free_port, get};
+use common::worker::Fixture;
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
+    let fx = Fixture::new("restart", 4);
+    let slide = fx.images(3, 1280, 960);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = fx.spawn(
+        "infer",
+        &[
+            ("CINFLOW_METRICS_ADDR", addr.as_str()),
+            ("CINFLOW_RETRY_BACKOFF_MAX_MS", "1000"),
+        ],
+    );
+    let jobs: Vec<String> = (0..12).map(|i| format!("restart-{i:02}")).collect();
+    for id in &jobs {
+        fx.publish(&fx.job(id, &slide));
+    }
+    let first = fx.wait_result(&jobs[0], "v1", &w);
+    assert_eq!(first.status, ImageStatus::Ok);
+    let done_before: Vec<(String, Vec<u8>)> = jobs
+        .iter()
+        .filter_map(|id| Some((id.clone(), fx.store.get(&fx.result_key(id, "v1")).ok()?)))
+        .collect();
+
+    rabbitmqctl(&["stop_app"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let ready = |port| get(port, "/readyz").is_some_and(|(code, _)| code == 200);
+    assert!(!ready(port), "ready while the broker is down");
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    let back = Instant::now();
+    while !ready(port) && back.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resumed = back.elapsed();
+    eprintln!("the worker was ready again {resumed:?} after the broker");
+    assert!(
+        resumed <= Duration::from_secs(10),
+        "resumed after {resumed:?}:\n{}",
+        w.log()
+    );
+
+    for id in &jobs {
+        let r = fx.wait_result(id, "v1", &w);
+        assert_eq!(r.status, ImageStatus::Ok, "{id}: {:?}", r.error);
+        let objects = fx.result_objects(id);
+        assert_eq!(objects.len(), 1 + 2 + 3 * 3, "{id}: {objects:#?}");
+    }
+    // Jobs finished before the restart were not graded again.
+    std::thread::sleep(Duration::from_secs(1));
+    for (id, before) in &done_before {
+        let now = fx.store.get(&fx.result_key(id, "v1")).unwrap();
+        assert_eq!(&now, before, "{id} was graded again");
+    }
+    // The fixture's own connection died with the broker: clean up on a new one.
+    let amqp = fx.amqp.clone();
+    fx.rt.block_on(async {
+        let conn = cinflow::queue::connect(&amqp, "cinflow-test-cleanup")
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                amqp.infer_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(q.message_count(), 0, "jobs left in the queue");
+        let _ = ch
+            .queue_delete(
+                format!("{}.events", fx.prefix).as_str().into(),
+                Default::default(),
+            )
+            .await;
+        cinflow::queue::delete_topology(&ch, &amqp).await.unwrap();
+    });
+}

@@ -409,6 +409,12 @@ Settings of both workers (`cinflow worker infer|train`), in their ConfigMaps.
 CINFLOW_RETRY_FOR_S: {{ .Values.worker.retryForSeconds | int | quote }}
 CINFLOW_RETRY_BACKOFF_MS: {{ .Values.worker.retryBackoffMs | int | quote }}
 CINFLOW_RETRY_BACKOFF_MAX_MS: {{ .Values.worker.retryBackoffMaxMs | int | quote }}
+CINFLOW_RETRY_DELAY_S: {{ .Values.worker.retryDelaySeconds | int | quote }}
+CINFLOW_RETRY_ROUNDS: {{ .Values.worker.retryRounds | int | quote }}
+CINFLOW_STALL_LIMIT_S: {{ .Values.worker.stallLimitSeconds | int | quote }}
+CINFLOW_ALLOWED_BUCKETS: {{ join "," .Values.worker.allowedBuckets | quote }}
+CINFLOW_MAX_MESSAGE_BYTES: {{ .Values.worker.maxMessageBytes | int | quote }}
+CINFLOW_CONFIRM_TIMEOUT_S: {{ .Values.worker.confirmTimeoutSeconds | int | quote }}
 CINFLOW_RESULTS_PREFIX: {{ .Values.worker.resultsPrefix | quote }}
 CINFLOW_MAX_IMAGE_BYTES: {{ .Values.worker.maxImageBytes | int64 | quote }}
 CINFLOW_METRICS_ADDR: {{ printf "0.0.0.0:%d" (.Values.worker.httpPort | int) | quote }}

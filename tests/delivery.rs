@@ -450,3 +450,17 @@ fn twenty_kills_during_thirty_jobs_lose_nothing_and_grade_nothing_twice() {
         .is_none());
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
 }
+
+#[test]
+fn a_refused_read_is_never_retried() {
+    let fx = Fixture::new("denied", 4);
+    let proxy = FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    proxy.fail("GET", "/slides/", 1, 403);
+    let w = spawn_via(&fx, &proxy, &[]);
+    fx.publish(&fx.job("denied", &img));
+    let dl = fx.dead_letters(1);
+    assert_eq!(dl.len(), 1, "{}", w.log());
+    assert!(dl[0].1.contains("AccessDenied"), "{}", dl[0].1);
+    assert_eq!(proxy.count("GET", "/slides/"), 1, "retried:\n{}", w.log());
+}

@@ -102,6 +102,8 @@ pub struct ConsumeOptions {
     pub retry_delay: Duration,
     /// Rounds through the delay queue before a job is given up (0: never).
     pub retry_rounds: u32,
+    /// How long settling keeps publishing a copy or a dead letter.
+    pub settle_retry: crate::retry::RetryPolicy,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// Connection name shown by the broker (`rabbitmqctl list_connections`).
@@ -210,6 +212,7 @@ async fn session<H: Handler>(
             dlq: opts.dlq.clone(),
             delay: AmqpConfig::delay_queue(&opts.queue),
             retry_delay: opts.retry_delay,
+            retry: opts.settle_retry,
         },
         limit: opts.amqp.delivery_limit,
         retry_rounds: opts.retry_rounds,

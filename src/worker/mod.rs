@@ -303,6 +303,7 @@ fn consume_options(
         ),
         retry_delay: Duration::from_secs(worker.retry_delay_s),
         retry_rounds: worker.retry_rounds,
+        settle_retry: worker.retry_policy(),
         backoff_min: Duration::from_millis(worker.retry_backoff_ms.max(1)),
         backoff_max: Duration::from_millis(
             worker.retry_backoff_max_ms.max(worker.retry_backoff_ms),

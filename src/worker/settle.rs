@@ -45,7 +45,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use super::consume::Broker;
 use crate::observe::metrics;
 use crate::queue::{publish, republished_headers, Publish, QueueError};
-use crate::retry::Transient;
+use crate::retry::{RetryPolicy, Transient};
 
 pub use crate::queue::deadletters::REASON_HEADER;
 
@@ -153,6 +153,10 @@ pub struct Route {
     pub delay: String,
     /// How long a job waits in the delay queue.
     pub retry_delay: Duration,
+    /// How long a copy or a dead letter keeps being published (a broker that
+    /// blocks publishers, a confirm that does not come) before the original is
+    /// returned with reject or nack.
+    pub retry: RetryPolicy,
 }
 
 /// Why a message is dead-lettered (the `cause` label of
@@ -215,7 +219,17 @@ pub async fn settle(
             counts.stamp(&mut headers, true);
             headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(&reason));
             let delay = route.retry_delay.as_millis() as u64;
-            match copy(delivery, broker, &route.delay, id, headers, Some(delay)).await {
+            match copy(
+                delivery,
+                broker,
+                &route.delay,
+                id,
+                headers,
+                Some(delay),
+                route.retry,
+            )
+            .await
+            {
                 Ok(()) => {
                     tracing::warn!(message_id = id, reason = %reason, retry_in_s = delay / 1000, round = counts.retries + 1, "job delayed: it comes back after the retry delay");
                     (
@@ -232,7 +246,17 @@ pub async fn settle(
         Outcome::GiveBack => {
             let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
             counts.stamp(&mut headers, false);
-            match copy(delivery, broker, &route.queue, id, headers, None).await {
+            match copy(
+                delivery,
+                broker,
+                &route.queue,
+                id,
+                headers,
+                None,
+                route.retry,
+            )
+            .await
+            {
                 Ok(()) => (
                     delivery.acker.ack(BasicAckOptions::default()).await,
                     "returned",
@@ -276,6 +300,7 @@ async fn copy(
     id: &str,
     headers: FieldTable,
     expiration_ms: Option<u64>,
+    retry: RetryPolicy,
 ) -> Result<(), QueueError> {
     let p = Publish {
         exchange: "",
@@ -285,7 +310,11 @@ async fn copy(
         mandatory: true,
         expiration_ms,
     };
-    publish(&broker.channel, &broker.cfg, p, Some(headers)).await
+    retry
+        .run("publish a copy", || {
+            publish(&broker.channel, &broker.cfg, p, Some(headers.clone()))
+        })
+        .await
 }
 
 /// Republishes the message to the dead-letter queue with the reason (and the
@@ -309,16 +338,21 @@ async fn dead_letter(
         .as_ref()
         .map(|s| s.to_string())
         .unwrap_or_default();
-    crate::queue::publish_json(
-        &broker.channel,
-        &broker.cfg,
-        &broker.cfg.dead_letter_exchange(),
-        &route.dlq,
-        &id,
-        &delivery.data,
-        Some(headers),
-    )
-    .await
+    let dlx = broker.cfg.dead_letter_exchange();
+    route
+        .retry
+        .run("dead-letter", || {
+            crate::queue::publish_json(
+                &broker.channel,
+                &broker.cfg,
+                &dlx,
+                &route.dlq,
+                &id,
+                &delivery.data,
+                Some(headers.clone()),
+            )
+        })
+        .await
 }
 
 #[cfg(test)]

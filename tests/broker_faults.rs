@@ -1,7 +1,9 @@
-//! RabbitMQ restarted (`rabbitmqctl stop_app` / `start_app`) while a worker
-//! grades jobs: it reconnects within seconds of the broker and every job
-//! finishes once. Its own test binary, because it takes the shared broker
-//! away from everything else.
+//! The broker misbehaving as a whole: RabbitMQ restarted (`rabbitmqctl
+//! stop_app` / `start_app`) while a worker grades jobs (it reconnects within
+//! seconds of the broker and every job finishes once), and a memory alarm
+//! that blocks publishers (a publish gives up after `--confirm-timeout-s`
+//! instead of hanging). Its own test binary, because it takes the shared
+//! broker away from everything else; the tests here take turns.
 
 mod common;
 
@@ -12,6 +14,8 @@ use cinflow::result::ImageStatus;
 use cinflow::storage::ObjectStore;
 use common::http::{free_port, get};
 use common::worker::Fixture;
+
+static BROKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
@@ -27,6 +31,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[test]
 fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
+    let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let fx = Fixture::new("restart", 4);
     let slide = fx.images(3, 1280, 960);
     let port = free_port();
@@ -105,5 +110,65 @@ fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
             )
             .await;
         cinflow::queue::delete_topology(&ch, &amqp).await.unwrap();
+    });
+}
+
+/// Lifts the memory alarm when dropped, even if the test fails.
+struct Alarm;
+
+impl Alarm {
+    fn raise() -> Alarm {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
+        Alarm
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+    }
+}
+
+#[test]
+fn a_publish_to_a_blocked_broker_gives_up_after_the_confirm_timeout() {
+    let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = cinflow::queue::AmqpConfig {
+        confirm_timeout_s: 2,
+        ..common::amqp_config(&common::unique_prefix("alarm"))
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = cinflow::queue::connect(&cfg, "cinflow-test").await.unwrap();
+        let ch = cinflow::queue::confirm_channel(&conn).await.unwrap();
+        cinflow::queue::declare_topology(&ch, &cfg).await.unwrap();
+        let alarm = Alarm::raise();
+        let t = Instant::now();
+        let e = cinflow::queue::publish_json(
+            &ch,
+            &cfg,
+            &cfg.jobs_exchange,
+            cinflow::queue::INFER_KEY,
+            "blocked",
+            b"{}",
+            None,
+        )
+        .await
+        .unwrap_err();
+        let took = t.elapsed();
+        drop(alarm);
+        assert!(
+            matches!(e, cinflow::queue::QueueError::ConfirmTimeout { .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--confirm-timeout-s"), "{e}");
+        assert!(cinflow::retry::Transient::is_transient(&e));
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        // Once the alarm is gone the broker takes messages again.
+        let conn = cinflow::queue::connect(&cfg, "cinflow-test").await.unwrap();
+        let ch = cinflow::queue::confirm_channel(&conn).await.unwrap();
+        cinflow::queue::delete_topology(&ch, &cfg).await.unwrap();
     });
 }

@@ -87,9 +87,9 @@ fn happy_path(classes: u32) {
             r.model.classes[worst]
         );
         check_against_local(&fx, &r);
-        // Result JSON, FHIR report, and per image the preprocessed image, the
-        // raw maps and the predicted class's overlay.
-        assert_eq!(fx.result_objects(job).len(), 2 + n * 3);
+        // The claim, result JSON, FHIR report, and per image the preprocessed
+        // image, the raw maps and the predicted class's overlay.
+        assert_eq!(fx.result_objects(job).len(), 1 + 2 + n * 3);
     }
     // The schema file's example, as a minimal publisher sends it: no message_id,
     // no timestamp, no content type.
@@ -178,11 +178,11 @@ fn bad_jobs_are_dead_lettered_with_reasons_and_error_results() {
     )
     .unwrap();
 
-    // A poison message: every worker that took it "crashed" (here: returned it
-    // unsettled) until the delivery limit.
+    // A poison message: every worker that took it failed (here: rejected it,
+    // which every broker version counts) until the delivery limit.
     fx.publish(&fx.job("poison", &good));
     fx.rt.block_on(async {
-        use lapin::options::{BasicGetOptions, BasicNackOptions};
+        use lapin::options::{BasicGetOptions, BasicRejectOptions};
         for _ in 0..fx.amqp.delivery_limit {
             let m = loop {
                 if let Some(m) = fx
@@ -199,10 +199,7 @@ fn bad_jobs_are_dead_lettered_with_reasons_and_error_results() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             m.delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
+                .reject(BasicRejectOptions { requeue: true })
                 .await
                 .unwrap();
         }
@@ -235,7 +232,7 @@ fn bad_jobs_are_dead_lettered_with_reasons_and_error_results() {
 
     let w = fx.spawn("infer", &[]);
     let expected = [
-        ("poison", "poison message: delivered 4 times"),
+        ("poison", "poison message: 3 failed deliveries"),
         ("bad-json", "not valid JSON"),
         ("wrong-schema", "expected \"cinflow.job/v1\""),
         ("missing", "no such object"),
@@ -300,12 +297,12 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     }
     // Exactly one result set: the deterministic keys, nothing else.
     let objects = fx.result_objects("killed");
-    // result.json, diagnostic-report.json, per image the preprocessed image,
-    // the raw maps and one overlay.
-    assert_eq!(objects.len(), 2 + 6 * 3, "{objects:#?}");
+    // The claim, result.json, diagnostic-report.json, per image the
+    // preprocessed image, the raw maps and one overlay.
+    assert_eq!(objects.len(), 1 + 2 + 6 * 3, "{objects:#?}");
     assert!(objects
         .iter()
-        .all(|k| k.contains("/killed/") && k.contains("/v1/")));
+        .all(|k| k.contains("/killed/") && (k.contains("/v1/") || k.ends_with("/claim.json"))));
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
     assert!(!b.log().contains("connection lost"), "{}", b.log());
 }
@@ -421,7 +418,8 @@ fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     assert_eq!(r.status, ImageStatus::Ok);
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0, "acked, not returned");
 
-    // With no time to drain, the job in flight goes back to the queue unacked.
+    // With no time to drain, the job in flight goes back to the queue (a copy,
+    // no failure counted).
     // A slide of 12 images keeps it in flight well past the signal: the engine
     // grades 4 images of this size in about 0.3 s on 2 cores.
     let big = fx.images(12, 2560, 1920);
@@ -499,9 +497,9 @@ fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(cli(&["list"]).1, "", "the dead-letter queue is empty");
-    // result.json, diagnostic-report.json, and the image's preprocessed image, raw
-    // maps and overlay.
-    assert_eq!(fx.result_objects("late-upload").len(), 2 + 3);
+    // The claim, result.json, diagnostic-report.json, and the image's
+    // preprocessed image, raw maps and overlay.
+    assert_eq!(fx.result_objects("late-upload").len(), 1 + 2 + 3);
 }
 
 #[test]

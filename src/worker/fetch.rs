@@ -37,6 +37,7 @@ impl Fetcher {
             .retry
             .run("fetch", || self.stores.get_uri(uri, self.limit))
             .await?;
+        crate::observe::health().progress();
         Ok(Fetched {
             bytes,
             ms: t.elapsed().as_secs_f64() * 1e3,

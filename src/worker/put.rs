@@ -25,7 +25,9 @@ impl Putter {
     pub async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
         self.retry
             .run("put", || self.stores.put(key, bytes.clone(), content_type))
-            .await
+            .await?;
+        crate::observe::health().progress();
+        Ok(())
     }
 
     /// Writes the artifacts of the job's image `image`, all at once.

@@ -371,6 +371,7 @@ fn stage_images(stores: &Stores, wanted: &[(String, PathBuf)], limit: u64) -> Re
             return Ok(());
         }
         let bytes = stores.get_uri_blocking(uri, limit)?;
+        crate::observe::health().progress();
         if let Some(dir) = local.parent() {
             std::fs::create_dir_all(dir)?;
         }

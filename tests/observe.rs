@@ -210,7 +210,8 @@ fn health_readiness_and_metrics_follow_the_worker() {
         || {
             sample(
                 &get(port, "/metrics").unwrap().1,
-                "cinflow_retries_total{step=\"fetch\"}",
+                // The job's first read: its claim.
+                "cinflow_retries_total{step=\"read claim\"}",
             ) >= 1.0
         },
         log,

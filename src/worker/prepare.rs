@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::engine::on_cpu;
 use crate::pipeline::{Model, Prepared};
-use crate::preprocess::{decode_cost, PreprocessError};
+use crate::preprocess::{decode_cost, PreprocessError, MAX_PIXELS};
 
 /// Prepares images within a memory budget.
 #[derive(Debug)]
@@ -42,14 +42,16 @@ impl Preparer {
         bytes: Vec<u8>,
         fetch_ms: f64,
     ) -> Result<Prepared, PreprocessError> {
-        // An unreadable header costs nothing: decoding fails at once with the reason.
-        let need = decode_cost(&bytes).map_or(1, |c| c.mib);
-        if need > self.budget_mib {
-            let c = decode_cost(&bytes).expect("measured above");
+        // An unreadable header, or one over the pixel limit, costs nothing:
+        // decoding refuses it at once, with that reason, before any pixel exists.
+        let cost = decode_cost(&bytes)
+            .filter(|c| u64::from(c.width) * u64::from(c.height) <= MAX_PIXELS);
+        let need = cost.map_or(1, |c| c.mib);
+        if let Some(c) = cost.filter(|c| c.mib > self.budget_mib) {
             return Err(PreprocessError::OverBudget {
                 width: c.width,
                 height: c.height,
-                need_mib: need,
+                need_mib: c.mib,
                 budget_mib: self.budget_mib,
             });
         }

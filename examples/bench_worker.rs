@@ -310,6 +310,7 @@ fn main() -> anyhow::Result<()> {
             };
             publish_json(
                 &ch.1,
+                &amqp,
                 &amqp.jobs_exchange,
                 cinflow::queue::INFER_KEY,
                 &job.job_id,
@@ -477,6 +478,7 @@ fn python_reference(
             let body = serde_json::json!({"job_id": format!("py{i:04}"), "images": [uri]});
             publish_json(
                 &ch,
+                amqp,
                 "",
                 &queue,
                 &format!("py{i:04}"),

@@ -44,8 +44,8 @@ impl Preparer {
     ) -> Result<Prepared, PreprocessError> {
         // An unreadable header, or one over the pixel limit, costs nothing:
         // decoding refuses it at once, with that reason, before any pixel exists.
-        let cost = decode_cost(&bytes)
-            .filter(|c| u64::from(c.width) * u64::from(c.height) <= MAX_PIXELS);
+        let cost =
+            decode_cost(&bytes).filter(|c| u64::from(c.width) * u64::from(c.height) <= MAX_PIXELS);
         let need = cost.map_or(1, |c| c.mib);
         if let Some(c) = cost.filter(|c| c.mib > self.budget_mib) {
             return Err(PreprocessError::OverBudget {

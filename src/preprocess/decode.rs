@@ -86,10 +86,30 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
 /// JPEG pixels through libjpeg-turbo (vendored by mozjpeg-sys): the same IDCT and
 /// chroma upsampling as `cv2.imdecode`, so the output is bit-identical to OpenCV's.
 /// The header was already read and size-checked by the `image` decoder.
+///
+/// Four-component JPEGs (CMYK, and YCCK, which libjpeg turns into CMYK) follow OpenCV's
+/// `JpegDecoder::readData` for `IMREAD_COLOR`: libjpeg outputs CMYK as stored (no Adobe
+/// inversion) and [`cmyk_to_rgb`] applies OpenCV's `icvCvt_CMYK2BGR_8u_C4C3R`.
 fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, PreprocessError> {
     // libjpeg reports fatal errors by unwinding through the wrapper; keep them as errors.
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
-        let mut d = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        // The size check read the header with another parser: refuse a file whose
+        // headers the two read differently before libjpeg allocates anything.
+        if (d.width(), d.height()) != (width as usize, height as usize) {
+            return Err(std::io::Error::other(format!(
+                "libjpeg reads the size as {}x{}, the header check as {width}x{height}",
+                d.width(),
+                d.height()
+            )));
+        }
+        if d.components().len() == 4 {
+            let mut d = d.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK)?;
+            let pixels: Vec<[u8; 4]> = d.read_scanlines()?;
+            d.finish()?;
+            return Ok(pixels.into_iter().flat_map(cmyk_to_rgb).collect());
+        }
+        let mut d = d.rgb()?;
         let pixels: Vec<[u8; 3]> = d.read_scanlines()?;
         d.finish()?;
         Ok(pixels.into_iter().flatten().collect())
@@ -107,6 +127,14 @@ fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage
             .unwrap_or_else(|| "libjpeg failed".into()),
     };
     Err(PreprocessError::Undecodable(format!("JPEG: {detail}")))
+}
+
+/// OpenCV's CMYK -> RGB for JPEG (`icvCvt_CMYK2BGR_8u_C4C3R` in imgcodecs' `utils.cpp`):
+/// each of C, M, Y becomes `k - ((255 - v) * k >> 8)`, and C, M, Y are R, G, B.
+fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
+    let k = u32::from(k);
+    // (255 - v) * k >> 8 <= 254 * k / 256 < k, so the difference stays in 0..=k.
+    [c, m, y].map(|v| (k - ((255 - u32::from(v)) * k >> 8)) as u8)
 }
 
 /// Decoder limits: room for the largest accepted image at 16-bit RGBA plus working memory.
@@ -289,6 +317,69 @@ mod tests {
         let img = gradient(64, 48);
         let rgb = decode(&jpeg(&img)).unwrap();
         assert_eq!(rgb.dimensions(), (64, 48));
+    }
+
+    /// A four-component JPEG through libjpeg: CMYK stored as CMYK, or converted to YCCK.
+    fn cmyk_jpeg(w: u32, h: u32, cmyk: &[u8], space: mozjpeg::ColorSpace) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+        c.set_color_space(space);
+        c.set_size(w as usize, h as usize);
+        c.set_quality(95.0);
+        let mut c = c.start_compress(Vec::new()).unwrap();
+        c.write_scanlines(cmyk).unwrap();
+        c.finish().unwrap()
+    }
+
+    #[test]
+    fn cmyk_conversion_is_opencvs() {
+        // k - ((255 - v) * k >> 8): with k = 255, v = 255 stays 255, v = 0 gives
+        // 255 - 254 = 1, and k = 0 is black whatever the ink.
+        assert_eq!(cmyk_to_rgb([255, 0, 128, 255]), [255, 1, 129]);
+        assert_eq!(cmyk_to_rgb([10, 200, 255, 0]), [0, 0, 0]);
+        assert_eq!(cmyk_to_rgb([0, 100, 200, 100]), [1, 40, 79]);
+    }
+
+    #[test]
+    fn cmyk_and_ycck_jpegs_decode() {
+        let (w, h) = (40, 24);
+        // Flat colours so that the lossy round trip stays close to the conversion.
+        let cmyk: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                if i % w < w / 2 {
+                    [255, 128, 0, 255]
+                } else {
+                    [200, 200, 200, 100]
+                }
+            })
+            .collect();
+        for space in [mozjpeg::ColorSpace::JCS_CMYK, mozjpeg::ColorSpace::JCS_YCCK] {
+            let bytes = cmyk_jpeg(w, h, &cmyk, space);
+            let img = decode(&bytes).unwrap_or_else(|e| panic!("{space:?}: {e}"));
+            assert_eq!(img.dimensions(), (w, h));
+            for (x, expected) in [
+                (2, cmyk_to_rgb([255, 128, 0, 255])),
+                (37, cmyk_to_rgb([200, 200, 200, 100])),
+            ] {
+                let got = img.get_pixel(x, 12).0;
+                let worst = got.iter().zip(expected).map(|(a, b)| a.abs_diff(b)).max();
+                assert!(worst <= Some(3), "{space:?} x={x}: {got:?} vs {expected:?}");
+            }
+            // The pixel limit is checked on the header, before libjpeg runs.
+            let err = decode_with_limit(&bytes, u64::from(w * h) - 1).unwrap_err();
+            assert!(matches!(err, PreprocessError::TooLarge { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn grey_jpeg_is_replicated() {
+        let grey = image::GrayImage::from_fn(33, 17, |x, y| Luma([(x * 7 + y * 3) as u8]));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
+            .write_image(grey.as_raw(), 33, 17, image::ExtendedColorType::L8)
+            .unwrap();
+        let rgb = decode(&bytes).unwrap();
+        assert_eq!(rgb.dimensions(), (33, 17));
+        assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         ));
     }
 
+    if format == ImageFormat::Png {
+        if let Some(reason) = png_bad_palette(bytes) {
+            return Err(PreprocessError::Undecodable(reason));
+        }
+    }
+
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits(max_pixels));
     let mut decoder = reader.into_decoder().map_err(|e| classify(e, max_pixels))?;
@@ -77,7 +83,18 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         drop(decoder);
         DynamicImage::ImageRgb8(decode_jpeg_libjpeg(bytes, width, height)?)
     } else {
-        DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?
+        // A decoder bug that panics on some input is a property of those bytes: refuse the
+        // image instead of taking the worker thread down.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DynamicImage::from_decoder(decoder)
+        }))
+        .map_err(|panic| {
+            PreprocessError::Undecodable(format!(
+                "{format:?} decoder failed: {}",
+                panic_text(&*panic)
+            ))
+        })?
+        .map_err(|e| classify(e, max_pixels))?
     };
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
@@ -120,13 +137,44 @@ fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage
             None => "libjpeg returned fewer pixels than the header declares".to_string(),
         },
         Ok(Err(e)) => e.to_string(),
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "libjpeg failed".into()),
+        Err(panic) => panic_text(&*panic),
     };
     Err(PreprocessError::Undecodable(format!("JPEG: {detail}")))
+}
+
+/// The message of a caught panic (libjpeg's errors arrive this way).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the decoder panicked".into())
+}
+
+/// A palette PNG whose PLTE chunk is not 1 to 256 whole RGB entries: libpng (and so
+/// `cv2.imdecode`) refuses it, and the `png` crate (0.18.1) panics on a length that is
+/// not a multiple of 3 (found by fuzzing, docs/fuzzing.md). Walks the chunks before the
+/// first IDAT; a layout it does not understand is left to the decoder.
+fn png_bad_palette(bytes: &[u8]) -> Option<String> {
+    const PALETTE: u8 = 3;
+    // Signature (8), IHDR length and type (8), width, height, bit depth; colour type.
+    if bytes.get(12..16) != Some(b"IHDR") || bytes.get(25) != Some(&PALETTE) {
+        return None;
+    }
+    let mut i = 8usize;
+    while let (Some(len), Some(kind)) = (bytes.get(i..i + 4), bytes.get(i + 4..i + 8)) {
+        let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+        match kind {
+            b"PLTE" if len == 0 || len % 3 != 0 || len > 3 * 256 => {
+                return Some(format!(
+                    "PNG palette of {len} bytes is not 1 to 256 RGB entries"
+                ));
+            }
+            b"IDAT" | b"IEND" => return None,
+            _ => i = i.saturating_add(12).saturating_add(len),
+        }
+    }
+    None
 }
 
 /// OpenCV's CMYK -> RGB for JPEG (`icvCvt_CMYK2BGR_8u_C4C3R` in imgcodecs' `utils.cpp`):
@@ -468,6 +516,64 @@ mod tests {
         out.extend_from_slice(idat);
         out.extend_from_slice(&crc32(idat).to_be_bytes());
         out
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+
+    /// A 10x10 8-bit palette PNG (every pixel index 0) with `palette` as its PLTE data.
+    fn palette_png(palette: &[u8]) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&10u32.to_be_bytes());
+        ihdr.extend_from_slice(&10u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 3, 0, 0, 0]);
+        png_chunk(&mut out, b"IHDR", &ihdr);
+        png_chunk(&mut out, b"PLTE", palette);
+        // zlib stream with one stored block: 10 rows of filter byte 0 and 10 zero indices.
+        let raw = [0u8; 110];
+        let mut idat = vec![0x78, 0x01, 0x01];
+        idat.extend_from_slice(&(raw.len() as u16).to_le_bytes());
+        idat.extend_from_slice(&(!(raw.len() as u16)).to_le_bytes());
+        idat.extend_from_slice(&raw);
+        let (a, b) = raw.iter().fold((1u32, 0u32), |(a, b), &x| {
+            let a = (a + u32::from(x)) % 65521;
+            (a, (b + a) % 65521)
+        });
+        idat.extend_from_slice(&((b << 16) | a).to_be_bytes());
+        png_chunk(&mut out, b"IDAT", &idat);
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn palette_png_decodes() {
+        let palette: Vec<u8> = (0..48).collect();
+        let rgb = decode(&palette_png(&palette)).unwrap();
+        assert_eq!(rgb.dimensions(), (10, 10));
+        assert!(rgb.pixels().all(|p| p.0 == [0, 1, 2]));
+    }
+
+    /// Regression (fuzzing, decode_png): a 49-byte PLTE made the png crate panic with
+    /// "range end index 3 out of range for slice of length 1" while building its palette
+    /// lookup; libpng refuses such a palette, so the image is refused as undecodable.
+    #[test]
+    fn palette_png_with_partial_entry_is_refused_not_a_panic() {
+        for len in [49, 0, 770, 771] {
+            let palette: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let err = decode(&palette_png(&palette)).unwrap_err();
+            match err {
+                PreprocessError::Undecodable(reason) => {
+                    assert!(reason.contains("palette"), "{len}: {reason}")
+                }
+                other => panic!("{len}: expected Undecodable, got {other}"),
+            }
+        }
     }
 
     #[test]

@@ -182,7 +182,7 @@ fn png_bad_palette(bytes: &[u8]) -> Option<String> {
 fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
     let k = u32::from(k);
     // (255 - v) * k >> 8 <= 254 * k / 256 < k, so the difference stays in 0..=k.
-    [c, m, y].map(|v| (k - ((255 - u32::from(v)) * k >> 8)) as u8)
+    [c, m, y].map(|v| (k - (((255 - u32::from(v)) * k) >> 8)) as u8)
 }
 
 /// Decoder limits: room for the largest accepted image at 16-bit RGBA plus working memory.

@@ -1,18 +1,22 @@
 # The two commands of README.md:
 #   make demo   the embedded default: synthetic slides graded with heatmaps in ./demo-out
 #   make test   everything CI runs (.ci/run calls it)
+#   make fuzz   coverage-guided fuzzing, FUZZ_SECONDS per target (docs/fuzzing.md)
 # Heavy things live in a cache outside the clone ($(CINFLOW_CACHE)): the Python
 # virtual environment (keyed by tools/requirements.txt) and the cargo target folder.
 CINFLOW_CACHE ?= $(HOME)/.cache/cinflow
 export CINFLOW_CACHE
 export CARGO_TARGET_DIR ?= $(CINFLOW_CACHE)/target
 CARGO_FLAGS := --release --locked --all-features
+# Seconds per fuzz target: `make fuzz`, and the bounded run at the end of `make test`.
+FUZZ_SECONDS ?= 600
+CI_FUZZ_SECONDS ?= 20
 # tch's build script (LIBTORCH_USE_PYTORCH=1, see .cargo/config.toml) asks the
 # active Python where libtorch is: make the project's venv the active one.
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup build demo test bench lint clean-demo s3-start s3-stop
+.PHONY: setup build demo test fuzz bench lint clean-demo s3-start s3-stop
 
 setup:
 	bash scripts/setup.sh
@@ -28,6 +32,11 @@ demo: build
 test: setup
 	bash scripts/rabbitmq.sh
 	eval "$$(bash scripts/garage.sh start)" && cargo test $(CARGO_FLAGS)
+	bash scripts/fuzz.sh $(CI_FUZZ_SECONDS)
+
+# Longer fuzzing; the corpus in $(CINFLOW_CACHE)/fuzz grows from run to run.
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 bench: setup
 	cargo bench --all-features

@@ -222,3 +222,102 @@ fn matches_opencv_with_other_parameters() {
     };
     check_against_opencv(1200, 901, cfg, 3);
 }
+
+/// JPEG colour models besides YCbCr, decoded by `cv2.imdecode(..., IMREAD_COLOR)` and by
+/// [`decode`]: an Adobe CMYK JPEG written by Pillow, a YCCK JPEG written by libjpeg
+/// (mozjpeg), and a greyscale JPEG. Tolerance 0: every sample of every pixel must equal
+/// OpenCV's (both run libjpeg-turbo, and the CMYK -> RGB step is OpenCV's integer formula).
+#[test]
+fn cmyk_ycck_and_grey_jpegs_decode_like_opencv() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    // Not multiples of the 8x8 / 16x16 blocks, so partial blocks are covered too.
+    let (width, height) = (643u32, 481u32);
+    let rgb = textured(width, height, 5);
+    // Ink from the texture, black from a diagonal ramp that spans 0..=255.
+    let cmyk: Vec<u8> = rgb
+        .enumerate_pixels()
+        .flat_map(|(x, y, p)| [p[0], p[1], p[2], ((x + y) * 255 / (width + height)) as u8])
+        .collect();
+    let raw = dir.path().join("cmyk.raw");
+    std::fs::write(&raw, &cmyk).unwrap();
+    let (adobe, grey, ycck) = (
+        dir.path().join("adobe_cmyk.jpg"),
+        dir.path().join("grey.jpg"),
+        dir.path().join("ycck.jpg"),
+    );
+
+    let pillow = r#"
+import sys
+from PIL import Image
+raw, w, h, adobe, grey = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+data = open(raw, "rb").read()
+Image.frombytes("CMYK", (w, h), data).save(adobe, quality=90)
+Image.frombytes("L", (w, h), data[0::4]).save(grey, quality=90)
+"#;
+    let status = Command::new(&py)
+        .args(["-c", pillow])
+        .arg(&raw)
+        .args([width.to_string(), height.to_string()])
+        .args([&adobe, &grey])
+        .status()
+        .unwrap();
+    assert!(status.success(), "Pillow could not write the test JPEGs");
+
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+    c.set_color_space(mozjpeg::ColorSpace::JCS_YCCK);
+    c.set_size(width as usize, height as usize);
+    c.set_quality(90.0);
+    let mut c = c.start_compress(Vec::new()).unwrap();
+    c.write_scanlines(&cmyk).unwrap();
+    std::fs::write(&ycck, c.finish().unwrap()).unwrap();
+
+    // The files are what they claim to be (libjpeg's reading of their headers).
+    let space = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let space = mozjpeg::Decompress::new_mem(&bytes).unwrap().color_space();
+        space
+    };
+    assert_eq!(space(&adobe), mozjpeg::ColorSpace::JCS_CMYK);
+    assert!(std::fs::read(&adobe)
+        .unwrap()
+        .windows(5)
+        .any(|w| w == b"Adobe"));
+    assert_eq!(space(&ycck), mozjpeg::ColorSpace::JCS_YCCK);
+    assert_eq!(space(&grey), mozjpeg::ColorSpace::JCS_GRAYSCALE);
+
+    let opencv = r#"
+import sys
+import cv2
+import numpy as np
+for path in sys.argv[1:]:
+    bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3, path
+    assert cv2.imwrite(path + ".png", bgr), path
+"#;
+    let status = Command::new(&py)
+        .args(["-c", opencv])
+        .args([&adobe, &ycck, &grey])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cv2.imdecode failed");
+
+    for jpeg in [&adobe, &ycck, &grey] {
+        let ours = decode(&std::fs::read(jpeg).unwrap()).unwrap();
+        let png = PathBuf::from(format!("{}.png", jpeg.display()));
+        let theirs = decode(&std::fs::read(&png).unwrap()).unwrap();
+        let (worst, off) = compare(&ours, &theirs);
+        let name = jpeg.file_name().unwrap().to_string_lossy();
+        println!(
+            "{name}: max diff {worst}, {:.4}% of samples off",
+            off * 100.0
+        );
+        assert_eq!(worst, 0, "{name} differs from cv2.imdecode");
+        // Not a degenerate image: the texture and the black ramp come through.
+        let (lo, hi) = ours
+            .as_raw()
+            .iter()
+            .fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        assert!(hi - lo > 100, "{name}: samples only span {lo}..={hi}");
+    }
+}

@@ -37,6 +37,12 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         ));
     }
 
+    if format == ImageFormat::Png {
+        if let Some(reason) = png_bad_palette(bytes) {
+            return Err(PreprocessError::Undecodable(reason));
+        }
+    }
+
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits(max_pixels));
     let mut decoder = reader.into_decoder().map_err(|e| classify(e, max_pixels))?;
@@ -77,7 +83,18 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
         drop(decoder);
         DynamicImage::ImageRgb8(decode_jpeg_libjpeg(bytes, width, height)?)
     } else {
-        DynamicImage::from_decoder(decoder).map_err(|e| classify(e, max_pixels))?
+        // A decoder bug that panics on some input is a property of those bytes: refuse the
+        // image instead of taking the worker thread down.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DynamicImage::from_decoder(decoder)
+        }))
+        .map_err(|panic| {
+            PreprocessError::Undecodable(format!(
+                "{format:?} decoder failed: {}",
+                panic_text(&*panic)
+            ))
+        })?
+        .map_err(|e| classify(e, max_pixels))?
     };
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
@@ -86,10 +103,30 @@ pub fn decode_with_limit(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Prep
 /// JPEG pixels through libjpeg-turbo (vendored by mozjpeg-sys): the same IDCT and
 /// chroma upsampling as `cv2.imdecode`, so the output is bit-identical to OpenCV's.
 /// The header was already read and size-checked by the `image` decoder.
+///
+/// Four-component JPEGs (CMYK, and YCCK, which libjpeg turns into CMYK) follow OpenCV's
+/// `JpegDecoder::readData` for `IMREAD_COLOR`: libjpeg outputs CMYK as stored (no Adobe
+/// inversion) and [`cmyk_to_rgb`] applies OpenCV's `icvCvt_CMYK2BGR_8u_C4C3R`.
 fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, PreprocessError> {
     // libjpeg reports fatal errors by unwinding through the wrapper; keep them as errors.
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
-        let mut d = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        // The size check read the header with another parser: refuse a file whose
+        // headers the two read differently before libjpeg allocates anything.
+        if (d.width(), d.height()) != (width as usize, height as usize) {
+            return Err(std::io::Error::other(format!(
+                "libjpeg reads the size as {}x{}, the header check as {width}x{height}",
+                d.width(),
+                d.height()
+            )));
+        }
+        if d.components().len() == 4 {
+            let mut d = d.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK)?;
+            let pixels: Vec<[u8; 4]> = d.read_scanlines()?;
+            d.finish()?;
+            return Ok(pixels.into_iter().flat_map(cmyk_to_rgb).collect());
+        }
+        let mut d = d.rgb()?;
         let pixels: Vec<[u8; 3]> = d.read_scanlines()?;
         d.finish()?;
         Ok(pixels.into_iter().flatten().collect())
@@ -100,13 +137,52 @@ fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage
             None => "libjpeg returned fewer pixels than the header declares".to_string(),
         },
         Ok(Err(e)) => e.to_string(),
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "libjpeg failed".into()),
+        Err(panic) => panic_text(&*panic),
     };
     Err(PreprocessError::Undecodable(format!("JPEG: {detail}")))
+}
+
+/// The message of a caught panic (libjpeg's errors arrive this way).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the decoder panicked".into())
+}
+
+/// A palette PNG whose PLTE chunk is not 1 to 256 whole RGB entries: libpng (and so
+/// `cv2.imdecode`) refuses it, and the `png` crate (0.18.1) panics on a length that is
+/// not a multiple of 3 (found by fuzzing, docs/fuzzing.md). Walks the chunks before the
+/// first IDAT; a layout it does not understand is left to the decoder.
+fn png_bad_palette(bytes: &[u8]) -> Option<String> {
+    const PALETTE: u8 = 3;
+    // Signature (8), IHDR length and type (8), width, height, bit depth; colour type.
+    if bytes.get(12..16) != Some(b"IHDR") || bytes.get(25) != Some(&PALETTE) {
+        return None;
+    }
+    let mut i = 8usize;
+    while let (Some(len), Some(kind)) = (bytes.get(i..i + 4), bytes.get(i + 4..i + 8)) {
+        let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+        match kind {
+            b"PLTE" if len == 0 || len % 3 != 0 || len > 3 * 256 => {
+                return Some(format!(
+                    "PNG palette of {len} bytes is not 1 to 256 RGB entries"
+                ));
+            }
+            b"IDAT" | b"IEND" => return None,
+            _ => i = i.saturating_add(12).saturating_add(len),
+        }
+    }
+    None
+}
+
+/// OpenCV's CMYK -> RGB for JPEG (`icvCvt_CMYK2BGR_8u_C4C3R` in imgcodecs' `utils.cpp`):
+/// each of C, M, Y becomes `k - ((255 - v) * k >> 8)`, and C, M, Y are R, G, B.
+fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
+    let k = u32::from(k);
+    // (255 - v) * k >> 8 <= 254 * k / 256 < k, so the difference stays in 0..=k.
+    [c, m, y].map(|v| (k - (((255 - u32::from(v)) * k) >> 8)) as u8)
 }
 
 /// Decoder limits: room for the largest accepted image at 16-bit RGBA plus working memory.
@@ -291,6 +367,69 @@ mod tests {
         assert_eq!(rgb.dimensions(), (64, 48));
     }
 
+    /// A four-component JPEG through libjpeg: CMYK stored as CMYK, or converted to YCCK.
+    fn cmyk_jpeg(w: u32, h: u32, cmyk: &[u8], space: mozjpeg::ColorSpace) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+        c.set_color_space(space);
+        c.set_size(w as usize, h as usize);
+        c.set_quality(95.0);
+        let mut c = c.start_compress(Vec::new()).unwrap();
+        c.write_scanlines(cmyk).unwrap();
+        c.finish().unwrap()
+    }
+
+    #[test]
+    fn cmyk_conversion_is_opencvs() {
+        // k - ((255 - v) * k >> 8): with k = 255, v = 255 stays 255, v = 0 gives
+        // 255 - 254 = 1, and k = 0 is black whatever the ink.
+        assert_eq!(cmyk_to_rgb([255, 0, 128, 255]), [255, 1, 129]);
+        assert_eq!(cmyk_to_rgb([10, 200, 255, 0]), [0, 0, 0]);
+        assert_eq!(cmyk_to_rgb([0, 100, 200, 100]), [1, 40, 79]);
+    }
+
+    #[test]
+    fn cmyk_and_ycck_jpegs_decode() {
+        let (w, h) = (40, 24);
+        // Flat colours so that the lossy round trip stays close to the conversion.
+        let cmyk: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                if i % w < w / 2 {
+                    [255, 128, 0, 255]
+                } else {
+                    [200, 200, 200, 100]
+                }
+            })
+            .collect();
+        for space in [mozjpeg::ColorSpace::JCS_CMYK, mozjpeg::ColorSpace::JCS_YCCK] {
+            let bytes = cmyk_jpeg(w, h, &cmyk, space);
+            let img = decode(&bytes).unwrap_or_else(|e| panic!("{space:?}: {e}"));
+            assert_eq!(img.dimensions(), (w, h));
+            for (x, expected) in [
+                (2, cmyk_to_rgb([255, 128, 0, 255])),
+                (37, cmyk_to_rgb([200, 200, 200, 100])),
+            ] {
+                let got = img.get_pixel(x, 12).0;
+                let worst = got.iter().zip(expected).map(|(a, b)| a.abs_diff(b)).max();
+                assert!(worst <= Some(3), "{space:?} x={x}: {got:?} vs {expected:?}");
+            }
+            // The pixel limit is checked on the header, before libjpeg runs.
+            let err = decode_with_limit(&bytes, u64::from(w * h) - 1).unwrap_err();
+            assert!(matches!(err, PreprocessError::TooLarge { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn grey_jpeg_is_replicated() {
+        let grey = image::GrayImage::from_fn(33, 17, |x, y| Luma([(x * 7 + y * 3) as u8]));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
+            .write_image(grey.as_raw(), 33, 17, image::ExtendedColorType::L8)
+            .unwrap();
+        let rgb = decode(&bytes).unwrap();
+        assert_eq!(rgb.dimensions(), (33, 17));
+        assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+    }
+
     #[test]
     fn garbage_is_refused() {
         let err = decode(b"this is certainly not an image").unwrap_err();
@@ -377,6 +516,64 @@ mod tests {
         out.extend_from_slice(idat);
         out.extend_from_slice(&crc32(idat).to_be_bytes());
         out
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+
+    /// A 10x10 8-bit palette PNG (every pixel index 0) with `palette` as its PLTE data.
+    fn palette_png(palette: &[u8]) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&10u32.to_be_bytes());
+        ihdr.extend_from_slice(&10u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 3, 0, 0, 0]);
+        png_chunk(&mut out, b"IHDR", &ihdr);
+        png_chunk(&mut out, b"PLTE", palette);
+        // zlib stream with one stored block: 10 rows of filter byte 0 and 10 zero indices.
+        let raw = [0u8; 110];
+        let mut idat = vec![0x78, 0x01, 0x01];
+        idat.extend_from_slice(&(raw.len() as u16).to_le_bytes());
+        idat.extend_from_slice(&(!(raw.len() as u16)).to_le_bytes());
+        idat.extend_from_slice(&raw);
+        let (a, b) = raw.iter().fold((1u32, 0u32), |(a, b), &x| {
+            let a = (a + u32::from(x)) % 65521;
+            (a, (b + a) % 65521)
+        });
+        idat.extend_from_slice(&((b << 16) | a).to_be_bytes());
+        png_chunk(&mut out, b"IDAT", &idat);
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn palette_png_decodes() {
+        let palette: Vec<u8> = (0..48).collect();
+        let rgb = decode(&palette_png(&palette)).unwrap();
+        assert_eq!(rgb.dimensions(), (10, 10));
+        assert!(rgb.pixels().all(|p| p.0 == [0, 1, 2]));
+    }
+
+    /// Regression (fuzzing, decode_png): a 49-byte PLTE made the png crate panic with
+    /// "range end index 3 out of range for slice of length 1" while building its palette
+    /// lookup; libpng refuses such a palette, so the image is refused as undecodable.
+    #[test]
+    fn palette_png_with_partial_entry_is_refused_not_a_panic() {
+        for len in [49, 0, 770, 771] {
+            let palette: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let err = decode(&palette_png(&palette)).unwrap_err();
+            match err {
+                PreprocessError::Undecodable(reason) => {
+                    assert!(reason.contains("palette"), "{len}: {reason}")
+                }
+                other => panic!("{len}: expected Undecodable, got {other}"),
+            }
+        }
     }
 
     #[test]

@@ -11,10 +11,9 @@
 //! area-average resize that stays within one grey level of `INTER_AREA`
 //! (`tests/preprocess_opencv.rs` checks both against OpenCV on real-size images).
 //!
-//! That parity holds for lossless inputs (PNG, TIFF). JPEG is decoded by zune-jpeg (through
-//! `image`), not libjpeg-turbo as in `cv2.imdecode`; the two differ by a few grey levels
-//! on a small share of pixels, and CLAHE's steep LUTs in flat regions can magnify that
-//! locally. Training and serving both use this module, so the model never sees the gap.
+//! JPEG pixels come from libjpeg-turbo, as in `cv2.imdecode`, and are identical to OpenCV's
+//! for YCbCr, greyscale, CMYK and YCCK files (CMYK through OpenCV's own integer conversion);
+//! PNG and TIFF go through the `image` crate.
 
 mod budget;
 mod clahe;

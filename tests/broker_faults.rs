@@ -172,3 +172,61 @@ fn a_publish_to_a_blocked_broker_gives_up_after_the_confirm_timeout() {
         cinflow::queue::delete_topology(&ch, &cfg).await.unwrap();
     });
 }
+
+#[test]
+fn acks_reach_the_broker_while_it_blocks_publishers() {
+    let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("blocked", 4);
+    let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    // The job is in its GET when the alarm goes up.
+    proxy.delay("GET", "/slides/", 1, Duration::from_secs(3));
+    let endpoint = proxy.endpoint();
+    let w = fx.spawn(
+        "infer",
+        &[
+            ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
+            ("CINFLOW_CONCURRENCY", "1"),
+            ("CINFLOW_CONFIRM_TIMEOUT_S", "2"),
+            ("CINFLOW_RETRY_FOR_S", "2"),
+        ],
+    );
+    fx.publish(&fx.job("blocked", &img));
+    fx.wait_taken(&fx.amqp.infer_queue);
+    let alarm = Alarm::raise();
+    // Its result is written but cannot be announced, nor copied to the delay
+    // queue: the job is returned with reject on the consuming connection,
+    // which the broker still reads, and delivered again.
+    let t = Instant::now();
+    let mut redelivered = false;
+    while t.elapsed() < Duration::from_secs(40) && !redelivered {
+        redelivered = w.log().contains("already graded by an earlier delivery");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(alarm);
+    assert!(
+        redelivered,
+        "the return never reached the broker:\n{}",
+        w.log()
+    );
+    // Once the alarm is gone the stored result is announced and the job acked.
+    let r = fx.wait_result("blocked", "v1", &w);
+    assert_eq!(r.status, ImageStatus::Ok);
+    let t = Instant::now();
+    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = fx.events();
+    assert!(
+        events
+            .iter()
+            .any(|(k, e)| k == "result.ok" && e["job_id"] == "blocked"),
+        "{events:?}\n{}",
+        w.log()
+    );
+    assert_eq!(
+        fx.result("blocked", "v1").unwrap().status,
+        ImageStatus::Ok,
+        "the result was overwritten"
+    );
+}

@@ -316,7 +316,11 @@ fn bad_inputs_are_clear_errors_and_nothing_is_promoted() {
 
     let mut o = options(&labels, &backbone, &out, Some(&registry_dir));
     o.hyper.learning_rate = -1.0;
-    assert!(err(&o).contains("learning rate -1 must be positive"));
+    let e = err(&o);
+    assert!(
+        e.contains("learning_rate = -1 is out of range (0, 1]"),
+        "{e}"
+    );
 
     let mut o = options(&labels, &backbone, &out, Some(&registry_dir));
     o.version = Some("../escape".into());

@@ -377,7 +377,19 @@ impl InferWorker {
                 let content = content_sha256(job, &msg.data);
                 let want = job.and_then(|j| j.model.as_deref());
                 match self.pin(&job_id, &content, want).await {
-                    Ok(Pin::Model { grader, .. }) => grader,
+                    Ok(Pin::Model { grader, earlier }) => {
+                        // A job completed by an earlier delivery (poison only
+                        // because its ack never reached the broker) keeps its
+                        // result: announced again, never overwritten.
+                        if earlier {
+                            let keys =
+                                Keys::new(&self.results_prefix, &job_id, grader.model().manifest());
+                            if let Some(outcome) = self.announce_complete(&keys, broker).await {
+                                return outcome;
+                            }
+                        }
+                        grader
+                    }
                     Ok(Pin::Duplicate(dup)) => {
                         return Outcome::Rejected {
                             reason: format!("{reason}; {dup}"),

@@ -90,7 +90,9 @@ fn stage_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     /// Jobs settled, by outcome: `done`, `rejected` (dead-lettered as bad
-    /// input), `poison` (dead-lettered after too many deliveries), `requeued`.
+    /// input), `poison` (dead-lettered after too many failed deliveries),
+    /// `gave_up`, `failed`, `delayed`, `returned`, `requeued`, `abandoned`
+    /// (docs/delivery.md).
     pub jobs: Family<OutcomeLabel, Counter>,
     pub job_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
@@ -161,7 +163,7 @@ impl Metrics {
         };
         m.registry.register(
             "jobs",
-            "Jobs settled, by outcome (done, rejected, poison, requeued)",
+            "Jobs settled, by outcome (done, rejected, poison, gave_up, failed, delayed, returned, requeued, abandoned)",
             m.jobs.clone(),
         );
         m.registry.register(

@@ -43,10 +43,12 @@ pub const TRAIN_KEY: &str = "train";
 /// Broker connection and topology names.
 #[derive(Clone, clap::Args)]
 pub struct AmqpConfig {
-    /// Broker URL (amqp:// or amqps://); the password is never logged.
+    /// Broker URL (amqp:// or amqps://); the password is never logged, and
+    /// `--help` never shows the environment's value.
     #[arg(
         long = "amqp-url",
         env = "CINFLOW_AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub url: String,

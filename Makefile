@@ -16,13 +16,20 @@ CI_FUZZ_SECONDS ?= 20
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup build demo test fuzz bench lint clean-demo s3-start s3-stop
+.PHONY: setup build install demo test fuzz bench lint clean-demo s3-start s3-stop
 
 setup:
 	bash scripts/setup.sh
 
 build: setup
 	cargo build $(CARGO_FLAGS)
+
+# `cinflow` on the PATH: the release binary copied to $(PREFIX)/bin. It finds
+# the venv's ONNX Runtime (and, for training, libtorch) on its own.
+PREFIX ?= $(HOME)/.local
+install: build
+	install -D -m 0755 $(CARGO_TARGET_DIR)/release/cinflow $(PREFIX)/bin/cinflow
+	@echo "installed $(PREFIX)/bin/cinflow"
 
 demo: build
 	cargo run $(CARGO_FLAGS) --quiet -- demo --out demo-out

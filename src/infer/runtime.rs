@@ -59,8 +59,9 @@ pub(crate) fn environment(
 }
 
 /// Without `--ort-lib`/`ORT_DYLIB_PATH`: the project's venv when run from the
-/// checkout, a library beside the executable (container images), else the
-/// system loader's search path.
+/// checkout, a library beside the executable (container images), the venv
+/// library the binary was built against (an installed binary run from any
+/// folder), else the system loader's search path.
 pub(crate) fn default_ort_lib() -> PathBuf {
     let beside_exe = std::env::current_exe()
         .ok()
@@ -68,6 +69,7 @@ pub(crate) fn default_ort_lib() -> PathBuf {
     [
         Some(PathBuf::from(".venv/cinflow-lib/libonnxruntime.so")),
         beside_exe,
+        option_env!("CINFLOW_BUILD_ORT_LIB").map(PathBuf::from),
     ]
     .into_iter()
     .flatten()

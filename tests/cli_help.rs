@@ -2,6 +2,8 @@
 //! the environment holds (the broker URL's password), while still naming the
 //! variable that sets it.
 
+mod common;
+
 use std::process::Command;
 
 use clap::CommandFactory;
@@ -32,22 +34,17 @@ fn no_help_shows_a_secret_from_the_environment() {
     paths(&cli(), Vec::new(), &mut all);
     assert!(all.len() > 10, "{all:?}");
     for p in &all {
-        let out = Command::new(env!("CARGO_BIN_EXE_cinflow"))
-            .args(p)
-            .arg("--help")
-            .env(
-                "CINFLOW_AMQP_URL",
-                format!("amqp://lab:{secret}@broker.example:5672/%2f"),
-            )
-            .env("AWS_SECRET_ACCESS_KEY", secret)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (code, text) = common::output_all(
+            Command::new(env!("CARGO_BIN_EXE_cinflow"))
+                .args(p)
+                .arg("--help")
+                .env(
+                    "CINFLOW_AMQP_URL",
+                    format!("amqp://lab:{secret}@broker.example:5672/%2f"),
+                )
+                .env("AWS_SECRET_ACCESS_KEY", secret),
         );
-        assert!(out.status.success(), "cinflow {p:?} --help: {text}");
+        assert_eq!(code, Some(0), "cinflow {p:?} --help: {text}");
         assert!(
             !text.contains(secret),
             "cinflow {} --help shows the secret:\n{text}",

@@ -17,24 +17,19 @@ fn an_installed_binary_grades_an_image_from_any_folder_with_a_clean_environment(
     let images = common::synth_images(&tmp.path().join("mine"), 1, 640, 480);
     let elsewhere = tmp.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let out = Command::new(&bin)
-        .args(["classify", "--model"])
-        .arg(&bundle)
-        .arg("--out")
-        .arg(tmp.path().join("out"))
-        .arg(&images[0])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", tmp.path())
-        .current_dir(&elsewhere)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, text) = common::output_all(
+        Command::new(&bin)
+            .args(["classify", "--model"])
+            .arg(&bundle)
+            .arg("--out")
+            .arg(tmp.path().join("out"))
+            .arg(&images[0])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", tmp.path())
+            .current_dir(&elsewhere),
     );
-    assert!(out.status.success(), "{text}");
+    assert_eq!(code, Some(0), "{text}");
     let summary = std::fs::read_to_string(tmp.path().join("out/summary.csv")).unwrap();
     let rows: Vec<&str> = summary.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{summary}");

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cinflow::result::ImageStatus;
-use common::worker::{bundle_as_version, close_broker_connection, Fixture};
+use common::worker::{bundle_as_version, close_broker_connection, result_set_objects, Fixture};
 
 /// Independent check of a result: its probabilities against local-mode
 /// classification of the same bytes with the same bundle.
@@ -87,9 +87,7 @@ fn happy_path(classes: u32) {
             r.model.classes[worst]
         );
         check_against_local(&fx, &r);
-        // The claim, result JSON, FHIR report, and per image the preprocessed
-        // image, the raw maps and the predicted class's overlay.
-        assert_eq!(fx.result_objects(job).len(), 1 + 2 + n * 3);
+        assert_eq!(fx.result_objects(job).len(), result_set_objects(n));
     }
     // The schema file's example, as a minimal publisher sends it: no message_id,
     // no timestamp, no content type.
@@ -297,9 +295,7 @@ fn a_killed_worker_job_is_redelivered_and_written_once() {
     }
     // Exactly one result set: the deterministic keys, nothing else.
     let objects = fx.result_objects("killed");
-    // The claim, result.json, diagnostic-report.json, per image the
-    // preprocessed image, the raw maps and one overlay.
-    assert_eq!(objects.len(), 1 + 2 + 6 * 3, "{objects:#?}");
+    assert_eq!(objects.len(), result_set_objects(6), "{objects:#?}");
     assert!(objects
         .iter()
         .all(|k| k.contains("/killed/") && (k.contains("/v1/") || k.ends_with("/claim.json"))));
@@ -497,9 +493,10 @@ fn a_dead_letter_is_sent_back_once_its_cause_is_fixed() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(cli(&["list"]).1, "", "the dead-letter queue is empty");
-    // The claim, result.json, diagnostic-report.json, and the image's
-    // preprocessed image, raw maps and overlay.
-    assert_eq!(fx.result_objects("late-upload").len(), 1 + 2 + 3);
+    assert_eq!(
+        fx.result_objects("late-upload").len(),
+        result_set_objects(1)
+    );
 }
 
 #[test]

@@ -85,11 +85,7 @@ fn describe(m: &lapin::message::BasicGetMessage) -> DeadLetter {
     let p = &m.delivery.properties;
     let h = p.headers().as_ref();
     DeadLetter {
-        message_id: p
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
+        message_id: super::message_id(p),
         reason: header_text(h, REASON_HEADER),
         dead_lettered_at: header_text(h, "x-cinflow-dead-lettered-at"),
         body: m.delivery.data.clone(),

@@ -11,7 +11,6 @@
 //! while it is moved. Running it again changes nothing.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection};
 
 use super::{
@@ -48,14 +47,13 @@ pub async fn migrate(conn: &Connection, cfg: &AmqpConfig) -> Result<Vec<Migrated
         }
         let ch = confirm_channel(conn).await?;
         let aside = format!("{queue}.migrating");
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        ch.queue_declare(aside.as_str().into(), QueueDeclareOptions::durable(), args)
-            .await
-            .map_err(amqp(format!("declare queue {aside}")))?;
+        ch.queue_declare(
+            aside.as_str().into(),
+            QueueDeclareOptions::durable(),
+            super::plain_quorum_args(),
+        )
+        .await
+        .map_err(amqp(format!("declare queue {aside}")))?;
         let moved = transfer(&ch, cfg, queue, "", &aside).await?;
         ch.queue_delete(queue.as_str().into(), Default::default())
             .await
@@ -95,12 +93,7 @@ async fn transfer(
         .map_err(amqp(format!("get from {from}")))?
     {
         let d = &m.delivery;
-        let id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
+        let id = super::message_id(&d.properties);
         let headers = super::republished_headers(d.properties.headers().as_ref(), true);
         let p = Publish {
             exchange,

@@ -184,7 +184,8 @@ impl crate::retry::Transient for QueueError {
     }
 }
 
-fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> QueueError {
+/// Names what a failed broker operation was doing.
+pub(crate) fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> QueueError {
     let what = what.into();
     move |source| QueueError::Amqp { what, source }
 }
@@ -226,11 +227,18 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// Arguments of a quorum queue that does not dead-letter (dead-letter queues,
+/// the queue `queues migrate` parks messages in).
+pub(crate) fn plain_quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    args
+}
+
 /// Arguments of a quorum queue that dead-letters at least once to
 /// `exchange` with `key`.
 fn quorum_args(exchange: &str, key: &str) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    let mut args = plain_quorum_args();
     args.insert(ShortString::from("x-dead-letter-exchange"), text(exchange));
     args.insert(ShortString::from("x-dead-letter-routing-key"), text(key));
     args.insert(
@@ -313,9 +321,7 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
         // Expired messages go back through the jobs exchange to the work queue.
         let delay = AmqpConfig::delay_queue(queue);
         declare_queue(ch, &delay, quorum_args(&cfg.jobs_exchange, key)).await?;
-        let mut dlq_args = FieldTable::default();
-        dlq_args.insert(ShortString::from("x-queue-type"), text("quorum"));
-        declare_queue(ch, &dlq, dlq_args).await?;
+        declare_queue(ch, &dlq, plain_quorum_args()).await?;
         ch.queue_bind(
             dlq.as_str().into(),
             cfg.dead_letter_exchange().as_str().into(),
@@ -385,6 +391,15 @@ pub fn republished_headers(headers: Option<&FieldTable>, keep_ours: bool) -> Fie
         }
     }
     out
+}
+
+/// A message's AMQP `message_id` (the job id), empty when the publisher set none.
+pub fn message_id(props: &BasicProperties) -> String {
+    props
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 /// A message to publish with confirms.

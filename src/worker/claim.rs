@@ -81,13 +81,7 @@ impl Claims<'_> {
         let key = claim_key(self.results_prefix, job_id);
         let bytes = self
             .retry
-            .run("read claim", || async {
-                match self.stores.get(&key).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.is_not_found() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
+            .run("read claim", || self.stores.find(&key))
             .await
             .map_err(|e| JobError::from(e).during("read the job's claim"))?;
         match bytes {

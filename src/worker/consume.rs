@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 
 use super::settle::{settle, Cause, Deliveries, Outcome, Route};
 use crate::observe::{health, metrics, InFlight};
-use crate::queue::{confirm_channel, connect, declare_topology, AmqpConfig, QueueError};
+use crate::queue::{amqp, confirm_channel, connect, declare_topology, AmqpConfig, QueueError};
 use crate::retry::Transient;
 
 /// One received message, as a job handler sees it.
@@ -294,12 +294,6 @@ async fn finish_or_abort(tasks: &mut JoinSet<()>, limit: Duration) {
 }
 
 async fn open(opts: &ConsumeOptions) -> Result<Session, QueueError> {
-    let amqp = |what: &'static str| {
-        move |source| QueueError::Amqp {
-            what: what.into(),
-            source,
-        }
-    };
     let consuming = connect(&opts.amqp, &opts.connection_name).await?;
     let channel = consuming
         .create_channel()

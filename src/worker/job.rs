@@ -200,15 +200,10 @@ impl InferWorker {
     /// (the crash or lost connection came between the write and the ack).
     async fn announce_complete(&self, keys: &Keys, broker: &Broker) -> Option<Outcome> {
         let stores = &self.putter.stores;
+        let key = keys.result();
         let found = self
             .retry
-            .run("read an earlier result", || async {
-                match stores.get(&keys.result()).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.is_not_found() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
+            .run("read an earlier result", || stores.find(&key))
             .await;
         let json = match found {
             Ok(Some(json)) => json,
@@ -498,7 +493,8 @@ impl Handler for InferWorker {
     }
 
     async fn poison(self: Arc<Self>, msg: Incoming, reason: String, broker: Broker) -> Outcome {
-        let job = JobMessage::parse(&msg.data).ok();
+        // Read as `handle` reads it, so the claim's content hash is the same.
+        let job = self.admission.job(&msg.data).ok();
         let id = job
             .as_ref()
             .map(|j| j.job_id.clone())

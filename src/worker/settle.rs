@@ -332,12 +332,7 @@ async fn dead_letter(
         ShortString::from("x-cinflow-dead-lettered-at"),
         text(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
     );
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let id = crate::queue::message_id(&delivery.properties);
     let dlx = broker.cfg.dead_letter_exchange();
     route
         .retry

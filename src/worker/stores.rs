@@ -95,6 +95,15 @@ impl Stores {
         self.client.get(&self.cfg.bucket, key, u64::MAX).await
     }
 
+    /// Reads an object of the worker's own bucket if it exists; one attempt (async).
+    pub async fn find(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The URI of a key in the worker's own bucket.
     pub fn uri(&self, key: &str) -> String {
         crate::storage::s3_uri(&self.cfg.bucket, key)

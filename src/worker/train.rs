@@ -174,13 +174,7 @@ impl TrainWorker {
         self.args
             .worker
             .retry_policy()
-            .run("read an earlier outcome", || async {
-                match self.stores.get(&key).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.is_not_found() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
+            .run("read an earlier outcome", || self.stores.find(&key))
             .await
             .map_err(|e| JobError::from(e).during("read an earlier outcome"))
             .map(|found| {

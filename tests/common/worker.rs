@@ -75,6 +75,13 @@ impl Drop for Worker {
     }
 }
 
+/// Objects of one job's complete result set with `images` images: the
+/// claim, result.json, the FHIR report, and per image the preprocessed image,
+/// the raw maps and the predicted class's overlay.
+pub fn result_set_objects(images: usize) -> usize {
+    1 + 2 + 3 * images
+}
+
 /// A copy of a bundle under another model name and version.
 pub fn bundle_as_version(bundle: &Path, dir: &Path, name: &str, version: &str) -> PathBuf {
     super::copy_dir(bundle, dir);
@@ -357,6 +364,25 @@ impl Fixture {
         o.grader.max_batch = max_batch;
         let local = cinflow::local::classify(&o).unwrap();
         local.results.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Waits for a job's result and checks that it graded every image and
+    /// left exactly one result set of `images` images.
+    pub fn wait_graded(&self, job_id: &str, images: usize, w: &Worker) -> ResultRecord {
+        let r = self.wait_result(job_id, "v1", w);
+        assert_eq!(
+            r.status,
+            cinflow::result::ImageStatus::Ok,
+            "{job_id}: {:?}",
+            r.error
+        );
+        let objects = self.result_objects(job_id);
+        assert_eq!(
+            objects.len(),
+            result_set_objects(images),
+            "{job_id}: {objects:#?}"
+        );
+        r
     }
 
     /// Every object under a job's results.

@@ -78,7 +78,7 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
         "enqueue-train",
         "--labels",
         &format!("s3://{}/{}/labels.csv", fx.s3.bucket, fx.prefix),
-        "--model",
+        "--model-name",
         &fx.model,
         "--set",
         "max_epochs=3",

@@ -520,7 +520,7 @@ fn models_are_published_listed_and_rolled_back_in_the_s3_registry() {
     assert!(ok && text.contains("published"), "{text}");
     assert_eq!(current(), "v2");
     assert_eq!(registry.versions().unwrap(), ["v1", "v2"]);
-    let (ok, text) = run(&["registry", "--name", &fx.model, "list"]);
+    let (ok, text) = run(&["registry", "--model-name", &fx.model, "list"]);
     assert!(ok, "{text}");
     assert!(text.contains("v1: ") && text.contains("v2: "), "{text}");
     assert!(
@@ -532,7 +532,7 @@ fn models_are_published_listed_and_rolled_back_in_the_s3_registry() {
     // Rollback by hand, with the reason kept.
     let (ok, text) = run(&[
         "registry",
-        "--name",
+        "--model-name",
         &fx.model,
         "promote",
         "v1",

@@ -37,7 +37,7 @@ fn enqueue_train(fx: &Fixture, labels: &str) -> String {
         "enqueue-train",
         "--labels",
         labels,
-        "--model",
+        "--model-name",
         &fx.model,
         "--set",
         "max_epochs=40",

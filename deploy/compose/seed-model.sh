@@ -1,7 +1,7 @@
 #!/bin/sh
 # Entrypoint of the compose `seed` service (CPU image, as the cinflow user). Its
 # arguments are a cinflow command line without the bundle folder, in compose.yaml:
-#   publish-model --model-name cin-demo --alias current
+#   publish-model --model-name cin-demo --model-alias current
 # This script appends the model bundle that `make demo` wrote on the host
 # (./demo-out, mounted read-only at /demo) and runs it, which uploads the bundle to
 # the S3 registry in Garage and points the alias at it (re-running it with the

@@ -13,7 +13,7 @@ use crate::model::Bundle;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchBackboneArgs {
     /// Model bundle folder.
-    #[arg(long)]
+    #[arg(long, env = "CINFLOW_MODEL", value_name = "BUNDLE_DIR")]
     pub model: PathBuf,
     /// Images per run.
     #[arg(long, default_value_t = 1)]
@@ -46,10 +46,9 @@ pub struct BenchBackboneReport {
 /// Loads the bundle's backbone, warms it up at `batch` and times `iters` runs
 /// of a fixed pseudo-random batch.
 pub fn bench_backbone(a: &BenchBackboneArgs) -> anyhow::Result<BenchBackboneReport> {
-    anyhow::ensure!(
-        a.batch > 0 && a.iters > 0,
-        "--batch and --iters must be positive"
-    );
+    if a.batch == 0 || a.iters == 0 {
+        return Err(super::exit::Usage("--batch and --iters must be positive".into()).into());
+    }
     let bundle = Bundle::load(&a.model)?;
     let m = &bundle.manifest;
     let backbone = Backbone::load(

@@ -11,7 +11,7 @@ use crate::pipeline::Overlays;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClassifyArgs {
     /// Model bundle folder (manifest.json, backbone.onnx, head.safetensors).
-    #[arg(long, env = "CINFLOW_MODEL")]
+    #[arg(long, env = "CINFLOW_MODEL", value_name = "BUNDLE_DIR")]
     pub model: PathBuf,
     /// Output folder for result JSONs, artifacts and summary.csv.
     #[arg(long)]
@@ -32,8 +32,8 @@ pub struct ClassifyArgs {
     #[arg(long, value_enum, default_value_t = Overlays::Predicted)]
     pub overlays: Overlays,
     /// Images being read, prepared, graded or written at once (0: twice the batch plus the cores).
-    #[arg(long, default_value_t = 0)]
-    pub in_flight: usize,
+    #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
+    pub images_in_flight: usize,
     #[command(flatten)]
     pub infer: InferConfig,
     /// Image files and/or folders (searched recursively for .jpg/.jpeg/.png/.tif/.tiff).
@@ -52,7 +52,7 @@ impl ClassifyArgs {
                 batch_wait: Duration::from_millis(self.batch_wait_ms),
             },
             overlays: self.overlays,
-            in_flight: self.in_flight,
+            in_flight: self.images_in_flight,
             inputs: self.inputs.clone(),
         }
     }

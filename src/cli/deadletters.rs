@@ -1,8 +1,7 @@
 //! `cinflow dead-letters list|requeue`: what is in a dead-letter queue and why,
 //! and sending messages back once their cause is fixed.
 
-use std::process::ExitCode;
-
+use super::exit::{Exit, Input, Usage};
 use crate::queue::deadletters::{list, requeue, WorkQueue};
 use crate::queue::{confirm_channel, connect, declare_topology, AmqpConfig};
 
@@ -34,7 +33,7 @@ pub enum Action {
     },
 }
 
-pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<Exit> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -49,7 +48,9 @@ pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Action::Requeue { ids, all } => {
-                anyhow::ensure!(*all || !ids.is_empty(), "name message ids, or --all");
+                if !*all && ids.is_empty() {
+                    return Err(Usage("name message ids, or --all".into()).into());
+                }
                 let sent = requeue(&ch, &a.amqp, a.queue, ids, a.limit).await?;
                 for id in &sent {
                     println!("{id}");
@@ -63,11 +64,13 @@ pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<ExitCode> {
                     }
                 );
                 if let Some(missing) = ids.iter().find(|i| !sent.contains(i)) {
-                    anyhow::bail!("{missing} is not in {}", a.queue.dlq(&a.amqp));
+                    return Err(
+                        Input(format!("{missing} is not in {}", a.queue.dlq(&a.amqp))).into(),
+                    );
                 }
             }
         }
         let _ = conn.close(200, "done".into()).await;
-        Ok(ExitCode::SUCCESS)
+        Ok(Exit::Success)
     })
 }

@@ -2,9 +2,10 @@
 //! print their ids (what scanners' upload hooks and the nightly CronJob run).
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Context;
+
+use super::exit::{Exit, Input, Usage};
 
 use crate::queue::enqueue::{group_into_jobs, publish_jobs, publish_train, Grouping};
 use crate::queue::messages::{check_s3_uri, new_job_id, TrainMessage, TRAIN_SCHEMA};
@@ -26,9 +27,10 @@ pub struct EnqueueArgs {
     /// How images become slides: one slide per folder, or per image.
     #[arg(long, env = "CINFLOW_ENQUEUE_GROUP", default_value = "folder")]
     pub group: Grouping,
-    /// Registry alias or version to grade with (default: the workers' alias).
-    #[arg(long)]
-    pub model: Option<String>,
+    /// Registry version to grade with, or an alias that names one (default:
+    /// the version the workers' alias points at when they take the job).
+    #[arg(long, value_name = "VERSION_OR_ALIAS")]
+    pub model_version: Option<String>,
     /// LIS accession (order) id of the slide, carried into the result and the
     /// FHIR report (only when the images make one slide).
     #[arg(long)]
@@ -50,9 +52,9 @@ pub struct EnqueueTrainArgs {
     /// s3:// URI of the labels manifest (path or uri, label, patient_id).
     #[arg(long, env = "CINFLOW_TRAIN_LABELS")]
     pub labels: String,
-    /// Model name in the registry.
-    #[arg(long, env = "CINFLOW_MODEL_NAME")]
-    pub model: String,
+    /// Model name in the registry (`models/<name>/` in the bucket).
+    #[arg(long, env = "CINFLOW_MODEL_NAME", value_name = "NAME")]
+    pub model_name: String,
     /// Registry version whose backbone to use (default: the current one's).
     #[arg(long)]
     pub base_version: Option<String>,
@@ -98,7 +100,7 @@ fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
             .strip_prefix("s3://")
             .and_then(|r| r.split_once('/').or(Some((r, ""))))
             .filter(|(b, _)| !b.is_empty())
-            .with_context(|| format!("{prefix:?} is not s3://bucket/prefix"))?;
+            .ok_or_else(|| Usage(format!("--prefix {prefix:?} is not s3://bucket/prefix")))?;
         let store = S3Store::new(&S3Config {
             bucket: bucket.to_string(),
             ..a.s3.clone()
@@ -113,28 +115,31 @@ fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
             })
             .map(|k| format!("s3://{bucket}/{k}"))
             .collect();
-        anyhow::ensure!(!found.is_empty(), "no images under {prefix}");
+        if found.is_empty() {
+            return Err(Input(format!("no images under {prefix}")).into());
+        }
         uris.extend(found);
     }
-    anyhow::ensure!(
-        !uris.is_empty(),
-        "no images given (arguments, --list or --prefix)"
-    );
+    if uris.is_empty() {
+        return Err(Usage("no images given (arguments, --list or --prefix)".into()).into());
+    }
     for (i, u) in uris.iter().enumerate() {
         check_s3_uri(&format!("image {}", i + 1), u)?;
     }
     Ok(uris)
 }
 
-pub(super) fn enqueue(a: &EnqueueArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn enqueue(a: &EnqueueArgs) -> anyhow::Result<Exit> {
     let uris = collect(a)?;
-    let mut jobs = group_into_jobs(&uris, a.group, a.model.as_deref());
+    let mut jobs = group_into_jobs(&uris, a.group, a.model_version.as_deref());
     if a.accession_id.is_some() || a.patient_id.is_some() || a.specimen_id.is_some() {
-        anyhow::ensure!(
-            jobs.len() == 1,
-            "--accession-id/--patient-id/--specimen-id name one slide, but the images make {} slides",
-            jobs.len()
-        );
+        if jobs.len() != 1 {
+            return Err(Usage(format!(
+                "--accession-id/--patient-id/--specimen-id name one slide, but the images make {} slides",
+                jobs.len()
+            ))
+            .into());
+        }
         jobs[0].accession_id = a.accession_id.clone();
         jobs[0].patient_id = a.patient_id.clone();
         jobs[0].specimen_id = a.specimen_id.clone();
@@ -149,15 +154,15 @@ pub(super) fn enqueue(a: &EnqueueArgs) -> anyhow::Result<ExitCode> {
         uris.len(),
         a.amqp.jobs_exchange
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
-pub(super) fn enqueue_train(a: &EnqueueTrainArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn enqueue_train(a: &EnqueueTrainArgs) -> anyhow::Result<Exit> {
     let job = TrainMessage {
         schema: TRAIN_SCHEMA.into(),
         job_id: new_job_id(),
         labels: a.labels.clone(),
-        model: a.model.clone(),
+        model: a.model_name.clone(),
         base_version: a.base_version.clone(),
         hyper_parameters: a.overrides.iter().cloned().collect(),
         promotion_margin: a.promotion_margin,
@@ -166,5 +171,5 @@ pub(super) fn enqueue_train(a: &EnqueueTrainArgs) -> anyhow::Result<ExitCode> {
     TrainMessage::parse(&serde_json::to_vec(&job)?)?;
     runtime()?.block_on(publish_train(&a.amqp, &job))?;
     println!("{}", job.job_id);
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }

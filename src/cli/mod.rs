@@ -6,14 +6,19 @@ mod bench_backbone;
 mod classify;
 mod deadletters;
 mod enqueue;
+pub mod exit;
 mod queues;
+pub mod reference;
 mod registry;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+pub use exit::Exit;
 
 pub use crate::local::demo::DemoArgs;
 pub use crate::local::fit_head::FitHeadArgs;
@@ -73,7 +78,7 @@ pub enum Command {
     /// Run a queue worker (`infer` or `train`) against RabbitMQ and S3.
     Worker(worker::WorkerArgs),
     /// Load ONNX Runtime and set up the device without a model (check a GPU node
-    /// or an image before it serves); exits 1 if the device cannot be used.
+    /// or an image before it serves); exits 5 if the runtime or device cannot be used.
     CheckRuntime(crate::infer::InferConfig),
     /// Time the bare backbone at the bundle's input size (no decoding, no head);
     /// prints one JSON line.
@@ -151,20 +156,69 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The log format asked for on a command line that did not parse: the flag
+/// (`--log-format json` or `--log-format=json`) or its environment variable.
+fn requested_log_format() -> LogFormat {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--log-format=")
+            .map(str::to_string)
+            .or_else(|| (a == "--log-format").then(|| args.get(i + 1).cloned().unwrap_or_default()))
+    });
+    match flag.or_else(|| std::env::var("CINFLOW_LOG_FORMAT").ok()) {
+        Some(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+/// Reports a fatal error the way the log format asks: one `error: …` line for
+/// people, or one JSON log line (with the exit code and its kind) for log
+/// collectors.
+fn report_fatal(format: LogFormat, exit: Exit, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => tracing::error!(
+            exit_code = exit.code(),
+            exit = exit.name(),
+            error = message,
+            "cinflow stopped"
+        ),
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let format = requested_log_format();
+            let informational = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            if informational || matches!(format, LogFormat::Text) {
+                e.exit();
+            }
+            init_logging(format);
+            report_fatal(format, Exit::Usage, e.render().to_string().trim());
+            return Exit::Usage.into();
+        }
+    };
     init_logging(cli.log_format);
     match run(cli.command) {
-        Ok(code) => code,
+        Ok(exit) => exit.into(),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            let exit = Exit::of(&e);
+            report_fatal(cli.log_format, exit, &format!("{e:#}"));
+            exit.into()
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(command: Command) -> anyhow::Result<Exit> {
     match command {
         Command::Classify(args) => {
             let report = classify(&args)?;
@@ -175,15 +229,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 args.out.display(),
                 report.failed
             );
-            Ok(if report.failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(Exit::of_counts(report.total, report.failed))
         }
         Command::Preprocess(a) => {
             let bytes = std::fs::read(&a.input)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.input.display()))?;
+                .with_context(|| format!("cannot read {}", a.input.display()))?;
             let cfg = crate::preprocess::PreprocessConfig {
                 width: a.width,
                 height: a.height,
@@ -193,16 +243,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
             };
             let img = crate::preprocess::preprocess(&bytes, &cfg)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+                .with_context(|| a.input.display().to_string())?;
             img.save_with_format(&a.output, image::ImageFormat::Png)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.output.display()))?;
+                .with_context(|| format!("cannot write {}", a.output.display()))?;
             eprintln!(
                 "wrote {} ({}x{})",
                 a.output.display(),
                 img.width(),
                 img.height()
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::Synth(a) => {
             let opts = crate::synth::SynthOptions {
@@ -225,13 +275,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 summary.images.len(),
                 summary.labels_csv.display()
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         #[cfg(feature = "train")]
         Command::Train(o) => {
             let out = crate::train::train(&o)?;
             print_train_outcome(&out);
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::Registry(a) => registry::run(&a),
         Command::PublishModel(a) => registry::publish(&a),
@@ -254,16 +304,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     r.provider,
                     if r.io_binding { "on" } else { "off" }
                 );
-                Ok(ExitCode::SUCCESS)
+                Ok(Exit::Success)
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                Ok(ExitCode::from(1))
-            }
+            Err(e) => Err(e.into()),
         },
         Command::BenchBackbone(a) => {
             println!("{}", serde_json::to_string(&bench_backbone(&a)?)?);
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
@@ -271,11 +318,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Queues(a) => queues::run(&a),
         Command::Worker(a) => {
             worker::run(a)?;
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::FitHead(a) => {
             crate::local::fit_head::fit_head(&a)?;
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::Verify { bundle } => {
             let b = crate::model::Bundle::load(&bundle)?;
@@ -292,7 +339,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 m.input.height,
                 m.files.len()
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Success)
         }
         Command::Demo(a) => crate::local::demo::demo(&a),
     }
@@ -363,5 +410,58 @@ mod tests {
             }
         }
         unique(&Cli::command(), "cinflow");
+    }
+
+    /// One meaning per flag name: wherever a long flag appears it reads the
+    /// same environment variable and takes the same kind of value, and an
+    /// environment variable always belongs to the same flag.
+    #[test]
+    fn one_meaning_per_flag_name() {
+        use clap::CommandFactory;
+        use std::collections::BTreeMap;
+        type Seen = BTreeMap<String, (String, String, String)>;
+        fn walk(cmd: &clap::Command, path: &str, by_long: &mut Seen, by_env: &mut Seen) {
+            for a in cmd.get_arguments() {
+                let Some(long) = a.get_long() else { continue };
+                let env = a
+                    .get_env()
+                    .map_or(String::new(), |e| e.to_string_lossy().into_owned());
+                let value = a.get_value_names().map_or(String::new(), |v| v.join(" "));
+                let here = (path.to_string(), env.clone(), value.clone());
+                if let Some((first, e, v)) = by_long.get(long) {
+                    // A one-shot command may leave out the environment
+                    // variable that a long-running command reads.
+                    let env_agrees = e == &env || e.is_empty() || env.is_empty();
+                    assert!(
+                        env_agrees && v == &value,
+                        "--{long}: `{first}` reads env {e:?} and takes {v:?}, `{path}` reads {env:?} and takes {value:?}"
+                    );
+                } else {
+                    by_long.insert(long.to_string(), here.clone());
+                }
+                if !env.is_empty() {
+                    if let Some((first, l, _)) = by_env.get(&env) {
+                        assert_eq!(l, long, "{env}: --{l} in `{first}`, --{long} in `{path}`");
+                    } else {
+                        by_env.insert(env.clone(), (path.to_string(), long.to_string(), value));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), by_long, by_env);
+            }
+        }
+        let (mut by_long, mut by_env) = (Seen::new(), Seen::new());
+        walk(&Cli::command(), "cinflow", &mut by_long, &mut by_env);
+        for (long, (_, _, value)) in &by_long {
+            let expected = match long.as_str() {
+                "model" => "BUNDLE_DIR",
+                "model-name" => "NAME",
+                "model-alias" => "ALIAS",
+                "model-version" => "VERSION_OR_ALIAS",
+                _ => continue,
+            };
+            assert_eq!(value, expected, "--{long}");
+        }
     }
 }

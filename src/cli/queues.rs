@@ -1,7 +1,7 @@
 //! `cinflow queues migrate`: recreates work queues declared by an earlier
-//! release with other arguments (README.md, "Upgrading the queues").
+//! release with other arguments (docs/storage-and-broker.md, "Upgrading the queues").
 
-use std::process::ExitCode;
+use super::Exit;
 
 use crate::queue::{connect, migrate::migrate, AmqpConfig};
 
@@ -20,7 +20,7 @@ pub enum QueuesAction {
     Migrate,
 }
 
-pub(super) fn run(a: &QueuesArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(a: &QueuesArgs) -> anyhow::Result<Exit> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -37,6 +37,6 @@ pub(super) fn run(a: &QueuesArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let _ = conn.close(200, "done".into()).await;
-        Ok(ExitCode::SUCCESS)
+        Ok(Exit::Success)
     })
 }

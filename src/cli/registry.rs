@@ -3,7 +3,7 @@
 //! rollback, or overriding a decision); `cinflow publish-model`: a bundle into
 //! the S3 registry.
 
-use std::process::ExitCode;
+use super::exit::{Exit, Input};
 use std::sync::Arc;
 
 use crate::model::Registry;
@@ -17,8 +17,13 @@ pub struct RegistryArgs {
     pub registry: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub s3: crate::storage::S3Config,
-    /// Model name.
-    #[arg(long, env = "CINFLOW_MODEL_NAME")]
+    /// Model name in the registry (`models/<name>/`).
+    #[arg(
+        long = "model-name",
+        alias = "name",
+        env = "CINFLOW_MODEL_NAME",
+        value_name = "NAME"
+    )]
     pub name: String,
     #[command(subcommand)]
     pub action: RegistryAction,
@@ -29,13 +34,24 @@ pub enum RegistryAction {
     /// List versions with their test figures and promotion decisions.
     List {
         /// Alias to show.
-        #[arg(long, default_value = "current")]
+        #[arg(
+            long = "model-alias",
+            alias = "alias",
+            value_name = "ALIAS",
+            default_value = "current"
+        )]
         alias: String,
     },
     /// Point an alias at a version.
     Promote {
         version: String,
-        #[arg(long, default_value = "current")]
+        /// Alias to move.
+        #[arg(
+            long = "model-alias",
+            alias = "alias",
+            value_name = "ALIAS",
+            default_value = "current"
+        )]
         alias: String,
         /// Why (kept in the alias record).
         #[arg(long, default_value = "promoted by hand")]
@@ -43,7 +59,7 @@ pub enum RegistryAction {
     },
 }
 
-pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<Exit> {
     let store: Arc<dyn crate::storage::ObjectStore> = match &a.registry {
         Some(dir) => Arc::new(LocalStore::new(dir)),
         None => Arc::new(crate::storage::S3Store::new(&a.s3)?),
@@ -92,7 +108,7 @@ pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
 /// `cinflow publish-model`: a bundle folder into the S3 registry.
@@ -101,10 +117,16 @@ pub struct PublishModelArgs {
     /// Model bundle folder (manifest.json, backbone.onnx, head.safetensors, …).
     pub bundle: std::path::PathBuf,
     /// Model name in the registry (`models/<name>/` in the bucket).
-    #[arg(long = "model-name", env = "CINFLOW_MODEL_NAME")]
+    #[arg(long = "model-name", env = "CINFLOW_MODEL_NAME", value_name = "NAME")]
     pub name: String,
     /// Alias to point at the published version (`none`: publish only).
-    #[arg(long = "alias", env = "CINFLOW_MODEL_ALIAS", default_value = "current")]
+    #[arg(
+        long = "model-alias",
+        alias = "alias",
+        env = "CINFLOW_MODEL_ALIAS",
+        value_name = "ALIAS",
+        default_value = "current"
+    )]
     pub alias: String,
     #[command(flatten)]
     pub s3: crate::storage::S3Config,
@@ -114,11 +136,12 @@ pub struct PublishModelArgs {
 /// the alias. Publishing the same version again with identical files is a no-op
 /// that leaves an existing alias alone (so a seeding job can be re-run without
 /// undoing a promotion); a different bundle under an existing version is refused.
-pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<Exit> {
     let store = Arc::new(crate::storage::S3Store::new(&a.s3)?);
     let r = Registry::new(store, &a.name)?;
     // Registry::publish verifies the bundle (every file's sha256) first.
-    let version = match r.publish(&a.bundle) {
+    let bar = crate::progress::transfer_bar("upload");
+    let version = match r.publish_showing(&a.bundle, &bar) {
         Ok(v) => {
             println!("published {} {v} to {}", a.name, r.version_uri(&v));
             v
@@ -126,11 +149,13 @@ pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
         Err(crate::model::RegistryError::Exists { version, .. }) => {
             let theirs = r.get_file(&version, "manifest.json")?;
             let ours = std::fs::read(a.bundle.join("manifest.json"))?;
-            anyhow::ensure!(
-                theirs == ours,
-                "{} version {version} already exists in the registry with a different manifest; give the new bundle its own version",
-                a.name
-            );
+            if theirs != ours {
+                return Err(Input(format!(
+                    "{} version {version} already exists in the registry with a different manifest; give the new bundle its own version",
+                    a.name
+                ))
+                .into());
+            }
             println!(
                 "{} {version} is already published (identical manifest)",
                 a.name
@@ -138,7 +163,7 @@ pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
             // Re-running a seeding job must not undo a later promotion.
             if a.alias != "none" && r.alias(&a.alias)?.is_some() {
                 println!("alias {} left as it is", a.alias);
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Exit::Success);
             }
             version
         }
@@ -153,5 +178,5 @@ pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<ExitCode> {
             rec.previous.as_deref().unwrap_or("nothing")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }

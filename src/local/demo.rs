@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::Context;
 
@@ -53,7 +52,7 @@ pub struct DemoArgs {
     pub infer: InferConfig,
 }
 
-pub fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
+pub fn demo(a: &DemoArgs) -> anyhow::Result<crate::cli::Exit> {
     let data = a.out.join("data");
     let labels = data.join("labels.csv");
     // Reuse earlier synthetic data only if it is what these options would make.
@@ -133,11 +132,7 @@ pub fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     if let Some(report) = fitted.report {
         println!("  report:          {}", report.display());
     }
-    Ok(if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(crate::cli::Exit::of_counts(report.total, report.failed))
 }
 
 /// The model the demo grades with and the images it has never seen.

@@ -14,7 +14,7 @@ use crate::train::read_labels;
 #[derive(Debug, Clone, clap::Args)]
 pub struct FitHeadArgs {
     /// Bundle whose backbone (and class scheme) to use.
-    #[arg(long)]
+    #[arg(long, env = "CINFLOW_MODEL", value_name = "BUNDLE_DIR")]
     pub model: PathBuf,
     /// Labels CSV with columns path,label,patient_id (paths relative to the CSV).
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! The model bundle: `manifest.json` + `backbone.onnx` + `head.safetensors`
-//! (README.md, "Model bundle"), loaded and verified before anything is served.
+//! (docs/model.md, "Model bundle"), loaded and verified before anything is served.
 
 mod bundle;
 mod head;

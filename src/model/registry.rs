@@ -12,6 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use super::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
@@ -197,6 +198,12 @@ impl Registry {
     /// Uploads the bundle folder (and everything under it, such as its report) as
     /// a new version; the manifest goes last, so readers never see a partial one.
     pub fn publish(&self, dir: &Path) -> Result<String, RegistryError> {
+        self.publish_showing(dir, &ProgressBar::hidden())
+    }
+
+    /// [`Registry::publish`], advancing `bar` by the bytes sent (its length is
+    /// set to the bundle's size).
+    pub fn publish_showing(&self, dir: &Path, bar: &ProgressBar) -> Result<String, RegistryError> {
         let bundle = Bundle::load(dir)?;
         let version = bundle.manifest.version.clone();
         check_name("version", &version)?;
@@ -212,16 +219,27 @@ impl Registry {
             path: dir.display().to_string(),
             source,
         })?;
+        let total: u64 = files
+            .iter()
+            .filter_map(|rel| std::fs::metadata(dir.join(rel)).ok())
+            .map(|m| m.len())
+            .sum();
+        bar.set_length(total);
+        let advance = {
+            let bar = bar.clone();
+            move |n| bar.inc(n)
+        };
         for rel in files.iter().filter(|r| r.as_str() != MANIFEST_FILE) {
             let path = dir.join(rel);
             let bytes = std::fs::read(&path).map_err(|source| RegistryError::Local {
                 path: path.display().to_string(),
                 source,
             })?;
-            self.store.put(
+            self.store.put_reporting(
                 &self.key(&["versions", &version, rel]),
                 &bytes,
                 content_type(rel),
+                &advance,
             )?;
         }
         let manifest =
@@ -230,7 +248,8 @@ impl Registry {
                 source,
             })?;
         self.store
-            .put(&manifest_key, &manifest, "application/json")?;
+            .put_reporting(&manifest_key, &manifest, "application/json", &advance)?;
+        bar.finish_and_clear();
         Ok(version)
     }
 
@@ -326,6 +345,16 @@ impl Registry {
     /// Downloads a version's bundle files into `dest` and verifies them; a folder
     /// that already holds the verified version is reused.
     pub fn fetch(&self, version: &str, dest: &Path) -> Result<Bundle, RegistryError> {
+        self.fetch_showing(version, dest, &ProgressBar::hidden())
+    }
+
+    /// [`Registry::fetch`], advancing `bar` by the bytes received.
+    pub fn fetch_showing(
+        &self,
+        version: &str,
+        dest: &Path,
+        bar: &ProgressBar,
+    ) -> Result<Bundle, RegistryError> {
         check_name("version", version)?;
         if let Ok(b) = Bundle::load(dest) {
             if b.manifest.version == version {
@@ -338,15 +367,22 @@ impl Registry {
         };
         let _ = std::fs::remove_dir_all(dest);
         std::fs::create_dir_all(dest).map_err(local)?;
-        for f in [BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE] {
-            let bytes = self.get_file(version, f).map_err(|e| match e {
-                RegistryError::Store(s) if s.is_not_found() && f == MANIFEST_FILE => {
+        let advance = {
+            let bar = bar.clone();
+            move |n| bar.inc(n)
+        };
+        // The manifest first: a version that is not there is named as such.
+        for f in [MANIFEST_FILE, HEAD_FILE, BACKBONE_FILE] {
+            let key = self.key(&["versions", version, f]);
+            let bytes = self.store.get_reporting(&key, &advance).map_err(|e| {
+                if e.is_not_found() && f == MANIFEST_FILE {
                     RegistryError::NoVersion {
                         name: self.name.clone(),
                         version: version.to_string(),
                     }
+                } else {
+                    e.into()
                 }
-                e => e,
             })?;
             std::fs::write(dest.join(f), bytes).map_err(local)?;
         }

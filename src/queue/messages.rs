@@ -1,4 +1,4 @@
-//! The JSON messages on the broker (README.md, "Broker" and "Result record"), each versioned by its
+//! The JSON messages on the broker (docs/storage-and-broker.md, "Broker", and docs/results.md, "Result record"), each versioned by its
 //! `schema` field and documented as JSON Schema in `src/queue/schemas/`, for
 //! publishers written in any language.
 

@@ -16,8 +16,8 @@
 //!
 //! Queues created by a release before the delay queues and at-least-once
 //! dead-lettering have other arguments; RabbitMQ refuses to redeclare them, and
-//! [`declare_topology`] says so with the way out (README.md, "Upgrading the
-//! queues").
+//! [`declare_topology`] says so with the way out (docs/storage-and-broker.md,
+//! "Upgrading the queues").
 
 pub mod deadletters;
 pub mod enqueue;
@@ -160,7 +160,7 @@ pub enum QueueError {
         "the broker did not confirm message {message_id} within {seconds} s (--confirm-timeout-s)"
     )]
     ConfirmTimeout { message_id: String, seconds: u64 },
-    #[error("queue {queue:?} exists with other arguments than this release declares ({detail}); RabbitMQ cannot change a queue's arguments: move its messages and recreate it as README.md, \"Upgrading the queues\", describes")]
+    #[error("queue {queue:?} exists with other arguments than this release declares ({detail}); RabbitMQ cannot change a queue's arguments: move its messages and recreate it with `cinflow queues migrate` (docs/storage-and-broker.md, \"Upgrading the queues\")")]
     Inequivalent { queue: String, detail: String },
     #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: message {message_id} was returned (is the topology declared?)")]
     Unroutable {

@@ -9,7 +9,7 @@ mod local;
 mod s3;
 
 pub use local::LocalStore;
-pub use s3::{classify, s3_uri, S3Client, S3Config, S3Store};
+pub use s3::{classify, s3_uri, S3Client, S3Config, S3Store, MULTIPART_OVER, PART_BYTES};
 
 /// Why an object store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,9 @@ impl StoreError {
     }
 }
 
+/// Told the number of bytes moved since its last call.
+pub type Progress = dyn Fn(u64) + Send + Sync;
+
 /// A flat key-value store of byte objects.
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Reads a whole object, refusing ones larger than `limit` bytes.
@@ -77,6 +80,28 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Reads a whole object (no size limit beyond memory).
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         self.get_limited(key, u64::MAX)
+    }
+
+    /// Like [`ObjectStore::get`], telling `progress` how many bytes arrived as
+    /// they arrive (a model download on a terminal).
+    fn get_reporting(&self, key: &str, progress: &Progress) -> Result<Vec<u8>, StoreError> {
+        let bytes = self.get(key)?;
+        progress(bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    /// Like [`ObjectStore::put`], telling `progress` how many bytes were sent
+    /// as they are sent (a model upload on a terminal).
+    fn put_reporting(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        content_type: &str,
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
+        self.put(key, bytes, content_type)?;
+        progress(bytes.len() as u64);
+        Ok(())
     }
 }
 

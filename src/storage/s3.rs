@@ -22,7 +22,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{check_key, ObjectStore, StoreError};
+use super::{check_key, ObjectStore, Progress, StoreError};
 use crate::retry::{Limit, RetryPolicy};
 
 /// Where the object store is and how hard to try.
@@ -71,6 +71,12 @@ pub struct S3Config {
     #[arg(id = "s3_ca_file", long = "s3-ca-file", env = "CINFLOW_S3_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
 }
+
+/// Objects larger than this are uploaded in parts of [`PART_BYTES`] by
+/// [`ObjectStore::put_reporting`] (each part retried by itself, progress per part).
+pub const MULTIPART_OVER: usize = 16 << 20;
+/// Size of one part of a multipart upload (S3 needs at least 5 MiB but the last).
+pub const PART_BYTES: usize = 8 << 20;
 
 /// What one failed S3 call means: not found, transient (throttling, 5xx,
 /// timeouts, connection errors) or permanent.
@@ -198,6 +204,17 @@ impl S3Client {
     /// Reads a whole object, refusing ones over `limit` bytes (by the declared
     /// length, and while streaming whatever the header said).
     pub async fn get(&self, bucket: &str, key: &str, limit: u64) -> Result<Vec<u8>, StoreError> {
+        self.get_reporting(bucket, key, limit, &|_| {}).await
+    }
+
+    /// [`S3Client::get`], telling `progress` the bytes of each chunk as it arrives.
+    pub async fn get_reporting(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: u64,
+        progress: &Progress,
+    ) -> Result<Vec<u8>, StoreError> {
         check_key(key)?;
         let uri = s3_uri(bucket, key);
         let out = self
@@ -223,6 +240,7 @@ impl S3Client {
             detail: format!("body: {e}"),
         })? {
             bytes.extend_from_slice(&chunk);
+            progress(chunk.len() as u64);
             if bytes.len() as u64 > limit {
                 return Err(StoreError::TooLarge {
                     uri,
@@ -257,6 +275,125 @@ impl S3Client {
             .await
             .map(|_| ())
             .map_err(|e| classify(&uri, &e))
+    }
+
+    /// Starts a multipart upload (objects over [`MULTIPART_OVER`] bytes) and
+    /// returns its id; the whole object's sha256 goes into the metadata.
+    pub async fn create_multipart(
+        &self,
+        bucket: &str,
+        key: &str,
+        content_type: &str,
+        sha256: &str,
+    ) -> Result<String, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .metadata("sha256", sha256)
+            .send()
+            .await
+            .map_err(|e| classify(&uri, &e))?;
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or(StoreError::Backend {
+                uri,
+                detail: "multipart upload started without an upload id".into(),
+            })
+    }
+
+    /// Uploads part `number` (from 1) and returns its ETag.
+    pub async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        bytes: bytes::Bytes,
+    ) -> Result<String, StoreError> {
+        let uri = s3_uri(bucket, key);
+        let out = self
+            .client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| classify(&uri, &e))?;
+        out.e_tag().map(str::to_string).ok_or(StoreError::Backend {
+            uri,
+            detail: format!("part {number} uploaded without an ETag"),
+        })
+    }
+
+    /// Completes a multipart upload from its parts' ETags, in order: only now
+    /// does the object appear, whole.
+    pub async fn complete_multipart(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), StoreError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let uri = s3_uri(bucket, key);
+        let parts = etags
+            .iter()
+            .zip(1..)
+            .map(|(e, n)| CompletedPart::builder().part_number(n).e_tag(e).build())
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&uri, &e))
+    }
+
+    /// Drops an unfinished multipart upload's parts (best effort).
+    pub async fn abort_multipart(&self, bucket: &str, key: &str, upload_id: &str) {
+        let _ = self
+            .client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+    }
+
+    /// An object's user metadata (such as the `sha256` every PUT records).
+    pub async fn head_metadata(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let out = self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(&uri, &e))?;
+        Ok(out.metadata().cloned().unwrap_or_default())
     }
 
     /// Whether an object exists.
@@ -445,6 +582,52 @@ impl ObjectStore for S3Store {
         self.retry("s3 put", || {
             self.client
                 .put(&self.bucket, key, bytes.clone(), content_type)
+        })
+    }
+
+    fn get_reporting(&self, key: &str, progress: &Progress) -> Result<Vec<u8>, StoreError> {
+        self.retry("s3 get", || {
+            self.client
+                .get_reporting(&self.bucket, key, u64::MAX, progress)
+        })
+    }
+
+    fn put_reporting(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        content_type: &str,
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
+        if bytes.len() <= MULTIPART_OVER {
+            self.put(key, bytes, content_type)?;
+            progress(bytes.len() as u64);
+            return Ok(());
+        }
+        let sha = crate::hashing::sha256_hex(bytes);
+        let id = self.retry("s3 create multipart upload", || {
+            self.client
+                .create_multipart(&self.bucket, key, content_type, &sha)
+        })?;
+        let parts = || -> Result<Vec<String>, StoreError> {
+            let mut etags = Vec::new();
+            for (chunk, n) in bytes.chunks(PART_BYTES).zip(1..) {
+                let part = bytes::Bytes::copy_from_slice(chunk);
+                etags.push(self.retry("s3 upload part", || {
+                    self.client
+                        .upload_part(&self.bucket, key, &id, n, part.clone())
+                })?);
+                progress(chunk.len() as u64);
+            }
+            self.retry("s3 complete multipart upload", || {
+                self.client
+                    .complete_multipart(&self.bucket, key, &id, &etags)
+            })?;
+            Ok(etags)
+        };
+        parts().map(|_| ()).inspect_err(|_| {
+            self.rt
+                .block_on(self.client.abort_multipart(&self.bucket, key, &id))
         })
     }
 

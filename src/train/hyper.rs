@@ -1,5 +1,5 @@
 //! Hyper-parameters of head training. The defaults are the seed project's
-//! (README.md, "Retraining": the seed preset); every one can be overridden.
+//! (docs/retraining.md: the seed preset); every one can be overridden.
 
 use serde::{Deserialize, Serialize};
 

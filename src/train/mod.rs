@@ -58,7 +58,12 @@ pub struct TrainOptions {
     #[arg(long, env = "CINFLOW_TRAIN_CLASSES", value_parser = clap::value_parser!(u8).range(2..=4))]
     pub classes: Option<u8>,
     /// Model name in the manifest and the registry (default: the backbone bundle's).
-    #[arg(long, env = "CINFLOW_MODEL_NAME")]
+    #[arg(
+        long = "model-name",
+        alias = "name",
+        env = "CINFLOW_MODEL_NAME",
+        value_name = "NAME"
+    )]
     pub name: Option<String>,
     /// Version of the new bundle (default: UTC timestamp like 20261125T220000Z).
     #[arg(long)]
@@ -76,7 +81,13 @@ pub struct TrainOptions {
     #[arg(long, env = "CINFLOW_REGISTRY")]
     pub registry: Option<PathBuf>,
     /// Registry alias that inference follows.
-    #[arg(long, env = "CINFLOW_MODEL_ALIAS", default_value = "current")]
+    #[arg(
+        long = "model-alias",
+        alias = "alias",
+        env = "CINFLOW_MODEL_ALIAS",
+        value_name = "ALIAS",
+        default_value = "current"
+    )]
     pub alias: String,
     #[command(flatten)]
     pub promotion: PromotionPolicy,

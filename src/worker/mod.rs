@@ -201,12 +201,13 @@ pub async fn serve_http(cfg: &WorkerConfig) -> anyhow::Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelSource {
     /// Model name in the registry (`models/<name>/` in the bucket).
-    #[arg(long = "model-name", env = "CINFLOW_MODEL_NAME")]
+    #[arg(long = "model-name", env = "CINFLOW_MODEL_NAME", value_name = "NAME")]
     pub name: String,
     /// Alias to serve; a newly promoted version is picked up without a restart.
     #[arg(
         long = "model-alias",
         env = "CINFLOW_MODEL_ALIAS",
+        value_name = "ALIAS",
         default_value = "current"
     )]
     pub alias: String,

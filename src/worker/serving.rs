@@ -236,7 +236,19 @@ fn load(
     version: &str,
 ) -> Result<Grader, ServingError> {
     let dir = cache.join(registry.name()).join(version);
-    registry.fetch(version, &dir)?;
+    let started = std::time::Instant::now();
+    let bar = crate::progress::download_bar("model");
+    registry.fetch_showing(version, &dir, &bar)?;
+    bar.finish_and_clear();
+    if bar.position() > 0 {
+        tracing::info!(
+            model = registry.name(),
+            version,
+            bytes = bar.position(),
+            seconds = started.elapsed().as_secs_f64(),
+            "downloaded the model"
+        );
+    }
     let err = |source: ModelError| ServingError::Load {
         name: registry.name().to_string(),
         version: version.to_string(),

@@ -43,6 +43,7 @@ pub struct TrainWorkerArgs {
     #[arg(
         long = "model-alias",
         env = "CINFLOW_MODEL_ALIAS",
+        value_name = "ALIAS",
         default_value = "current"
     )]
     pub alias: String,
@@ -285,7 +286,9 @@ fn train_from_s3(
         }
     };
     let base_dir = scratch.path().join("base");
-    registry.fetch(&base, &base_dir)?;
+    let bar = crate::progress::download_bar("model");
+    registry.fetch_showing(&base, &base_dir, &bar)?;
+    bar.finish_and_clear();
 
     // The labels manifest and its images.
     let labels_bytes = stores

@@ -23,7 +23,7 @@ pub use features::{
 };
 #[cfg(feature = "train")]
 pub use head::{train_head, HeadData, HeadTrainError, TrainedHead};
-pub use hyper::{HyperParams, TrainDevice};
+pub use hyper::{HyperParams, Solver, TrainDevice};
 pub use labels::{parse_labels, read_labels, write_labels, LabelRow, LabelsError};
 #[cfg(feature = "train")]
 pub use run::{train, TrainOutcome};

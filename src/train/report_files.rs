@@ -161,6 +161,7 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "epochs_run": r.trained.curve.epochs.len(),
             "best_epoch": r.trained.curve.best_epoch,
             "stopped": r.trained.curve.stopped,
+            "l2_selection": r.trained.selection,
             "seconds": r.seconds[1],
             "curve": r.trained.curve.epochs,
         },

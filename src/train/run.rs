@@ -246,7 +246,11 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     manifest.created_at = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     manifest.provenance = serde_json::json!({
         "tool": "cinflow train",
-        "head": "linear layer on global-average-pooled backbone features, trained with Adam in libtorch (tch)",
+        "head": match o.hyper.solver {
+            super::Solver::Lbfgs => "linear layer on global-average-pooled backbone features: logistic regression on every view of the training images, solved with L-BFGS in libtorch (tch), L2 chosen on validation",
+            super::Solver::Adam => "linear layer on global-average-pooled backbone features, trained with Adam in libtorch (tch) (the seed's schedule)",
+        },
+        "head_selection": trained.selection,
         "labels": labels_name,
         "labels_sha256": labels_sha,
         "images": items.len(),

@@ -39,6 +39,7 @@ demo: build
 test: setup
 	bash scripts/rabbitmq.sh
 	eval "$$(bash scripts/garage.sh start)" && cargo test $(CARGO_FLAGS)
+	.venv/bin/python tools/test_export_backbone.py
 	bash scripts/fuzz.sh $(CI_FUZZ_SECONDS)
 
 # Longer fuzzing; the corpus in $(CINFLOW_CACHE)/fuzz grows from run to run.

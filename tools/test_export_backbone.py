@@ -41,7 +41,8 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_bundle(d: Path, arch="tiny", classes=4, channels=64, width=160, height=120):
+def check_bundle(d: Path, arch="tiny", classes=4, channels=64, width=160, height=120,
+                 trained=False):
     assert sorted(p.name for p in d.iterdir()) == ["backbone.onnx", "head.safetensors", "manifest.json"]
     m = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
     assert list(m) == ["schema", "name", "version", "architecture", "task", "classes", "input",
@@ -57,7 +58,7 @@ def check_bundle(d: Path, arch="tiny", classes=4, channels=64, width=160, height
     assert m["files"] == {"backbone.onnx": sha(d / "backbone.onnx"),
                           "head.safetensors": sha(d / "head.safetensors")}
     assert set(m["provenance"]) == {"tool", "backbone_weights", "head", "torch", "opset", "seed",
-                                    "precision"}
+                                    "precision"} | ({"training"} if trained else set())
     assert m["metrics"] is None and m["parent_version"] is None
     time.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ")
     h = load_file(str(d / "head.safetensors"))
@@ -254,9 +255,94 @@ def test_fallbacks_without_torchvision_or_safetensors_match():
         assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
+def write_training_set(d: Path, n=8, synth_readme=True):
+    """n small PNGs, one grade each (cycling), whose grade is a texture CLAHE keeps: the
+    more severe, the more dark blobs. A README.txt like `cinflow synth`'s, optionally."""
+    import cv2
+
+    d.mkdir(parents=True, exist_ok=True)
+    rows = ["path,label,patient_id"]
+    for i in range(n):
+        c = i % 4
+        rng = np.random.default_rng(i)
+        img = np.clip(np.full((240, 320, 3), (200, 170, 220), np.float64)
+                      + rng.normal(0, 10, (240, 320, 3)), 0, 255).astype(np.uint8)
+        for _ in range(16 * (3 - c)):
+            x, y = (int(v) for v in rng.integers(0, (320, 240)))
+            cv2.circle(img, (x, y), int(rng.integers(3, 7)), (120, 40, 90), -1)
+        cv2.imwrite(str(d / f"img{i}.png"), img)
+        rows.append(f"img{i}.png,{eb.CLASS_SCHEMES[4][c]},P{i:04d}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    if synth_readme:
+        (d / "README.txt").write_text("SYNTHETIC IMAGES - NOT CLINICAL DATA\n===\n\n"
+                                      "Parameters: n=8 size=320x240 seed=1000 format=png\n")
+    return d / "labels.csv"
+
+
+def test_tiny_trained_on_labels_is_deterministic_and_learns():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        labels = write_training_set(t / "data")
+        train = ["--train-labels", labels, "--train-epochs", "6", "--train-batch", "4",
+                 "--threads", "1", *SMALL]
+        p = run_tool("--arch", "tiny", "--out", t / "a", "--train-cache", t / "cache", *train)
+        assert "train epoch 6/6" in p.stdout, p.stdout
+        m, h = check_bundle(t / "a", trained=True)
+        prov = m["provenance"]
+        assert prov["backbone_weights"].startswith(
+            "trained on 8 synthetic images (cinflow synth seed 1000, 320x240), not clinical")
+        assert prov["head"] == "random-init (untrained)"  # cinflow trains the head
+        tr = prov["training"]
+        assert tr["images"] == 8 and tr["epochs"] == 6 and tr["input"] == [160, 120]
+        assert tr["classes"] == eb.CLASS_SCHEMES[4] and tr["threads"] == 1
+        assert tr["loss_after"] < tr["loss_before"] - 0.05, tr
+        assert len(list((t / "cache").glob("*.npy"))) == 8
+        # Same seed and threads: the same bytes (second run from the cache).
+        p = run_tool("--arch", "tiny", "--out", t / "b", "--train-cache", t / "cache", *train)
+        assert "8 from the cache" in p.stdout, p.stdout
+        assert sha(t / "a" / "backbone.onnx") == sha(t / "b" / "backbone.onnx")
+        assert sha(t / "a" / "head.safetensors") == sha(t / "b" / "head.safetensors")
+        # ...differs from the random export of the same seed, and from another seed.
+        run_tool("--arch", "tiny", "--out", t / "r", *SMALL)
+        run_tool("--arch", "tiny", "--out", t / "c", "--seed", "1", *train)
+        digests = {sha(t / x / "backbone.onnx") for x in ("a", "r", "c")}
+        assert len(digests) == 3
+        # The features the manifest promises, at the served size and at another one.
+        sess = ort.InferenceSession(str(t / "a" / "backbone.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        for hw in ((120, 160), (160, 120), (600, 800)):
+            (f,) = sess.run(None, {"image": np.zeros((1, 3, *hw), np.float32)})
+            assert f.shape[:2] == (1, 64) and np.all(np.isfinite(f))
+
+
+def test_training_input_errors_are_one_line_exit_2():
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        labels = write_training_set(t / "data", n=4, synth_readme=False)
+        bad = t / "bad.csv"
+        bad.write_text("path,label,patient_id\ndata/img0.png,CIN4,P1\ndata/img1.png,CIN1,P2\n")
+        missing = t / "missing.csv"
+        missing.write_text("path,label,patient_id\ndata/img0.png,CIN1,P1\nnope.png,CIN1,P2\n")
+        one = t / "one.csv"
+        one.write_text("path,label,patient_id\ndata/img0.png,CIN1,P1\n")
+        for args, needle in (
+                (["--arch", "densenet161", "--train-labels", labels], "tiny only"),
+                (["--arch", "tiny", "--train-labels", t / "none.csv"], "labels file not found"),
+                (["--arch", "tiny", "--train-labels", bad], "label 'CIN4'"),
+                (["--arch", "tiny", "--train-labels", missing], "training image"),
+                (["--arch", "tiny", "--train-labels", one], "at least 2 images"),
+                (["--arch", "tiny", "--train-labels", labels, "--train-epochs", "0"],
+                 "--train-epochs")):
+            p = run_tool(*args, "--out", t / "x", *SMALL, expect=2)
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1 and needle in lines[0], p.stderr
+        assert not (t / "x").exists()
+
+
 def test_help():
     p = run_tool("--help")
     assert "--weights" in p.stdout and "densenet161" in p.stdout
+    assert "--train-labels" in p.stdout and "not clinical" in p.stdout
 
 
 def main() -> int:

@@ -123,7 +123,7 @@ fn tensorrt_on_a_cpu_onnxruntime_is_a_clear_error() {
     if text.contains("sessions run on TensorrtExecutionProvider") {
         return; // a machine with TensorRT
     }
-    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(code, Some(5), "runtime unavailable: {text}");
     assert!(text.contains("TensorRT was requested but"), "{text}");
     assert!(text.contains("execution provider"), "{text}");
     let (code, text) = common::output_all(Command::new(env!("CARGO_BIN_EXE_cinflow")).args([

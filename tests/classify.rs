@@ -194,7 +194,8 @@ fn unreadable_images_become_error_entries_not_a_crash() {
             assert!(err.contains("cannot read file"), "{err}");
         }
     }
-    // The binary exits 1 when any image failed, and still writes the good ones.
+    // The binary exits 3 (partial success) when some images failed, and still
+    // writes the good ones.
     let out2 = tmp.path().join("out2");
     let status = Command::new(env!("CARGO_BIN_EXE_cinflow"))
         .args([
@@ -207,7 +208,7 @@ fn unreadable_images_become_error_entries_not_a_crash() {
         .arg(tmp.path().join("in"))
         .status()
         .unwrap();
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(3));
     assert!(out2.join("summary.csv").exists());
 }
 
@@ -298,12 +299,12 @@ fn tampered_or_incomplete_bundles_are_refused_with_the_reason() {
     let e = Bundle::load(&wrong).unwrap_err().to_string();
     assert!(e.contains("5 classes"), "{e}");
 
-    // The binary refuses with exit code 2 and names the file.
+    // The binary refuses with exit code 4 (input error) and names the file.
     let out = Command::new(env!("CARGO_BIN_EXE_cinflow"))
         .args(["verify", changed.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("head.safetensors"));
 }
 

@@ -654,9 +654,9 @@ fn check_runtime_loads_onnx_runtime_and_names_a_missing_gpu() {
     // The venv has the CPU build of ONNX Runtime: asking for CUDA must fail
     // and say why (the images' smoke tests rely on this command).
     let (code, text) = run(&["--device", "cuda"]);
-    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(code, Some(5), "runtime unavailable: {text}");
     assert!(text.contains("no CUDA execution provider"), "{text}");
     let (code, text) = run(&["--ort-lib", "/nonexistent/libonnxruntime.so"]);
-    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(code, Some(5), "runtime unavailable: {text}");
     assert!(text.contains("cannot load ONNX Runtime"), "{text}");
 }

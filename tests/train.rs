@@ -401,18 +401,57 @@ fn head_training_matches_scikit_learn_logistic_regression() {
         }
     }
     assert_eq!(chosen, reference["chosen_l2"].as_f64().unwrap());
+    // Calibration: the temperature fitted on validation agrees with scipy's on
+    // scikit-learn's head (1e-3 relative: the heads agree to 1e-4), and the
+    // ECE of the report's own test probabilities with scikit-learn's
+    // calibration_curve (1e-9 after; 1e-6 before, undone as p^T).
+    let cal = &r["calibration"];
+    let t = cal["temperature"].as_f64().unwrap();
+    let t_ref = reference["temperature"].as_f64().unwrap();
+    assert!(
+        (t - t_ref).abs() <= 1e-3 * t_ref,
+        "temperature {t} vs scipy {t_ref}"
+    );
+    for (ours, theirs, tol) in [
+        (
+            &cal["test_after"]["ece"],
+            &reference["test_ece_after"],
+            1e-9,
+        ),
+        (
+            &cal["test_before"]["ece"],
+            &reference["test_ece_before"],
+            1e-6,
+        ),
+    ] {
+        let (a, b) = (ours.as_f64().unwrap(), theirs.as_f64().unwrap());
+        assert!((a - b).abs() <= tol, "ECE {a} vs scikit-learn {b}");
+    }
+    assert!(
+        cal["validation_nll_after"].as_f64().unwrap()
+            <= cal["validation_nll_before"].as_f64().unwrap() + 1e-12
+    );
+    eprintln!(
+        "temperature {t:.4} (scipy {t_ref:.4}); test ECE {:.4} -> {:.4}",
+        cal["test_before"]["ece"], cal["test_after"]["ece"]
+    );
+
+    // The served (calibrated) probabilities are scikit-learn's at the same
+    // temperature: q^(1/T), renormalised.
     let preds = r["predictions"].as_array().unwrap();
     let theirs = reference["test_probabilities"].as_array().unwrap();
     assert_eq!(preds.len(), theirs.len());
     let mut worst = 0f64;
     for (p, q) in preds.iter().zip(theirs) {
-        for (a, b) in p["probabilities"]
+        let q: Vec<f64> = q
             .as_array()
             .unwrap()
             .iter()
-            .zip(q.as_array().unwrap())
-        {
-            worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
+            .map(|v| v.as_f64().unwrap().powf(1.0 / t))
+            .collect();
+        let sum: f64 = q.iter().sum();
+        for (a, b) in p["probabilities"].as_array().unwrap().iter().zip(&q) {
+            worst = worst.max((a.as_f64().unwrap() - b / sum).abs());
         }
     }
     assert!(worst <= 1e-4, "test probabilities differ by up to {worst}");

@@ -32,12 +32,14 @@ def main(bundle: str, png: str) -> None:
     pooled = a.mean(axis=(1, 2))
     z = w @ pooled + bias
     maps = np.einsum("ck,khw->chw", w, a)
+    # Served probabilities are temperature-scaled when the bundle is calibrated.
+    t = (m.get("calibration") or {}).get("temperature", 1.0)
     if m["task"] == "binary":
-        p = 1.0 / (1.0 + np.exp(-z[0]))
+        p = 1.0 / (1.0 + np.exp(-z[0] / t))
         probs = [p, 1.0 - p]
         maps = np.concatenate([maps, -maps])
     else:
-        e = np.exp(z - z.max())
+        e = np.exp((z - z.max()) / t)
         probs = list(e / e.sum())
     json.dump(
         {

@@ -13,8 +13,11 @@ split, sha256) and its feature cache (`<image sha256>.safetensors`, tensor
   rest) for 2;
 - keeps the strength with the lowest validation log-loss (identity view);
 - predicts the locked test split's identity view.
-Prints JSON: chosen l2, per-strength validation loss, test probabilities (class
-order of the report) and the macro one-vs-rest AUC.
+Also fits the temperature on the validation split (scipy) and computes the
+expected calibration error of the report's test probabilities (scikit-learn's
+calibration_curve). Prints JSON: chosen l2, per-strength objective and
+validation loss, test probabilities (class order of the report, uncalibrated),
+the macro one-vs-rest AUC, the temperature and the ECE before and after.
 
 usage: reference_head.py BUNDLE_DIR FEATURE_CACHE_DIR CLASSES L2[,L2...]
   CLASSES: comma-separated class names in the bundle's order
@@ -29,7 +32,21 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 from sklearn.linear_model import LogisticRegression
+from scipy.optimize import minimize_scalar
+from scipy.special import log_expit, log_softmax
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss, roc_auc_score
+
+
+def ece(p, y, bins):
+    """Top-label expected calibration error from calibration_curve's bins."""
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(int)
+    prob_true, prob_pred = calibration_curve(correct, conf, n_bins=bins, strategy="uniform")
+    ids = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], conf)
+    counts = np.bincount(ids, minlength=bins)
+    counts = counts[counts > 0]
+    return float(np.sum(counts / len(y) * np.abs(prob_true - prob_pred)))
 
 
 def main():
@@ -98,6 +115,28 @@ def main():
             best = (loss, l2, model)
     _, chosen, model = best
     p_test = probs(model, x_test)
+
+    # Temperature scaling on the validation split: scipy's bounded minimiser of
+    # the mean negative log-likelihood over ln T in [ln 0.05, ln 100].
+    z_val = model.decision_function(x_val)
+    def nll(log_t):
+        t = np.exp(log_t)
+        if binary:
+            s = np.where(y_val_fit == 1, 1.0, -1.0)
+            return -log_expit(s * z_val / t).mean()
+        return -log_softmax(z_val / t, axis=1)[np.arange(len(y_val)), y_val].mean()
+    fit = minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded",
+                          options={"xatol": 1e-10})
+    temperature = float(np.exp(fit.x))
+
+    # Expected calibration error of the report's own test probabilities (10
+    # uniform bins of the highest probability, scikit-learn's calibration_curve),
+    # at the fitted temperature and, undone (p**T renormalised), at T = 1.
+    report = json.load(open(os.path.join(bundle, "report", "report.json")))
+    served = np.array([p["probabilities"] for p in report["predictions"]])
+    t_report = report["calibration"]["temperature"]
+    raw = served ** t_report
+    raw /= raw.sum(axis=1, keepdims=True)
     if binary:
         auc = roc_auc_score((y_test == 0).astype(int), p_test[:, 0])
     else:
@@ -106,6 +145,9 @@ def main():
             y_test, p_test, multi_class="ovr", average="macro", labels=list(range(len(classes)))
         ) if len(present) == len(classes) else None
     print(json.dumps({
+        "temperature": temperature,
+        "test_ece_after": ece(served, y_test, 10),
+        "test_ece_before": ece(raw, y_test, 10),
         "chosen_l2": chosen,
         "fits": fits,
         "test_probabilities": p_test.tolist(),

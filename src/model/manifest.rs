@@ -112,6 +112,27 @@ pub struct Manifest {
     pub created_at: String,
     #[serde(default)]
     pub parent_version: Option<String>,
+    /// Temperature scaling of the head's logits, fitted on the validation
+    /// split after the head was trained (absent: probabilities as the head
+    /// gives them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// How served probabilities are calibrated: `softmax(logits / temperature)`
+/// (the sigmoid for a binary head). The logits, and so the predicted class and
+/// the Grad-CAM maps, are the head's own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// `temperature` (the only method so far).
+    pub method: String,
+    pub temperature: f64,
+    /// The split it was fitted on (`validation`) and how many images.
+    pub fitted_on: String,
+    pub images: usize,
+    /// Mean negative log-likelihood of those images before and after.
+    pub nll_before: f64,
+    pub nll_after: f64,
 }
 
 impl Manifest {
@@ -132,9 +153,31 @@ impl Manifest {
         }
     }
 
+    /// The temperature served probabilities are computed at (1: uncalibrated).
+    pub fn temperature(&self) -> f64 {
+        self.calibration.as_ref().map_or(1.0, |c| c.temperature)
+    }
+
+    /// Served probabilities of one image's logits, calibrated when the bundle
+    /// says so.
+    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
+        crate::report::calibration::probabilities_at(self.task, logits, self.temperature())
+            .into_iter()
+            .map(|p| p as f32)
+            .collect()
+    }
+
     /// Consistency checks that need no files: returns every problem found.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(c) = &self.calibration {
+            if c.method != "temperature" || !(c.temperature.is_finite() && c.temperature > 0.0) {
+                p.push(format!(
+                    "calibration {:?} with temperature {} is not a positive temperature",
+                    c.method, c.temperature
+                ));
+            }
+        }
         if self.schema != BUNDLE_SCHEMA {
             p.push(format!(
                 "schema is {:?}, expected {BUNDLE_SCHEMA:?}",

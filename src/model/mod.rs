@@ -8,7 +8,7 @@ mod manifest;
 pub use bundle::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
 pub use head::{fit_diagonal_lda, probabilities, Head, HeadError};
 pub use manifest::{
-    ClassScheme, FeatureSpec, InputSpec, Manifest, PreprocessSpec, Task, BUNDLE_SCHEMA,
+    Calibration, ClassScheme, FeatureSpec, InputSpec, Manifest, PreprocessSpec, Task, BUNDLE_SCHEMA,
 };
 pub mod registry;
 

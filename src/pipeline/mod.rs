@@ -16,7 +16,7 @@ use image::RgbImage;
 
 use crate::cam::{class_maps, ClassMaps};
 use crate::infer::{Backbone, FeatureMap, InferConfig, InferError};
-use crate::model::{probabilities, Bundle, BundleError, Manifest};
+use crate::model::{Bundle, BundleError, Manifest};
 use crate::preprocess::{self, PreprocessError};
 
 /// Why a model could not be made ready to serve.
@@ -203,7 +203,7 @@ impl Model {
             .map(|(f, p)| {
                 let t = Instant::now();
                 let logits = head.logits(&f.global_average_pool());
-                let probabilities = probabilities(m.task, &logits);
+                let probabilities = m.probabilities(&logits);
                 let predicted = argmax(&probabilities);
                 let maps = class_maps(f, head, m.task);
                 Graded {

@@ -4,6 +4,7 @@
 //! Nothing here needs libtorch: the types and plots are shared by `cinflow train`
 //! and anything else that evaluates a bundle.
 
+pub mod calibration;
 mod html;
 pub mod metrics;
 pub mod plots;

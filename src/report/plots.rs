@@ -114,6 +114,55 @@ pub fn roc_curves(eval: &Evaluation, title: &str, path: &Path) -> Result<(), Plo
     })
 }
 
+/// Reliability diagram of the locked test split before and after temperature
+/// scaling: per confidence bin, the share of right answers against the mean
+/// highest probability (a calibrated model lies on the diagonal), with each
+/// curve's expected calibration error.
+pub fn reliability_diagram(
+    before: &super::calibration::Reliability,
+    after: &super::calibration::Reliability,
+    temperature: f64,
+    path: &Path,
+) -> Result<(), PlotError> {
+    let (w, h) = ROC_SIZE;
+    render(path, white(w, h), |root| {
+        let caption = format!("Calibration, locked test split (T = {temperature:.2})");
+        let caption = fit(&caption, TITLE - 2.0, true, w as i32 - 40);
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, font(TITLE - 2.0, true))
+            .margin(20)
+            .x_label_area_size(60)
+            .y_label_area_size(76)
+            .build_cartesian_2d(-0.01..1.01, -0.01..1.01)?;
+        let axes = ["Highest probability (bin mean)", "Share right"];
+        mesh(&mut chart, axes, [1, 1])?;
+        let diagonal = [(0.0, 0.0), (1.0, 1.0)];
+        chart.draw_series(DashedLineSeries::new(diagonal, 10, 6, GREY.stroke_width(2)))?;
+        for (i, (r, name)) in [(before, "uncalibrated"), (after, "temperature-scaled")]
+            .into_iter()
+            .enumerate()
+        {
+            let points: Vec<(f64, f64)> = r
+                .bins
+                .iter()
+                .filter_map(|b| Some((b.confidence?, b.accuracy?)))
+                .collect();
+            let colour = class_colour(i);
+            let line = colour.stroke_width(3);
+            chart
+                .draw_series(LineSeries::new(points.clone(), line))?
+                .label(format!("{name} (ECE {:.3})", r.ece))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 26, y)], line));
+            chart.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 5, colour.filled())),
+            )?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)
+    })
+}
+
 /// Confusion matrix heat map (rows true, columns predicted) with counts and row percentages.
 pub fn confusion_matrix(eval: &Evaluation, title: &str, path: &Path) -> Result<(), PlotError> {
     fonts(path)?;

@@ -33,6 +33,7 @@ pub(super) struct ReportInput<'a> {
     pub trained: &'a TrainedHead,
     pub eval: &'a Evaluation,
     pub eval_tta: &'a Evaluation,
+    pub calibration: &'a super::run::CalibrationReport,
     /// Per test image: row, true class, probabilities of one view and of the 8-view mean.
     pub predictions: Vec<(&'a LabelRow, usize, &'a [f64], &'a [f64])>,
     pub decision: Option<&'a Decision>,
@@ -90,6 +91,13 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
         r.eval_tta,
         "ROC, locked test split, mean of 8 views",
         &r.dir.join("roc_tta.png"),
+    )
+    .map_err(plot_err)?;
+    plots::reliability_diagram(
+        &r.calibration.before,
+        &r.calibration.after,
+        r.calibration.calibration.temperature,
+        &r.dir.join("reliability.png"),
     )
     .map_err(plot_err)?;
     plots::confusion_matrix(
@@ -165,6 +173,16 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "seconds": r.seconds[1],
             "curve": r.trained.curve.epochs,
         },
+        "calibration": {
+            "method": r.calibration.calibration.method,
+            "temperature": r.calibration.calibration.temperature,
+            "fitted_on": r.calibration.calibration.fitted_on,
+            "validation_images": r.calibration.calibration.images,
+            "validation_nll_before": r.calibration.calibration.nll_before,
+            "validation_nll_after": r.calibration.calibration.nll_after,
+            "test_before": r.calibration.before,
+            "test_after": r.calibration.after,
+        },
         "evaluation": {
             "split": "test",
             "single_view": r.eval,
@@ -185,6 +203,7 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "training_curves": "training_curves.png",
             "roc": "roc.png",
             "roc_tta": "roc_tta.png",
+            "reliability": "reliability.png",
             "confusion": "confusion.png",
             "gallery": "gallery.png",
         },

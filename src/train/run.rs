@@ -12,10 +12,10 @@ use super::labels::{read_labels, LabelRow};
 use super::split::{self, Split, SplitFractions, SplitPlan};
 use super::{TrainError, TrainOptions};
 use crate::model::{
-    probabilities, Bundle, ClassScheme, Decision, Head, Manifest, Registry, Task, BACKBONE_FILE,
+    Bundle, Calibration, ClassScheme, Decision, Head, Manifest, Registry, Task, BACKBONE_FILE,
 };
 use crate::pipeline::Model;
-use crate::report::{self, Evaluation};
+use crate::report::{self, calibration, Evaluation};
 use crate::storage::LocalStore;
 
 /// What a training run produced.
@@ -209,12 +209,46 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         trained.curve.stopped
     );
 
-    // Evaluation on the locked test split: one view, and the mean over 8 views.
+    // Temperature scaling, fitted on the validation split (identity view).
+    let val: Vec<&Item> = of(Split::Validation).collect();
+    let val_logits: Vec<Vec<f32>> = val
+        .iter()
+        .map(|i| trained.head.logits(&i.features.views[0]))
+        .collect();
+    let val_labels: Vec<usize> = val.iter().map(|i| i.class).collect();
+    let temperature = calibration::fit_temperature(task, &val_logits, &val_labels);
+    let calibrated = Calibration {
+        method: "temperature".into(),
+        temperature,
+        fitted_on: "validation".into(),
+        images: val.len(),
+        nll_before: calibration::mean_nll(task, &val_logits, &val_labels, 1.0),
+        nll_after: calibration::mean_nll(task, &val_logits, &val_labels, temperature),
+    };
+    tracing::info!(
+        temperature,
+        nll_before = calibrated.nll_before,
+        nll_after = calibrated.nll_after,
+        "calibrated on {} validation images",
+        val.len()
+    );
+
+    // Evaluation on the locked test split (calibrated probabilities): one
+    // view, and the mean over 8 views; calibration before and after.
     let test: Vec<&Item> = of(Split::Test).collect();
     let test_images: Vec<PathBuf> = test.iter().map(|i| i.row.path.clone()).collect();
     let truth: Vec<usize> = test.iter().map(|i| i.class).collect();
-    let single = predict(&trained.head, task, &test, false);
-    let tta = predict(&trained.head, task, &test, true);
+    let single = predict(&trained.head, task, &test, false, temperature);
+    let tta = predict(&trained.head, task, &test, true, temperature);
+    let reliability = CalibrationReport {
+        before: calibration::reliability(
+            &predict(&trained.head, task, &test, false, 1.0),
+            &truth,
+            RELIABILITY_BINS,
+        ),
+        after: calibration::reliability(&single, &truth, RELIABILITY_BINS),
+        calibration: calibrated.clone(),
+    };
     let eval = report::evaluate(&classes, &truth, &single);
     let eval_tta = report::evaluate(&classes, &truth, &tta);
 
@@ -239,6 +273,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     manifest.version = version.clone();
     manifest.task = task;
     manifest.classes = classes.clone();
+    manifest.calibration = Some(calibrated);
     manifest.parent_version = current
         .as_ref()
         .map(|c| c.0.manifest.version.clone())
@@ -271,6 +306,8 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         "test_macro_auc": eval.macro_auc,
         "test_tta_accuracy": eval_tta.accuracy,
         "test_tta_macro_auc": eval_tta.macro_auc,
+        "test_ece_before_calibration": reliability.before.ece,
+        "test_ece": reliability.after.ece,
     });
     let staging = o.out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
@@ -340,6 +377,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         trained: &trained,
         eval: &eval,
         eval_tta: &eval_tta,
+        calibration: &reliability,
         predictions: test
             .iter()
             .zip(&single)
@@ -410,8 +448,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Probabilities of the test items: the identity view, or the mean over all views.
-fn predict(head: &Head, task: Task, items: &[&Item], tta: bool) -> Vec<Vec<f64>> {
+/// Equal-width confidence bins of the reported expected calibration error.
+const RELIABILITY_BINS: usize = 10;
+
+/// What the report shows about calibration.
+pub(super) struct CalibrationReport {
+    pub calibration: Calibration,
+    /// The locked test split (identity view) at temperature 1 and at the fitted one.
+    pub before: calibration::Reliability,
+    pub after: calibration::Reliability,
+}
+
+/// Probabilities of the test items at temperature `t`: the identity view, or
+/// the mean over all views.
+fn predict(head: &Head, task: Task, items: &[&Item], tta: bool, t: f64) -> Vec<Vec<f64>> {
     items
         .iter()
         .map(|i| {
@@ -422,8 +472,11 @@ fn predict(head: &Head, task: Task, items: &[&Item], tta: bool) -> Vec<Vec<f64>>
             };
             let mut mean = vec![0f64; head.rows.max(2)];
             for v in views {
-                for (m, p) in mean.iter_mut().zip(probabilities(task, &head.logits(v))) {
-                    *m += f64::from(p) / views.len() as f64;
+                for (m, p) in
+                    mean.iter_mut()
+                        .zip(calibration::probabilities_at(task, &head.logits(v), t))
+                {
+                    *m += p / views.len() as f64;
                 }
             }
             mean
@@ -448,7 +501,13 @@ fn current_test_auc(
         && bundle.manifest.input == new_model.manifest().input
         && bundle.manifest.preprocess == new_model.manifest().preprocess
     {
-        predict(&bundle.head, task, test, false)
+        predict(
+            &bundle.head,
+            task,
+            test,
+            false,
+            bundle.manifest.temperature(),
+        )
     } else {
         let current = Model::load(dir, &o.infer)?;
         let rows: Vec<LabelRow> = test.iter().map(|i| i.row.clone()).collect();
@@ -456,7 +515,9 @@ fn current_test_auc(
         feats
             .iter()
             .map(|f| {
-                probabilities(task, &bundle.head.logits(&f.views[0]))
+                bundle
+                    .manifest
+                    .probabilities(&bundle.head.logits(&f.views[0]))
                     .into_iter()
                     .map(f64::from)
                     .collect()
@@ -629,6 +690,7 @@ fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDi
         metrics: serde_json::Value::Null,
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         parent_version: None,
+        calibration: None,
     };
     std::fs::write(
         dir.join(crate::model::MANIFEST_FILE),

@@ -117,7 +117,8 @@ pub fn roc_curves(eval: &Evaluation, title: &str, path: &Path) -> Result<(), Plo
 /// Reliability diagram of the locked test split before and after temperature
 /// scaling: per confidence bin, the share of right answers against the mean
 /// highest probability (a calibrated model lies on the diagonal), with each
-/// curve's expected calibration error.
+/// curve's expected calibration error and the image count of each calibrated
+/// bin.
 pub fn reliability_diagram(
     before: &super::calibration::Reliability,
     after: &super::calibration::Reliability,
@@ -159,6 +160,17 @@ pub fn reliability_diagram(
                     .map(|p| Circle::new(p, 5, colour.filled())),
             )?;
         }
+        // How many images each calibrated point stands for: a one-image bin
+        // says little.
+        chart.draw_series(after.bins.iter().filter_map(|b| {
+            let p = (b.confidence?, b.accuracy?);
+            // Near the right edge the label goes to the left of its point.
+            let dx = if p.0 > 0.85 { -64 } else { 8 };
+            Some(
+                EmptyElement::at(p)
+                    + Text::new(format!("n={}", b.count), (dx, 6), font(TICK - 2.0, false)),
+            )
+        }))?;
         legend(&mut chart, SeriesLabelPosition::UpperLeft)
     })
 }

@@ -94,9 +94,6 @@ struct Problem<'a> {
     /// Number of logits: the classes, or 1 for the binary task.
     rows: usize,
     k: usize,
-    /// Every view of every training image, standardised: [n, 8, k].
-    train_all: Tensor,
-    val_x: Tensor,
     val_y: Tensor,
     /// Per-channel mean and spread of the training views.
     mean: Vec<f64>,
@@ -104,8 +101,8 @@ struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    /// Standardised features in float64, as [rows, k].
-    fn standardised_f64<'v>(&self, vectors: impl Iterator<Item = &'v [f32]>) -> Tensor {
+    /// Standardised features (computed in float64, held as `kind`), as [rows, k].
+    fn standardised<'v>(&self, vectors: impl Iterator<Item = &'v [f32]>, kind: Kind) -> Tensor {
         let x: Vec<f64> = vectors
             .flat_map(|v| {
                 v.iter()
@@ -116,6 +113,7 @@ impl Problem<'_> {
             .collect();
         Tensor::from_slice(&x)
             .view([-1, self.k as i64])
+            .to_kind(kind)
             .to_device(self.dev)
     }
 
@@ -170,10 +168,11 @@ impl Problem<'_> {
             .count()
     }
 
-    /// Validation loss and accuracy of logits computed by `forward`.
-    fn validate(&self, forward: impl Fn(&Tensor) -> Tensor) -> (f64, f64) {
+    /// Validation loss and accuracy of the logits `forward` computes from the
+    /// standardised validation features `val_x`.
+    fn validate(&self, val_x: &Tensor, forward: impl Fn(&Tensor) -> Tensor) -> (f64, f64) {
         tch::no_grad(|| {
-            let logits = forward(&self.val_x);
+            let logits = forward(val_x);
             (
                 self.loss(&logits, &self.val_y).double_value(&[]),
                 self.correct(&logits, &self.data.val_labels) as f64
@@ -201,26 +200,6 @@ pub fn train_head(
     let dev = device(hp.train_device)?;
     tch::manual_seed(hp.seed as i64);
     let (mean, scale) = standardisation(&data.train, k);
-    let standardise = |x: &[f32]| -> Vec<f32> {
-        x.iter()
-            .zip(&mean)
-            .zip(&scale)
-            .map(|((v, m), s)| ((f64::from(*v) - m) / s) as f32)
-            .collect()
-    };
-    let n = data.train.len();
-    let train_all: Vec<f32> = data
-        .train
-        .iter()
-        .flat_map(|views| views.iter().flat_map(|v| standardise(v)))
-        .collect();
-    let train_all = Tensor::from_slice(&train_all)
-        .view([n as i64, VIEWS as i64, k as i64])
-        .to_device(dev);
-    let val_x: Vec<f32> = data.val.iter().flat_map(|v| standardise(v)).collect();
-    let val_x = Tensor::from_slice(&val_x)
-        .view([data.val.len() as i64, k as i64])
-        .to_device(dev);
     let rows = match data.task {
         Task::Multiclass => data.classes,
         Task::Binary => 1,
@@ -230,8 +209,6 @@ pub fn train_head(
         dev,
         rows,
         k,
-        train_all,
-        val_x,
         val_y: Tensor::new(),
         mean: mean.clone(),
         scale: scale.clone(),
@@ -266,6 +243,14 @@ fn adam(
 ) -> Result<(Vec<f32>, Vec<f32>, TrainingCurve), HeadTrainError> {
     let (data, dev, n) = (p.data, p.dev, p.data.train.len());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hp.seed ^ 0x5eed_4ead);
+    // Every view of every training image, standardised, in float32: [n, 8, k].
+    let train_all = p
+        .standardised(
+            data.train.iter().flat_map(|v| v.iter().map(Vec::as_slice)),
+            Kind::Float,
+        )
+        .view([n as i64, VIEWS as i64, p.k as i64]);
+    let val_x = p.standardised(data.val.iter().copied(), Kind::Float);
     let vs = nn::VarStore::new(dev);
     let zero = nn::Init::Const(0.0);
     let linear = nn::linear(
@@ -299,7 +284,7 @@ fn adam(
             let vidx: Vec<i64> = batch.iter().map(|&i| view[i]).collect();
             let idx = Tensor::from_slice(&idx).to_device(dev);
             let vidx = Tensor::from_slice(&vidx).to_device(dev);
-            let x = p.train_all.index(&[Some(idx), Some(vidx)]);
+            let x = train_all.index(&[Some(idx), Some(vidx)]);
             let labels: Vec<usize> = batch.iter().map(|&i| data.train_labels[i]).collect();
             let logits = linear.forward(&x);
             let loss = p.loss(&logits, &p.targets(&labels));
@@ -307,7 +292,7 @@ fn adam(
             loss_sum += loss.double_value(&[]) * batch.len() as f64;
             opt.backward_step(&loss);
         }
-        let (val_loss, val_accuracy) = p.validate(|x| linear.forward(x));
+        let (val_loss, val_accuracy) = p.validate(&val_x, |x| linear.forward(x));
         epochs.push(EpochRecord {
             epoch,
             lr,
@@ -368,11 +353,12 @@ fn lbfgs(
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<(Vec<f32>, Vec<f32>, TrainingCurve, L2Selection), HeadTrainError> {
     let (n, k, rows) = (p.data.train.len(), p.k, p.rows);
-    let x = p.standardised_f64(
+    let x = p.standardised(
         p.data
             .train
             .iter()
             .flat_map(|views| views.iter().map(Vec::as_slice)),
+        Kind::Double,
     );
     debug_assert_eq!(x.size()[0], (n * VIEWS) as i64);
     let labels: Vec<usize> = p
@@ -382,7 +368,7 @@ fn lbfgs(
         .flat_map(|&y| std::iter::repeat_n(y, VIEWS))
         .collect();
     let y = p.targets(&labels);
-    let val_x = p.standardised_f64(p.data.val.iter().copied());
+    let val_x = p.standardised(p.data.val.iter().copied(), Kind::Double);
     let split = |theta: &Tensor| {
         (
             theta
@@ -425,7 +411,7 @@ fn lbfgs(
                     p.correct(&logits, &labels) as f64 / labels.len().max(1) as f64,
                 )
             });
-            let (val_loss, val_accuracy) = p.validate(|_| forward(&val_x));
+            let (val_loss, val_accuracy) = p.validate(&val_x, forward);
             records.push(EpochRecord {
                 epoch: iteration,
                 lr: step,

@@ -9,8 +9,13 @@ if ! command -v rabbitmq-server > /dev/null; then
   echo "[rabbitmq] nothing on 127.0.0.1:5672 and rabbitmq-server is not installed" >&2
   exit 1
 fi
-echo "[rabbitmq] starting rabbitmq-server" >&2
-rabbitmq-server -detached
+# A node whose app was stopped (rabbitmqctl stop_app) only needs the app started.
+if rabbitmqctl start_app > /dev/null 2>&1; then
+  echo "[rabbitmq] started the stopped rabbit app" >&2
+else
+  echo "[rabbitmq] starting rabbitmq-server" >&2
+  rabbitmq-server -detached
+fi
 for _ in $(seq 1 120); do
   up && exit 0
   sleep 0.5

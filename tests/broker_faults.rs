@@ -29,6 +29,19 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// Starts the RabbitMQ app again when dropped (also while unwinding a panic).
+struct StartOnDrop;
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        for args in [&["start_app"][..], &["await_startup"][..]] {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output();
+        }
+    }
+}
+
 #[test]
 fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
     let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
@@ -55,6 +68,9 @@ fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
         .collect();
 
     rabbitmqctl(&["stop_app"]);
+    // Whatever happens below, the broker is started again: a failed assertion
+    // must not leave it stopped for the tests that follow.
+    let _restart = StartOnDrop;
     std::thread::sleep(Duration::from_secs(3));
     let ready = |port| get(port, "/readyz").is_some_and(|(code, _)| code == 200);
     assert!(!ready(port), "ready while the broker is down");

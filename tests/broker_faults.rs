@@ -71,8 +71,13 @@ fn a_worker_resumes_after_a_broker_restart_and_every_job_finishes_once() {
     // Whatever happens below, the broker is started again: a failed assertion
     // must not leave it stopped for the tests that follow.
     let _restart = StartOnDrop;
-    std::thread::sleep(Duration::from_secs(3));
     let ready = |port| get(port, "/readyz").is_some_and(|(code, _)| code == 200);
+    // The worker notices the lost connection within a few seconds (sooner on
+    // an idle machine); it must stop being ready within 15.
+    let down = Instant::now();
+    while ready(port) && down.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(!ready(port), "ready while the broker is down");
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);

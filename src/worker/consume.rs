@@ -244,6 +244,9 @@ async fn session<H: Handler>(
             }
         }
     };
+    // Not ready from the moment the session ends: a probe must not see a
+    // worker as ready while it stops its jobs (up to the settle limit).
+    health().set_broker_connected(false);
     match end {
         SessionEnd::Shutdown => {
             let _ = s

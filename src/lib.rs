@@ -5,7 +5,7 @@
 //! One module per stage of the data flow:
 //! `preprocess` (decode, CLAHE, resize, normalise) -> `infer` (ONNX Runtime backbone,
 //! pooling, head) -> `cam` (Grad-CAM maps and overlays) -> `pipeline` (the per-image
-//! path that the CLI and the workers share) -> `result` (the `cinflow.result/v1` record).
+//! path that the CLI and the workers share) -> `result` (the `cinflow.result/v2` record).
 //! `model` holds the bundle (manifest, backbone, head) and `synth` the synthetic
 //! CIN-like images used by the demo, tests and benchmarks. `storage` (local folder
 //! and S3), `queue` (RabbitMQ topology and messages) and `worker` (the inference

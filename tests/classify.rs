@@ -37,7 +37,7 @@ fn grade_and_check(classes: u32) {
     let manifest = Bundle::load(&bundle).unwrap().manifest;
     for (key, _) in &report.results {
         let rec = read_record(&out, key);
-        assert_eq!(rec.schema, "cinflow.result/v1");
+        assert_eq!(rec.schema, "cinflow.result/v2");
         assert_eq!(rec.status, ImageStatus::Ok);
         assert_eq!(rec.execution_provider, "CPUExecutionProvider");
         assert_eq!(rec.model.sha256, manifest.files);

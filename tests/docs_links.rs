@@ -599,7 +599,7 @@ fn slug_follows_github() {
         "object-store-s3-and-garage"
     );
     assert_eq!(
-        slug("Result record (`cinflow.result/v1`)"),
+        slug("Result record (`cinflow.result/v2`)"),
         "result-record-cinflowresultv1"
     );
     assert_eq!(slug("What `make demo` leaves"), "what-make-demo-leaves");

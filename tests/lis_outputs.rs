@@ -124,7 +124,7 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
     }
     assert_eq!(events.len(), records.len());
     assert_valid(
-        Some("result.v1.schema.json"),
+        Some("result.v2.schema.json"),
         &[stored.clone(), events].concat(),
     );
 
@@ -149,10 +149,52 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
         };
         assert_eq!(report["status"], expect_status, "{report:#}");
         // One Observation per class probability and one grade per graded
-        // image, plus the slide grade.
+        // image, plus the slide grade and its CIN2+ triage (the fixture's
+        // bundle has a refer band).
         let obs = contained(report, "Observation");
-        let slide = usize::from(r.slide_grade.is_some());
+        let slide = 2 * usize::from(r.slide_grade.is_some());
         assert_eq!(obs.len(), graded.len() * (classes.len() + 1) + slide);
+        if let Some(g) = &r.slide_grade {
+            let band = r
+                .model
+                .refer_band
+                .as_ref()
+                .expect("the fixture's refer band");
+            let triage = g.triage.expect("a slide triage");
+            let deciding = graded.iter().find(|i| i.uri == g.image_uri).unwrap();
+            assert_eq!(g.p_cin2_plus, deciding.p_cin2_plus);
+            let o = obs
+                .iter()
+                .find(|o| o["id"] == "slide-triage")
+                .expect("the triage Observation");
+            assert_eq!(
+                o["valueCodeableConcept"]["coding"][0]["code"],
+                triage.code()
+            );
+            assert_eq!(report["result"][1]["reference"], "#slide-triage");
+            let component = |code: &str| {
+                o["component"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["code"]["coding"][0]["code"] == code)
+                    .unwrap_or_else(|| panic!("no {code} component"))["valueQuantity"]["value"]
+                    .as_f64()
+                    .unwrap()
+            };
+            assert_eq!(component("rule-out-threshold"), band.rule_out.threshold);
+            assert_eq!(component("rule-in-specificity"), band.rule_in.specificity);
+            assert!((component("p-cin2plus") - f64::from(g.p_cin2_plus.unwrap())).abs() <= 1e-6);
+            assert!(report["conclusion"]
+                .as_str()
+                .unwrap()
+                .contains(triage.as_str()));
+            // Every graded image is triaged on its own P(CIN2+) by the same band.
+            for img in &graded {
+                let p = f64::from(img.p_cin2_plus.unwrap());
+                assert_eq!(img.triage, Some(band.triage(p)), "{}", img.uri);
+            }
+        }
         assert_eq!(report["result"].as_array().map_or(0, Vec::len), obs.len());
         // Links per graded image: its pre-drawn overlays (the predicted
         // class's) and the preprocessed image they are drawn on.
@@ -250,7 +292,7 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
     }
     let mut no_model = stored[i].clone();
     no_model.as_object_mut().unwrap().remove("model");
-    let (ok, text) = validate_outputs(Some("result.v1.schema.json"), &[no_model]);
+    let (ok, text) = validate_outputs(Some("result.v2.schema.json"), &[no_model]);
     assert!(
         !ok && text.contains("'model' is a required property"),
         "{text}"

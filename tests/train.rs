@@ -159,6 +159,12 @@ fn train_evaluate_retrain_incrementally_and_promote_only_better_models() {
                 "{uri} {class}: served {got}, report {p}"
             );
         }
+        // P(CIN2+) is CIN3 + CIN2, triaged with the band the bundle stores.
+        let p_cin2 = rec.p_cin2_plus.unwrap();
+        assert!((f64::from(p_cin2) - (want[0] + want[1])).abs() < 1e-5);
+        let band = r1["refer_band"].clone();
+        let band: cinflow::model::ReferBand = serde_json::from_value(band).unwrap();
+        assert_eq!(rec.triage, Some(band.triage(f64::from(p_cin2))), "{uri}");
     }
     let d1 = v1.decision.clone().unwrap();
     assert!(d1.promoted, "{}", d1.reason);
@@ -244,6 +250,19 @@ fn train_evaluate_retrain_incrementally_and_promote_only_better_models() {
     let current = reg.alias("current").unwrap().unwrap();
     assert_eq!(current.version, if d2.promoted { "v2" } else { "v1" });
     assert!(!reg.decision("v3").unwrap().unwrap().promoted);
+    // Decided on the validation split, with the CIN2+ sensitivity at the
+    // operating point beside the macro AUC; the alias records its anchor.
+    for d in [&d2, &d3] {
+        assert_eq!(d.split, "validation");
+        assert!(d.new_cin2_sensitivity.is_some() && d.current_cin2_sensitivity.is_some());
+    }
+    assert!(
+        d3.reason.contains("on the validation split"),
+        "{}",
+        d3.reason
+    );
+    let anchor = current.anchor.clone().unwrap();
+    assert!(anchor == "v1" || anchor == "v2", "{anchor}");
     assert!(reg.decision("v1").unwrap().unwrap().promoted);
 
     // 2 classes (binary cross-entropy) from the same cached features.
@@ -463,5 +482,135 @@ fn head_training_matches_scikit_learn_logistic_regression() {
     assert!(
         (ours - theirs).abs() <= 0.01,
         "macro AUC {ours} vs {theirs}"
+    );
+    refer_band_and_levels_match_scikit_learn(&out, &r);
+}
+
+/// The CIN2+ thresholds stored in the bundle are the ones scikit-learn's
+/// `roc_curve` gives on the report's validation predictions (exactly: both
+/// pick one of the scores), and every image-, slide- and patient-level figure
+/// with its interval is tools/reference_levels.py's (scikit-learn metrics,
+/// NumPy percentiles) given the same bootstrap draws (1e-9).
+fn refer_band_and_levels_match_scikit_learn(
+    out: &cinflow::train::TrainOutcome,
+    r: &serde_json::Value,
+) {
+    use cinflow::report::levels::{evaluate_levels, Case, Draws};
+    let band: cinflow::model::ReferBand = serde_json::from_value(r["refer_band"].clone()).unwrap();
+    let manifest = cinflow::model::Bundle::load(&out.bundle).unwrap().manifest;
+    assert_eq!(manifest.refer_band.as_ref(), Some(&band));
+    let report_path = out.report_dir.join("report.json");
+    let reference: serde_json::Value = serde_json::from_str(&common::run_python(
+        "tools/reference_levels.py",
+        &[report_path.to_str().unwrap(), "300", "5"],
+    ))
+    .unwrap();
+    let theirs = &reference["refer_band"];
+    eprintln!("refer band: {band:?}\nscikit-learn: {theirs}");
+    assert_eq!(band.positives as u64, theirs["positives"].as_u64().unwrap());
+    assert_eq!(band.negatives as u64, theirs["negatives"].as_u64().unwrap());
+    for (ours, name) in [(&band.rule_out, "rule_out"), (&band.rule_in, "rule_in")] {
+        for (a, key) in [
+            (ours.threshold, "threshold"),
+            (ours.sensitivity, "sensitivity"),
+            (ours.specificity, "specificity"),
+        ] {
+            let b = theirs[name][key].as_f64().unwrap();
+            assert!(
+                (a - b).abs() <= 1e-12,
+                "{name} {key}: {a} vs scikit-learn {b}"
+            );
+        }
+    }
+    assert!(band.rule_out.sensitivity >= 0.95 && band.rule_in.specificity >= 0.95);
+
+    // The levels, from the report's own test predictions and the reference's draws.
+    let classes = &out.test.classes;
+    let cases: Vec<Case> = r["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Case {
+            patient: p["patient_id"].as_str().unwrap().into(),
+            slide: p["slide_id"].as_str().unwrap().into(),
+            truth: p["truth"].as_u64().unwrap() as usize,
+            probabilities: serde_json::from_value(p["probabilities"].clone()).unwrap(),
+        })
+        .collect();
+    let draws: Vec<Vec<usize>> = serde_json::from_value(reference["draws"].clone()).unwrap();
+    let ours = evaluate_levels(
+        &cases,
+        classes,
+        Some(&band),
+        &Draws::Given(draws),
+        "slide_id",
+    );
+    let reported: cinflow::report::levels::Levels =
+        serde_json::from_value(r["levels"].clone()).unwrap();
+    assert_eq!(reported.slides_from, "slide_id");
+    let close = |a: Option<f64>, b: &serde_json::Value, what: &str| match (a, b.as_f64()) {
+        (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-9, "{what}: {a} vs {b}"),
+        (None, None) => {}
+        (a, _) => panic!("{what}: {a:?} vs {b}"),
+    };
+    let levels = reference["levels"].as_array().unwrap();
+    for ((l, reported), theirs) in ours.levels.iter().zip(&reported.levels).zip(levels) {
+        let name = &l.level;
+        assert_eq!(*name, theirs["level"]);
+        assert_eq!(l.units as u64, theirs["units"].as_u64().unwrap());
+        let figures = [
+            ("accuracy", l.accuracy, reported.accuracy),
+            (
+                "kappa_quadratic",
+                l.kappa_quadratic,
+                reported.kappa_quadratic,
+            ),
+            (
+                "rule_out_sensitivity",
+                l.rule_out.unwrap().sensitivity,
+                reported.rule_out.unwrap().sensitivity,
+            ),
+            (
+                "rule_out_specificity",
+                l.rule_out.unwrap().specificity,
+                reported.rule_out.unwrap().specificity,
+            ),
+            (
+                "rule_in_sensitivity",
+                l.rule_in.unwrap().sensitivity,
+                reported.rule_in.unwrap().sensitivity,
+            ),
+            (
+                "rule_in_specificity",
+                l.rule_in.unwrap().specificity,
+                reported.rule_in.unwrap().specificity,
+            ),
+        ];
+        for (key, f, rep) in figures {
+            let what = format!("{name} {key}");
+            close(f.value, &theirs["value"][key], &what);
+            // The report's point values are the same; its intervals come from its own draws.
+            assert_eq!(f.value, rep.value, "{what} in the report");
+            let ci = &theirs["ci95"][key];
+            match f.ci95 {
+                Some([lo, hi]) => {
+                    close(Some(lo), &ci[0], &format!("{what} interval low"));
+                    close(Some(hi), &ci[1], &format!("{what} interval high"));
+                }
+                None => assert!(ci.is_null(), "{what}: no interval vs {ci}"),
+            }
+        }
+        eprintln!(
+            "{name}: {} units, kappa {:?} {:?}, CIN2+ sensitivity at rule-out {:?} {:?}",
+            l.units,
+            l.kappa_quadratic.value,
+            reported.kappa_quadratic.ci95,
+            l.rule_out.unwrap().sensitivity.value,
+            reported.rule_out.unwrap().sensitivity.ci95
+        );
+    }
+    // Synthetic slides hold two images each: three different levels.
+    assert!(
+        ours.levels[0].units > ours.levels[1].units && ours.levels[1].units > ours.levels[2].units
     );
 }

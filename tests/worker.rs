@@ -72,20 +72,20 @@ fn happy_path(classes: u32) {
             let raw = stored(&img.raw_map.as_ref().unwrap().uri);
             assert_eq!(&raw[..6], b"\x93NUMPY");
         }
-        // The slide grade is the most severe image's class (classes are ordered most severe first).
-        let worst = r
+        // The slide grade is the grade of the image with the highest P(CIN2+)
+        // (P(CIN) for 2 classes: the first class), which the record names.
+        let score = |i: &cinflow::result::ImageResult| match i.p_cin2_plus {
+            Some(p) => p,
+            None => i.probabilities.as_ref().unwrap()[&r.model.classes[0]],
+        };
+        let deciding = r
             .images
             .iter()
-            .map(|i| {
-                let c = i.predicted_class.as_ref().unwrap();
-                r.model.classes.iter().position(|x| x == c).unwrap()
-            })
-            .min()
-            .unwrap();
-        assert_eq!(
-            r.slide_grade.as_ref().unwrap().grade,
-            r.model.classes[worst]
-        );
+            .fold(&r.images[0], |b, i| if score(i) > score(b) { i } else { b });
+        let g = r.slide_grade.as_ref().unwrap();
+        assert_eq!(g.grade, *deciding.predicted_class.as_ref().unwrap());
+        assert_eq!(g.image_uri, deciding.uri);
+        assert_eq!(g.triage.is_some(), classes > 2, "{g:?}");
         check_against_local(&fx, &r);
         assert_eq!(fx.result_objects(job).len(), result_set_objects(n));
     }
@@ -119,7 +119,7 @@ fn happy_path(classes: u32) {
     assert_eq!(events.len(), 3, "{events:?}");
     assert!(events
         .iter()
-        .all(|(k, e)| k == "result.ok" && e["schema"] == "cinflow.result/v1"));
+        .all(|(k, e)| k == "result.ok" && e["schema"] == "cinflow.result/v2"));
 }
 
 #[test]

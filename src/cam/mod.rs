@@ -10,6 +10,7 @@
 //! to the logit", comparable across images and models. Overlays show `ReLU(M_c)`.
 
 mod colormap;
+pub mod legend;
 mod render;
 
 pub use colormap::jet;

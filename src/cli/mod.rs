@@ -355,6 +355,18 @@ pub fn print_train_outcome(o: &crate::train::TrainOutcome) {
     );
     println!("  locked test:     {}", o.test.headline());
     println!("  mean of 8 views: {}", o.test_tta.headline());
+    if let Some(b) = &o.refer_band {
+        println!(
+            "  CIN2+ band:      rule-out {:.3}, rule-in {:.3} (validation: sensitivity {:.1}%, specificity {:.1}%)",
+            b.rule_out.threshold,
+            b.rule_in.threshold,
+            100.0 * b.rule_out.sensitivity,
+            100.0 * b.rule_in.specificity
+        );
+    }
+    for l in &o.levels.levels {
+        println!("  {:<16} {}", format!("per {}:", l.level), l.headline());
+    }
     if let Some(d) = &o.decision {
         println!(
             "  registry:        {} ({})",

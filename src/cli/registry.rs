@@ -75,8 +75,16 @@ pub(super) fn run(a: &RegistryArgs) -> anyhow::Result<Exit> {
                 } else {
                     String::new()
                 };
+                // Decisions from before promotion used the validation split were on the test split.
+                let split = d.as_ref().map_or(String::new(), |d| {
+                    if d.split.is_empty() {
+                        "test".to_string()
+                    } else {
+                        d.split.clone()
+                    }
+                });
                 println!(
-                    "{v}: macro AUC {}; {}{mark}",
+                    "{v}: macro AUC {} ({split}); {}{mark}",
                     d.as_ref()
                         .and_then(|d| d.new_macro_auc)
                         .map_or("n/a".into(), |x| format!("{x:.4}")),

@@ -7,7 +7,7 @@
 //! and keeps every core and the backbone busy.
 //!
 //! Outputs, per input image with key `K` (the file stem, made unique):
-//! `K.json` (a `cinflow.result/v1` record), `K/preprocessed.jpg`, `K/cam.npy`,
+//! `K.json` (a `cinflow.result/v2` record), `K/preprocessed.jpg`, `K/cam.npy`,
 //! `K/heatmap-<class>.jpg` (see [`crate::pipeline::artifacts`]), and one
 //! `summary.csv` for the run.
 
@@ -263,6 +263,8 @@ fn write_summary(
         "image".into(),
         "status".into(),
         "predicted_class".into(),
+        "p_cin2_plus".into(),
+        "triage".into(),
     ];
     header.extend(classes.iter().map(|c| format!("p_{c}")));
     header.push("error".into());
@@ -273,6 +275,8 @@ fn write_summary(
             r.uri.clone(),
             format!("{:?}", r.status).to_lowercase(),
             r.predicted_class.clone().unwrap_or_default(),
+            r.p_cin2_plus.map(|p| format!("{p:.6}")).unwrap_or_default(),
+            r.triage.map(|t| t.to_string()).unwrap_or_default(),
         ];
         row.extend(classes.iter().map(|c| {
             r.probabilities

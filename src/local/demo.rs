@@ -133,6 +133,9 @@ pub fn demo(a: &DemoArgs) -> anyhow::Result<crate::cli::Exit> {
         report.total,
         100.0 * accuracy
     );
+    if let Some(line) = triage_line(&report.results, &truth) {
+        println!("  CIN2+ triage:    {line}");
+    }
     println!(
         "  results:         {} (per image a JSON and a folder with the preprocessed image, raw maps and the predicted class's heatmap; summary.csv)",
         results.display()
@@ -141,6 +144,37 @@ pub fn demo(a: &DemoArgs) -> anyhow::Result<crate::cli::Exit> {
         println!("  report:          {}", report.display());
     }
     Ok(crate::cli::Exit::of_counts(report.total, report.failed))
+}
+
+/// How the held-out images were triaged, and how many of each were truly CIN2+.
+fn triage_line(
+    results: &[(String, crate::result::ImageResult)],
+    truth: &BTreeMap<String, String>,
+) -> Option<String> {
+    use crate::model::Triage;
+    let mut counts = [[0usize; 2]; 3];
+    for (_, r) in results {
+        let Some(triage) = r.triage else {
+            continue;
+        };
+        let slot = match triage {
+            Triage::Likely => 0,
+            Triage::Refer => 1,
+            Triage::Unlikely => 2,
+        };
+        let cin2 = matches!(truth.get(&r.uri).map(String::as_str), Some("CIN3" | "CIN2"));
+        counts[slot][usize::from(!cin2)] += 1;
+    }
+    let total: usize = counts.iter().flatten().sum();
+    (total > 0).then(|| {
+        let part = |name: &str, c: [usize; 2]| format!("{name} {} ({} CIN2+)", c[0] + c[1], c[0]);
+        format!(
+            "{}, {}, {}",
+            part("CIN2+ likely", counts[0]),
+            part("refer", counts[1]),
+            part("CIN2+ unlikely", counts[2])
+        )
+    })
 }
 
 /// The model the demo grades with and the images it has never seen.
@@ -379,6 +413,7 @@ mod tests {
                 path: format!("{i}.jpg").into(),
                 label: ["CIN3", "CIN2", "CIN1", "Non-neoplasm"][(i / 3) % 4].into(),
                 patient_id: format!("P{}", i / 3),
+                slide_id: None,
             })
             .collect();
         let (fit, held) = split_by_patient(&rows, 0.34);

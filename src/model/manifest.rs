@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::triage::{cin2_plus_rows, ReferBand, Triage};
 use crate::preprocess::{ClaheParams, PreprocessConfig};
 
 /// Schema tag of the manifest this code reads and writes.
@@ -117,6 +118,10 @@ pub struct Manifest {
     /// gives them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+    /// The CIN2+ triage thresholds, chosen on the validation split (absent:
+    /// 2-class models, and bundles made before training chose them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refer_band: Option<ReferBand>,
 }
 
 /// How served probabilities are calibrated: `softmax(logits / temperature)`
@@ -167,9 +172,24 @@ impl Manifest {
             .collect()
     }
 
+    /// P(CIN2+) of one image's served probabilities: the sum over the CIN2+
+    /// classes (None for 2-class models).
+    pub fn p_cin2_plus(&self, probabilities: &[f32]) -> Option<f32> {
+        let rows = cin2_plus_rows(&self.classes);
+        (!rows.is_empty()).then(|| rows.iter().map(|&i| probabilities[i]).sum::<f32>().min(1.0))
+    }
+
+    /// How an image with P(CIN2+) `p` is triaged (None without a refer band).
+    pub fn triage(&self, p: f32) -> Option<Triage> {
+        self.refer_band.as_ref().map(|b| b.triage(f64::from(p)))
+    }
+
     /// Consistency checks that need no files: returns every problem found.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(band) = &self.refer_band {
+            p.extend(band.problems(&self.classes));
+        }
         if let Some(c) = &self.calibration {
             if c.method != "temperature" || !(c.temperature.is_finite() && c.temperature > 0.0) {
                 p.push(format!(

@@ -4,6 +4,7 @@
 mod bundle;
 mod head;
 mod manifest;
+pub mod triage;
 
 pub use bundle::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
 pub use head::{fit_diagonal_lda, probabilities, Head, HeadError};
@@ -12,4 +13,8 @@ pub use manifest::{
 };
 pub mod registry;
 
-pub use registry::{AliasRecord, Decision, PromotionPolicy, Registry, RegistryError};
+pub use triage::{OperatingPoint, ReferBand, Triage, CIN2_PLUS};
+
+pub use registry::{
+    AliasRecord, Compared, Decision, PromotionFigures, PromotionPolicy, Registry, RegistryError,
+};

@@ -57,81 +57,197 @@ pub struct AliasRecord {
     /// The version it pointed at before.
     pub previous: Option<String>,
     pub reason: String,
+    /// The version later candidates must also stay within the margins of, so
+    /// that quality cannot drift down by a margin per promotion: the last
+    /// version that was at least as good as its anchor on both figures, or the
+    /// one a person pointed the alias at. Absent in records from before it
+    /// existed: then the current version is the anchor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
 }
 
 /// When a newly trained version replaces the current one.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct PromotionPolicy {
-    /// Promote when the new model's macro AUC on the locked test split is at most
-    /// this much below the current model's on the same images.
+    /// Promote only when the new model's macro AUC on the validation split is
+    /// at most this much below the current model's, and the anchor's, on the
+    /// same images.
     #[arg(long, env = "CINFLOW_PROMOTION_MARGIN", default_value_t = 0.005)]
     pub promotion_margin: f64,
+    /// ...and its CIN2+ sensitivity at its own rule-out threshold at most this
+    /// much below theirs at their own thresholds (4- and 3-class models).
+    #[arg(long, env = "CINFLOW_SENSITIVITY_MARGIN", default_value_t = 0.02)]
+    #[serde(default = "default_sensitivity_margin")]
+    pub sensitivity_margin: f64,
+}
+
+fn default_sensitivity_margin() -> f64 {
+    0.02
 }
 
 impl Default for PromotionPolicy {
     fn default() -> Self {
         PromotionPolicy {
             promotion_margin: 0.005,
+            sensitivity_margin: default_sensitivity_margin(),
         }
     }
 }
 
-/// The outcome of comparing a new version with the current one.
+/// What promotion compares, for one model on the validation split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromotionFigures {
+    pub macro_auc: Option<f64>,
+    /// CIN2+ sensitivity at the model's own rule-out threshold (None without
+    /// a refer band).
+    pub cin2_sensitivity: Option<f64>,
+}
+
+/// A model compared against: its version and figures on the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Compared {
+    pub version: String,
+    pub figures: PromotionFigures,
+}
+
+/// The outcome of comparing a new version with the current one (and the anchor).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub promoted: bool,
     pub reason: String,
     pub alias: String,
+    /// The split every figure of the decision is computed on (`validation`:
+    /// the locked test split is only reported, never decided on).
+    #[serde(default)]
+    pub split: String,
     pub new_version: String,
     pub new_macro_auc: Option<f64>,
+    #[serde(default)]
+    pub new_cin2_sensitivity: Option<f64>,
     pub current_version: Option<String>,
-    /// The current model's macro AUC on the same locked test images.
+    /// The current model's macro AUC on the same images.
     pub current_macro_auc: Option<f64>,
+    #[serde(default)]
+    pub current_cin2_sensitivity: Option<f64>,
+    /// The anchor when it is not the current version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<Compared>,
+    /// The anchor from this decision on (what the alias records).
+    #[serde(default)]
+    pub next_anchor: Option<String>,
     pub margin: f64,
+    #[serde(default)]
+    pub sensitivity_margin: f64,
 }
 
 impl PromotionPolicy {
-    /// Decides on `new` against `current` (version and macro AUC on the same test
-    /// images, or None when there is no current model). `incomparable` names why
-    /// the two cannot be compared (different classes), which blocks promotion.
+    /// Decides on `new` (its figures on the validation split) against
+    /// `current` and the alias's `anchor` (figures on the same images; None:
+    /// no current model, or the anchor is the current version).
+    /// `incomparable` names why the models cannot be compared (different
+    /// classes, a model that could not be evaluated), which blocks promotion.
     pub fn decide(
         &self,
         alias: &str,
         new_version: &str,
-        new_auc: Option<f64>,
-        current: Option<(&str, Option<f64>)>,
+        new: PromotionFigures,
+        current: Option<&Compared>,
+        anchor: Option<&Compared>,
         incomparable: Option<String>,
     ) -> Decision {
-        let m = self.promotion_margin;
-        let (promoted, reason) = match (new_auc, current, incomparable) {
-            (None, _, _) => (false, "the new model's macro AUC is undefined".to_string()),
-            (_, Some(_), Some(why)) => (
-                false,
-                format!("not comparable with the current model: {why}"),
+        let (m, ms) = (self.promotion_margin, self.sensitivity_margin);
+        let mut failures = Vec::new();
+        let mut passes = Vec::new();
+        if new.macro_auc.is_none() {
+            failures.push("the new model's macro AUC is undefined".to_string());
+        }
+        if let (Some(why), Some(_)) = (&incomparable, current) {
+            failures.push(format!("not comparable with the current model: {why}"));
+        }
+        let others: Vec<(&str, &Compared)> = [("current", current), ("anchor", anchor)]
+            .into_iter()
+            .filter_map(|(role, c)| Some((role, c?)))
+            .collect();
+        if incomparable.is_none() {
+            for (role, c) in &others {
+                let v = &c.version;
+                if let (Some(a), Some(b)) = (new.macro_auc, c.figures.macro_auc) {
+                    let line = format!("macro AUC {a:.4} vs {role} ({v}) {b:.4} - margin {m}");
+                    if a >= b - m {
+                        passes.push(line)
+                    } else {
+                        failures.push(line)
+                    }
+                }
+                match (new.cin2_sensitivity, c.figures.cin2_sensitivity) {
+                    (Some(a), Some(b)) => {
+                        let line = format!(
+                            "CIN2+ sensitivity at rule-out {a:.4} vs {role} ({v}) {b:.4} - margin {ms}"
+                        );
+                        if a >= b - ms {
+                            passes.push(line)
+                        } else {
+                            failures.push(line)
+                        }
+                    }
+                    (None, Some(_)) => failures.push(format!(
+                        "the new model has no CIN2+ refer band, the {role} ({v}) has"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        let promoted = failures.is_empty();
+        let reason = match (promoted, others.is_empty()) {
+            (true, true) => format!(
+                "no current model; new macro AUC {} on the validation split",
+                new.macro_auc.map_or("n/a".into(), |a| format!("{a:.4}"))
             ),
-            (Some(a), None, _) => (true, format!("no current model; new macro AUC {a:.4}")),
-            (Some(a), Some((v, None)), _) => (
-                true,
-                format!("current model {v} has no macro AUC on this test split; new {a:.4}"),
+            (true, false) if passes.is_empty() => {
+                "the current model has no figures on this validation split".to_string()
+            }
+            (true, false) => format!("on the validation split: {}", passes.join("; ")),
+            (false, _) => format!(
+                "not promoted, on the validation split: {}",
+                failures.join("; ")
             ),
-            (Some(a), Some((v, Some(c))), _) if a >= c - m => (
-                true,
-                format!("new macro AUC {a:.4} >= current ({v}) {c:.4} - margin {m}"),
-            ),
-            (Some(a), Some((v, Some(c))), _) => (
-                false,
-                format!("new macro AUC {a:.4} < current ({v}) {c:.4} - margin {m}"),
-            ),
+        };
+        // The anchor moves to the new version only when it is at least as good
+        // as the anchor (the current version when no other is recorded).
+        let reference = anchor.or(current);
+        let next_anchor = match (promoted, reference) {
+            (false, r) => r.map(|c| c.version.clone()),
+            (true, None) => Some(new_version.to_string()),
+            (true, Some(r)) => {
+                let no_worse = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) => a >= b,
+                    (_, None) => true,
+                    (None, Some(_)) => false,
+                };
+                let better = no_worse(new.macro_auc, r.figures.macro_auc)
+                    && no_worse(new.cin2_sensitivity, r.figures.cin2_sensitivity);
+                Some(if better {
+                    new_version.to_string()
+                } else {
+                    r.version.clone()
+                })
+            }
         };
         Decision {
             promoted,
             reason,
             alias: alias.to_string(),
+            split: "validation".into(),
             new_version: new_version.to_string(),
-            new_macro_auc: new_auc,
-            current_version: current.map(|c| c.0.to_string()),
-            current_macro_auc: current.and_then(|c| c.1),
+            new_macro_auc: new.macro_auc,
+            new_cin2_sensitivity: new.cin2_sensitivity,
+            current_version: current.map(|c| c.version.clone()),
+            current_macro_auc: current.and_then(|c| c.figures.macro_auc),
+            current_cin2_sensitivity: current.and_then(|c| c.figures.cin2_sensitivity),
+            anchor: anchor.cloned(),
+            next_anchor,
             margin: m,
+            sensitivity_margin: ms,
         }
     }
 }
@@ -299,6 +415,18 @@ impl Registry {
         version: &str,
         reason: &str,
     ) -> Result<AliasRecord, RegistryError> {
+        self.set_alias_anchored(alias, version, reason, version)
+    }
+
+    /// Points `alias` at `version`, recording `anchor` as the version later
+    /// promotions must also stay within the margins of.
+    pub fn set_alias_anchored(
+        &self,
+        alias: &str,
+        version: &str,
+        reason: &str,
+        anchor: &str,
+    ) -> Result<AliasRecord, RegistryError> {
         if !self.versions()?.iter().any(|v| v == version) {
             return Err(RegistryError::NoVersion {
                 name: self.name.clone(),
@@ -311,6 +439,7 @@ impl Registry {
             promoted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             previous: self.alias(alias)?.map(|a| a.version),
             reason: reason.to_string(),
+            anchor: Some(anchor.to_string()),
         };
         let json = serde_json::to_vec_pretty(&record).expect("alias serialises");
         self.store.put(
@@ -425,31 +554,95 @@ fn content_type(rel: &str) -> &'static str {
 mod tests {
     use super::*;
 
+    fn compared(version: &str, auc: f64, sens: Option<f64>) -> Compared {
+        Compared {
+            version: version.into(),
+            figures: PromotionFigures {
+                macro_auc: Some(auc),
+                cin2_sensitivity: sens,
+            },
+        }
+    }
+
+    fn figures(auc: Option<f64>, sens: Option<f64>) -> PromotionFigures {
+        PromotionFigures {
+            macro_auc: auc,
+            cin2_sensitivity: sens,
+        }
+    }
+
     #[test]
-    fn policy_promotes_within_the_margin_only() {
+    fn policy_promotes_within_the_margins_only() {
         let p = PromotionPolicy {
             promotion_margin: 0.01,
+            sensitivity_margin: 0.02,
         };
-        assert!(p.decide("current", "v2", Some(0.9), None, None).promoted);
+        let new = |auc, sens| figures(Some(auc), Some(sens));
+        let d = p.decide("current", "v2", new(0.9, 0.95), None, None, None);
+        assert!(d.promoted && d.split == "validation");
+        assert_eq!(d.next_anchor.as_deref(), Some("v2"));
+        let v1 = compared("v1", 0.9, Some(0.96));
+        let d = p.decide("current", "v2", new(0.895, 0.95), Some(&v1), None, None);
+        assert!(d.promoted, "{}", d.reason);
+        // Within the margin but worse: promoted, and v1 stays the anchor.
+        assert_eq!(d.next_anchor.as_deref(), Some("v1"));
+        let d = p.decide("current", "v2", new(0.85, 0.96), Some(&v1), None, None);
         assert!(
-            p.decide("current", "v2", Some(0.895), Some(("v1", Some(0.9))), None)
-                .promoted
-        );
-        let d = p.decide("current", "v2", Some(0.85), Some(("v1", Some(0.9))), None);
-        assert!(
-            !d.promoted && d.reason.contains("0.8500 < current (v1) 0.9000"),
+            !d.promoted && d.reason.contains("macro AUC 0.8500 vs current (v1) 0.9000"),
             "{}",
             d.reason
         );
-        assert!(!p.decide("current", "v2", None, None, None).promoted);
+        // Macro AUC as good, CIN2+ sensitivity at the operating point worse.
+        let d = p.decide("current", "v2", new(0.95, 0.9), Some(&v1), None, None);
+        assert!(!d.promoted && d.reason.contains("CIN2+ sensitivity at rule-out 0.9000"));
         let d = p.decide(
             "current",
             "v2",
-            Some(0.99),
-            Some(("v1", Some(0.5))),
+            figures(Some(0.95), None),
+            Some(&v1),
+            None,
+            None,
+        );
+        assert!(!d.promoted && d.reason.contains("no CIN2+ refer band"));
+        let d = p.decide("current", "v2", figures(None, None), None, None, None);
+        assert!(!d.promoted);
+        let d = p.decide(
+            "current",
+            "v2",
+            new(0.99, 1.0),
+            Some(&compared("v1", 0.5, None)),
+            None,
             Some("classes differ".into()),
         );
         assert!(!d.promoted);
+    }
+
+    #[test]
+    fn quality_cannot_drift_down_a_margin_per_promotion() {
+        let p = PromotionPolicy {
+            promotion_margin: 0.01,
+            sensitivity_margin: 0.02,
+        };
+        // v2 was promoted 0.008 below v1 (within the margin): v1 stayed the
+        // anchor. v3, 0.008 below v2, is within the margin of v2 but not of v1.
+        let v1 = compared("v1", 0.900, Some(0.96));
+        let v2 = compared("v2", 0.892, Some(0.96));
+        let new = figures(Some(0.884), Some(0.96));
+        let d = p.decide("current", "v3", new, Some(&v2), Some(&v1), None);
+        assert!(!d.promoted, "{}", d.reason);
+        assert!(d.reason.contains("vs anchor (v1) 0.9000"), "{}", d.reason);
+        assert_eq!(d.next_anchor.as_deref(), Some("v1"));
+        // A version better than the anchor becomes the anchor.
+        let d = p.decide(
+            "current",
+            "v3",
+            figures(Some(0.91), Some(0.97)),
+            Some(&v2),
+            Some(&v1),
+            None,
+        );
+        assert!(d.promoted);
+        assert_eq!(d.next_anchor.as_deref(), Some("v3"));
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriageLabel {
+    pub triage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub name: String,
     pub version: String,
@@ -116,6 +121,8 @@ pub struct Metrics {
     pub images: Family<OutcomeLabel, Counter>,
     /// Predicted class of every graded image.
     pub predictions: Family<ClassLabel, Counter>,
+    /// CIN2+ triage of every graded slide (models with a refer band).
+    pub slide_triage: Family<TriageLabel, Counter>,
     /// 1 for the model version being served.
     pub model_info: Family<ModelLabels, Gauge>,
     /// Alias changes followed, by outcome (`switched`, `refused`).
@@ -155,6 +162,7 @@ impl Metrics {
             dead_letters: Family::default(),
             images: Family::default(),
             predictions: Family::default(),
+            slide_triage: Family::default(),
             model_info: Family::default(),
             model_switches: Family::default(),
             broker_connected: Gauge::default(),
@@ -232,6 +240,11 @@ impl Metrics {
             m.predictions.clone(),
         );
         m.registry.register(
+            "slide_triage",
+            "CIN2+ triage of graded slides (CIN2+ likely, refer, CIN2+ unlikely)",
+            m.slide_triage.clone(),
+        );
+        m.registry.register(
             "model_info",
             "The model version being served (value 1)",
             m.model_info.clone(),
@@ -282,6 +295,15 @@ impl Metrics {
         self.dead_letters
             .get_or_create(&CauseLabel {
                 cause: cause.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a graded slide's CIN2+ triage.
+    pub fn slide_triaged(&self, triage: crate::model::Triage) {
+        self.slide_triage
+            .get_or_create(&TriageLabel {
+                triage: triage.as_str().into(),
             })
             .inc();
     }

@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `preprocessed.jpg` | the CLAHE'd, resized image the model saw (JPEG, quality 90) |
 //! | `cam.npy` | un-clipped class maps, float32 `[classes, h, w]`, logit units |
-//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image (JPEG, quality 75) |
+//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image, with a legend band at the bottom (colour bar, class, P(CIN2+), triage; JPEG, quality 75) |
 //!
 //! The names are relative to the image's own prefix; the caller decides where
 //! that is (a worker job's `images/NNN/`, a classify run's `<key>/`) and how a
@@ -18,6 +18,7 @@
 
 use bytes::Bytes;
 
+use crate::cam::legend::{self, Legend};
 use crate::cam::{jpeg_bytes, npy_f32, overlay, upsample_bilinear};
 use crate::model::Manifest;
 use crate::result::{class_slug, HeatmapRef, ImageResult, RawMapRef};
@@ -112,9 +113,19 @@ pub fn render(
         let up = upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
         let scale = up.iter().cloned().fold(0f32, f32::max);
         let name = heatmap_name(class);
+        let mut drawn_image = overlay(&prepared.image, &up, scale);
+        legend::draw(
+            &mut drawn_image,
+            &Legend {
+                class,
+                scale,
+                p_cin2_plus: graded.p_cin2_plus,
+                triage: graded.triage,
+            },
+        );
         artifacts.push(Artifact {
             name: name.clone(),
-            bytes: jpeg_bytes(&overlay(&prepared.image, &up, scale), OVERLAY_QUALITY).into(),
+            bytes: jpeg_bytes(&drawn_image, OVERLAY_QUALITY).into(),
             content_type: "image/jpeg",
         });
         drawn.push(Drawn {

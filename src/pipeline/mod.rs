@@ -16,7 +16,7 @@ use image::RgbImage;
 
 use crate::cam::{class_maps, ClassMaps};
 use crate::infer::{Backbone, FeatureMap, InferConfig, InferError};
-use crate::model::{Bundle, BundleError, Manifest};
+use crate::model::{Bundle, BundleError, Manifest, Triage};
 use crate::preprocess::{self, PreprocessError};
 
 /// Why a model could not be made ready to serve.
@@ -85,6 +85,9 @@ pub struct Graded {
     pub probabilities: Vec<f32>,
     /// Index of the most probable class.
     pub predicted: usize,
+    /// P(CIN2+) (4- and 3-class models) and its triage (bundles with a refer band).
+    pub p_cin2_plus: Option<f32>,
+    pub triage: Option<Triage>,
     /// Un-clipped Grad-CAM maps in logit units at feature resolution.
     pub maps: ClassMaps,
     pub timings: StageTimings,
@@ -205,11 +208,15 @@ impl Model {
                 let logits = head.logits(&f.global_average_pool());
                 let probabilities = m.probabilities(&logits);
                 let predicted = argmax(&probabilities);
+                let p_cin2_plus = m.p_cin2_plus(&probabilities);
+                let triage = p_cin2_plus.and_then(|p| m.triage(p));
                 let maps = class_maps(f, head, m.task);
                 Graded {
                     logits,
                     probabilities,
                     predicted,
+                    p_cin2_plus,
+                    triage,
                     maps,
                     timings: StageTimings {
                         infer_wait_ms: wait_ms,

@@ -89,15 +89,29 @@ th:first-child,td:first-child{{text-align:left}}img{{max-width:100%;border:1px s
         let yes = p["promoted"].as_bool().unwrap_or(false);
         let _ = write!(
             h,
-            "<p class=\"decision {}\"><b>{}</b> as <code>{}</code>: {}<br>new macro AUC {} vs current {} ({}) on the same locked test images; margin {}.</p>",
+            "<p class=\"decision {}\"><b>{}</b> as <code>{}</code>: {}<br>Decided on the {} split (the locked test split below is \
+only reported): new macro AUC {} vs current {} ({}), margin {}; CIN2+ sensitivity at the rule-out threshold {} vs current {}, margin {}{}.</p>",
             if yes { "yes" } else { "no" },
             if yes { "Promoted" } else { "Not promoted" },
             text(&p["alias"]),
             text(&p["reason"]),
+            text(&p["split"]),
             text(&p["new_macro_auc"]),
             text(&p["current_macro_auc"]),
             text(&p["current_version"]),
             text(&p["margin"]),
+            text(&p["new_cin2_sensitivity"]),
+            text(&p["current_cin2_sensitivity"]),
+            text(&p["sensitivity_margin"]),
+            match p["anchor"]["version"].as_str() {
+                Some(v) => format!(
+                    "; anchor {} (the version no promotion may fall a margin below): macro AUC {}, sensitivity {}",
+                    esc(v),
+                    text(&p["anchor"]["figures"]["macro_auc"]),
+                    text(&p["anchor"]["figures"]["cin2_sensitivity"])
+                ),
+                None => String::new(),
+            },
         );
     }
 
@@ -137,9 +151,10 @@ probability) is {} before and {} after; the predicted class and the heatmaps do 
         text(&c["test_before"]["ece"]),
         text(&c["test_after"]["ece"]),
     );
+    write_triage(&mut h, r);
     let _ = write!(
         h,
-        "<table><tr><th>class</th><th>images</th><th>sensitivity</th><th>specificity</th><th>precision</th><th>F1</th><th>AUC</th><th>AUC 95% CI</th></tr>"
+        "<h3>Per class (locked test split, images)</h3><table><tr><th>class</th><th>images</th><th>sensitivity</th><th>specificity</th><th>precision</th><th>F1</th><th>AUC</th><th>AUC 95% CI</th></tr>"
     );
     let per = ev["per_class"].as_array().cloned().unwrap_or_default();
     let roc = ev["roc"].as_array().cloned().unwrap_or_default();
@@ -225,6 +240,90 @@ probability) is {} before and {} after; the predicted class and the heatmaps do 
         "<p class=\"note\">All numbers: <a href=\"report.json\">report.json</a>.</p></body></html>\n",
     );
     std::fs::write(path, h)
+}
+
+/// A figure with its bootstrap interval: "87.5% (70.0% to 100.0%)".
+fn figure(f: &Value, as_pct: bool) -> String {
+    let v = &f["value"];
+    let shown = if as_pct { pct(v) } else { text(v) };
+    match f["ci95"].as_array() {
+        Some(c) if c.len() == 2 && as_pct => format!("{shown} ({})", ci(&f["ci95"])),
+        Some(c) if c.len() == 2 => format!(
+            "{shown} ({:.3} to {:.3})",
+            c[0].as_f64().unwrap_or(f64::NAN),
+            c[1].as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => shown,
+    }
+}
+
+/// The CIN2+ refer band (validation split) and the image, slide and patient
+/// figures (locked test split).
+fn write_triage(h: &mut String, r: &Value) {
+    let b = &r["refer_band"];
+    if !b.is_null() {
+        let _ = write!(
+            h,
+            "<h3>CIN2+ triage (thresholds from the validation split)</h3><p>P(CIN2+) is the sum of the calibrated probabilities of {}. Two thresholds were chosen on the {} {} images ({} CIN2+, {} CIN1 or less): below the <b>rule-out</b> threshold {} an image is <i>CIN2+ unlikely</i> (chosen for {} sensitivity; it reached {} sensitivity and {} specificity there); at or above the <b>rule-in</b> threshold {} it is <i>CIN2+ likely</i> (chosen for {} specificity; reached {} sensitivity, {} specificity); in between, <i>refer</i>. A slide or patient takes the highest P(CIN2+) of its images.</p>",
+            b["classes"]
+                .as_array()
+                .map(|c| c.iter().map(text).collect::<Vec<_>>().join(" + "))
+                .unwrap_or_default(),
+            text(&Value::from(
+                b["positives"].as_u64().unwrap_or(0) + b["negatives"].as_u64().unwrap_or(0),
+            )),
+            text(&b["fitted_on"]),
+            text(&b["positives"]),
+            text(&b["negatives"]),
+            text(&b["rule_out"]["threshold"]),
+            pct(&b["rule_out"]["target"]),
+            pct(&b["rule_out"]["sensitivity"]),
+            pct(&b["rule_out"]["specificity"]),
+            text(&b["rule_in"]["threshold"]),
+            pct(&b["rule_in"]["target"]),
+            pct(&b["rule_in"]["sensitivity"]),
+            pct(&b["rule_in"]["specificity"]),
+        );
+    }
+    let l = &r["levels"];
+    let Some(levels) = l["levels"].as_array() else {
+        return;
+    };
+    let _ = write!(
+        h,
+        "<h3>Image, slide and patient level (locked test split)</h3><p class=\"note\">95% intervals from {} bootstrap replicates over the {} test patients (a patient's images are not independent). Slides from the labels' <code>{}</code>.</p><table><tr><th>level</th><th>units</th><th>CIN2+</th><th>accuracy</th><th>kappa (quadratic)</th><th>sensitivity at rule-out</th><th>specificity at rule-out</th><th>sensitivity at rule-in</th><th>specificity at rule-in</th><th>likely / refer / unlikely (CIN2+)</th><th>likely / refer / unlikely (CIN1 or less)</th></tr>",
+        text(&l["replicates"]),
+        text(&l["patients"]),
+        text(&l["slides_from"]),
+    );
+    for v in levels {
+        let t = &v["triage"];
+        let counts = |k: usize| {
+            if t.is_null() {
+                "n/a".to_string()
+            } else {
+                ["likely", "refer", "unlikely"]
+                    .map(|n| text(&t[n][k]))
+                    .join(" / ")
+            }
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&v["level"]),
+            text(&v["units"]),
+            text(&v["cin2_plus"]),
+            figure(&v["accuracy"], true),
+            figure(&v["kappa_quadratic"], false),
+            figure(&v["rule_out"]["sensitivity"], true),
+            figure(&v["rule_out"]["specificity"], true),
+            figure(&v["rule_in"]["sensitivity"], true),
+            figure(&v["rule_in"]["specificity"], true),
+            counts(0),
+            counts(1),
+        );
+    }
+    let _ = write!(h, "</table>");
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 
 pub mod calibration;
 mod html;
+pub mod levels;
 pub mod metrics;
+pub mod operating;
 pub mod plots;
 
 pub use html::write_html;

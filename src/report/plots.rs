@@ -518,14 +518,19 @@ fn render(
     saved.map_err(err(path))
 }
 
-fn fonts(path: &Path) -> Result<(), PlotError> {
-    // The ab_glyph backend knows no system fonts: every text draw fails without these.
+/// Registers the embedded DejaVu Sans (regular and bold) as plotters'
+/// `sans-serif`, once per process; whether it loaded. The ab_glyph backend
+/// knows no system fonts: every text draw fails without it.
+pub fn embedded_fonts() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    let ready = *READY.get_or_init(|| {
+    *READY.get_or_init(|| {
         register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_ok()
             && register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold()).is_ok()
-    });
-    match ready {
+    })
+}
+
+fn fonts(path: &Path) -> Result<(), PlotError> {
+    match embedded_fonts() {
         true => Ok(()),
         false => Err(err(path)("the embedded DejaVu font did not load")),
     }

@@ -4,7 +4,9 @@
 //! The report is self-contained: the model is a contained `Device`, each
 //! scanned image and each heatmap a contained `Media`, and the findings
 //! contained `Observation`s (one per class probability and one predicted grade
-//! per image, plus the slide grade). It is always `preliminary` (or `partial`
+//! per image with its P(CIN2+) and triage as components, plus the slide grade
+//! and the slide's CIN2+ triage with its thresholds and their validation
+//! sensitivity and specificity). It is always `preliminary` (or `partial`
 //! when images failed, `cancelled` when nothing was graded): a computer-assisted
 //! grade for a pathologist to review, never a signed-out diagnosis.
 //! Patient, specimen and order are logical references by identifier, in the
@@ -158,18 +160,19 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             let id = local_id(&["prob", &image_no, class]);
             contained.push(observation(
                 &id,
-                local("observation", &format!("probability-{class}"), &format!("Probability of {class}")),
-                METHOD,
-                (
-                    "valueQuantity",
-                    json!({ "value": round6(*p), "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1" }),
+                local(
+                    "observation",
+                    &format!("probability-{class}"),
+                    &format!("Probability of {class}"),
                 ),
+                METHOD,
+                ("valueQuantity", probability(f64::from(*p))),
                 Some(&source_id),
             ));
             results.push(reference(&id));
         }
         let id = local_id(&["grade", &image_no]);
-        contained.push(observation(
+        let mut grade = observation(
             &id,
             local(
                 "observation",
@@ -179,7 +182,24 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             METHOD,
             ("valueCodeableConcept", local("grade", pred, pred)),
             Some(&source_id),
-        ));
+        );
+        let mut parts = Vec::new();
+        if let Some(p) = img.p_cin2_plus {
+            parts.push(json!({
+                "code": local("observation", "p-cin2plus", "Probability of CIN2+"),
+                "valueQuantity": probability(f64::from(p)),
+            }));
+        }
+        if let Some(t) = img.triage {
+            parts.push(json!({
+                "code": local("observation", "cin2plus-triage", "CIN2+ triage"),
+                "valueCodeableConcept": local("triage", t.code(), t.as_str()),
+            }));
+        }
+        if !parts.is_empty() {
+            grade["component"] = Value::Array(parts);
+        }
+        contained.push(grade);
         results.push(reference(&id));
         for h in &img.heatmaps {
             let id = local_id(&["heatmap", &image_no, &h.class]);
@@ -227,13 +247,73 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             local(
                 "observation",
                 "slide-grade",
-                "Slide grade (most severe image)",
+                "Slide grade (the image with the highest P(CIN2+))",
             ),
             &format!("rule: {}", g.rule),
             ("valueCodeableConcept", local("grade", &g.grade, &g.grade)),
             from.as_deref(),
         ));
         results.insert(0, reference("slide-grade"));
+        if let (Some(t), Some(p), Some(band)) = (g.triage, g.p_cin2_plus, &model.refer_band) {
+            let component = |code: &str, text: &str, v: f64| json!({ "code": local("observation", code, text), "valueQuantity": probability(v) });
+            let mut o = observation(
+                "slide-triage",
+                local("observation", "cin2plus-triage", "CIN2+ triage of the slide"),
+                &format!(
+                    "P(CIN2+) of the deciding image against two thresholds chosen on the {} split: below rule-out, CIN2+ unlikely; at or above rule-in, CIN2+ likely; between, or images not graded, refer",
+                    band.fitted_on
+                ),
+                ("valueCodeableConcept", local("triage", t.code(), t.as_str())),
+                from.as_deref(),
+            );
+            o["component"] = json!([
+                component(
+                    "p-cin2plus",
+                    "Probability of CIN2+ (deciding image)",
+                    f64::from(p)
+                ),
+                component(
+                    "rule-out-threshold",
+                    "Rule-out threshold on P(CIN2+)",
+                    band.rule_out.threshold
+                ),
+                component(
+                    "rule-out-sensitivity",
+                    "CIN2+ sensitivity at the rule-out threshold (validation)",
+                    band.rule_out.sensitivity
+                ),
+                component(
+                    "rule-out-specificity",
+                    "CIN2+ specificity at the rule-out threshold (validation)",
+                    band.rule_out.specificity
+                ),
+                component(
+                    "rule-in-threshold",
+                    "Rule-in threshold on P(CIN2+)",
+                    band.rule_in.threshold
+                ),
+                component(
+                    "rule-in-sensitivity",
+                    "CIN2+ sensitivity at the rule-in threshold (validation)",
+                    band.rule_in.sensitivity
+                ),
+                component(
+                    "rule-in-specificity",
+                    "CIN2+ specificity at the rule-in threshold (validation)",
+                    band.rule_in.specificity
+                ),
+            ]);
+            o["note"] = json!([{ "text": format!(
+                "{}. Thresholds chosen on {} {} images ({} CIN2+, {} CIN1 or less).",
+                g.triage_reason.as_deref().unwrap_or(t.as_str()),
+                band.positives + band.negatives,
+                band.fitted_on,
+                band.positives,
+                band.negatives
+            ) }]);
+            contained.push(o);
+            results.insert(1, reference("slide-triage"));
+        }
     }
 
     if !results.is_empty() {
@@ -251,11 +331,18 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
     };
     let mut conclusion = match &r.slide_grade {
         Some(g) => format!(
-            "Computer-assisted grade (preliminary, for pathologist review): {} — the most severe of {graded} graded image(s), by model {} version {}.",
+            "Computer-assisted grade (preliminary, for pathologist review): {} — that of the image with the highest P(CIN2+) among {graded} graded image(s), by model {} version {}.",
             g.grade, model.name, model.version
         ),
         None => "No image could be graded; no computer-assisted grade.".to_string(),
     };
+    if let Some((t, why)) = r
+        .slide_grade
+        .as_ref()
+        .and_then(|g| Some((g.triage?, g.triage_reason.as_deref()?)))
+    {
+        conclusion.push_str(&format!(" CIN2+ triage: {t} ({why})."));
+    }
     if let Some(e) = &r.error {
         conclusion.push_str(&format!(" Not graded: {e}"));
     }
@@ -306,7 +393,7 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         report["presentedForm"] = json!([{
             "contentType": "application/json",
             "url": u,
-            "title": "cinflow.result/v1 record",
+            "title": "cinflow.result/v2 record",
         }]);
     }
     report
@@ -326,8 +413,9 @@ fn model_media(id: &str, modality: &str, url: &str, title: &str, note: &str) -> 
     })
 }
 
-fn round6(p: f32) -> f64 {
-    (f64::from(p) * 1e6).round() / 1e6
+/// A probability (or a threshold on one) as a UCUM quantity of unit 1.
+fn probability(v: f64) -> Value {
+    json!({ "value": (v * 1e6).round() / 1e6, "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1" })
 }
 
 fn content_type(uri: &str) -> &'static str {

@@ -1,19 +1,22 @@
-//! The `cinflow.result/v1` record: what the LIS (or a person) reads for a job.
+//! The `cinflow.result/v2` record: what the LIS (or a person) reads for a job.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Manifest;
+use crate::model::{Manifest, ReferBand, Triage, CIN2_PLUS};
 use crate::pipeline::{BatchInfo, Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
 
 pub mod fhir;
 
-pub const RESULT_SCHEMA: &str = "cinflow.result/v1";
+pub const RESULT_SCHEMA: &str = "cinflow.result/v2";
 
-/// The rule that turns image grades into a slide grade.
-pub const SLIDE_RULE: &str = "most-severe-image";
+/// The rule that turns image grades into a slide grade (4- and 3-class
+/// models): the grade of the image with the highest P(CIN2+).
+pub const SLIDE_RULE: &str = "highest-p-cin2plus";
+/// The same for 2-class models: the image with the highest P(CIN).
+pub const SLIDE_RULE_BINARY: &str = "highest-p-cin";
 
 /// Which model produced a result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +28,10 @@ pub struct ModelInfo {
     pub classes: Vec<String>,
     /// sha256 of every bundle file, by name.
     pub sha256: BTreeMap<String, String>,
+    /// The CIN2+ triage thresholds the images and slide were triaged with,
+    /// and what they reached on the validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refer_band: Option<ReferBand>,
 }
 
 impl ModelInfo {
@@ -36,6 +43,7 @@ impl ModelInfo {
             task: m.task,
             classes: m.classes.clone(),
             sha256: m.files.clone(),
+            refer_band: m.refer_band.clone(),
         }
     }
 }
@@ -101,6 +109,12 @@ pub struct ImageResult {
     pub predicted_class: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logits: Option<Vec<f32>>,
+    /// Sum of the CIN2+ classes' probabilities (4- and 3-class models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_cin2_plus: Option<f32>,
+    /// `CIN2+ likely`, `refer` or `CIN2+ unlikely` (models with a refer band).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triage: Option<Triage>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heatmaps: Vec<HeatmapRef>,
     /// The CLAHE'd, resized image the model saw (JPEG): what overlays are drawn on.
@@ -148,6 +162,8 @@ impl ImageResult {
             ),
             predicted_class: Some(manifest.classes[graded.predicted].clone()),
             logits: Some(graded.logits.clone()),
+            p_cin2_plus: graded.p_cin2_plus,
+            triage: graded.triage,
             heatmaps,
             preprocessed_image: None,
             raw_map: Some(raw_map),
@@ -167,6 +183,8 @@ impl ImageResult {
             probabilities: None,
             predicted_class: None,
             logits: None,
+            p_cin2_plus: None,
+            triage: None,
             heatmaps: Vec::new(),
             preprocessed_image: None,
             raw_map: None,
@@ -176,30 +194,96 @@ impl ImageResult {
     }
 }
 
-/// The slide-level grade: the most severe graded image.
+/// The slide-level grade and triage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlideGrade {
     pub grade: String,
     pub rule: String,
-    /// The image that determined the grade.
+    /// The image that decided the grade: the highest P(CIN2+) (P(CIN) for
+    /// 2-class models).
     pub image_uri: String,
+    /// The slide's P(CIN2+): that of the deciding image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_cin2_plus: Option<f32>,
+    /// The slide's triage (models with a refer band) and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triage: Option<Triage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triage_reason: Option<String>,
 }
 
-/// Most severe predicted class over the graded images. Classes are ordered most
-/// severe first in every scheme, so the smallest class index wins.
-pub fn slide_grade(classes: &[String], images: &[ImageResult]) -> Option<SlideGrade> {
-    images
+/// The slide grade from its graded images: the grade of the image with the
+/// highest P(CIN2+) (the first on ties), or of the highest P(CIN) for 2-class
+/// models. The slide is triaged by that P(CIN2+); a slide with images that
+/// could not be graded is `refer` unless a graded one is already `CIN2+ likely`.
+pub fn slide_grade(manifest: &Manifest, images: &[ImageResult]) -> Option<SlideGrade> {
+    let binary = crate::model::triage::cin2_plus_rows(&manifest.classes).is_empty();
+    let score = |r: &ImageResult| -> Option<f32> {
+        if binary {
+            r.probabilities.as_ref()?.get(&manifest.classes[0]).copied()
+        } else {
+            r.p_cin2_plus
+        }
+    };
+    let (deciding, p) = images
         .iter()
-        .filter_map(|r| {
-            let c = r.predicted_class.as_ref()?;
-            Some((classes.iter().position(|x| x == c)?, r))
-        })
-        .min_by_key(|(i, _)| *i)
-        .map(|(i, r)| SlideGrade {
-            grade: classes[i].clone(),
-            rule: SLIDE_RULE.into(),
-            image_uri: r.uri.clone(),
-        })
+        .filter(|r| r.status == ImageStatus::Ok && r.predicted_class.is_some())
+        .filter_map(|r| Some((r, score(r)?)))
+        .fold(
+            None,
+            |best: Option<(&ImageResult, f32)>, (r, p)| match best {
+                Some((_, q)) if q >= p => best,
+                _ => Some((r, p)),
+            },
+        )?;
+    let failed = images
+        .iter()
+        .filter(|r| r.status == ImageStatus::Error)
+        .count();
+    let (triage, triage_reason) = match (&manifest.refer_band, binary) {
+        (Some(band), false) => {
+            let (t, why) = slide_triage(band, p, failed, images.len());
+            (Some(t), Some(why))
+        }
+        _ => (None, None),
+    };
+    Some(SlideGrade {
+        grade: deciding.predicted_class.clone()?,
+        rule: if binary {
+            SLIDE_RULE_BINARY
+        } else {
+            SLIDE_RULE
+        }
+        .into(),
+        image_uri: deciding.uri.clone(),
+        p_cin2_plus: (!binary).then_some(p),
+        triage,
+        triage_reason,
+    })
+}
+
+/// A slide's triage from its highest P(CIN2+) `p`, and the reason in words.
+fn slide_triage(band: &ReferBand, p: f32, failed: usize, images: usize) -> (Triage, String) {
+    let (lo, hi) = (band.rule_out.threshold, band.rule_in.threshold);
+    let by_p = band.triage(f64::from(p));
+    let why = match by_p {
+        Triage::Likely => format!(
+            "highest P({CIN2_PLUS}) {p:.3} is at or above the rule-in threshold {hi:.3}"
+        ),
+        Triage::Unlikely => format!(
+            "every image's P({CIN2_PLUS}) is below the rule-out threshold {lo:.3} (highest {p:.3})"
+        ),
+        Triage::Refer => format!(
+            "highest P({CIN2_PLUS}) {p:.3} lies between the rule-out threshold {lo:.3} and the rule-in threshold {hi:.3}"
+        ),
+    };
+    if failed > 0 && by_p != Triage::Likely {
+        let why = format!(
+            "{failed} of {images} images could not be graded (the graded ones alone: {by_p}; {why})"
+        );
+        return (Triage::Refer, why);
+    }
+    (by_p, why)
 }
 
 /// Wall-clock milliseconds of a worker job's stages (all images together).
@@ -229,7 +313,7 @@ pub struct JobIds {
     pub specimen_id: Option<String>,
 }
 
-/// A `cinflow.result/v1` record.
+/// A `cinflow.result/v2` record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultRecord {
     pub schema: String,
@@ -304,7 +388,7 @@ impl ResultRecord {
             model: ModelInfo::from_manifest(manifest),
             preprocess: PreprocessInfo::from_manifest(manifest),
             execution_provider: provider.into(),
-            slide_grade: slide_grade(&manifest.classes, &images),
+            slide_grade: slide_grade(manifest, &images),
             images,
             timings: None,
             attempt: None,
@@ -350,29 +434,88 @@ pub fn class_slug(class: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::OperatingPoint;
 
-    fn graded(uri: &str, class: &str) -> ImageResult {
+    fn graded(uri: &str, class: &str, p: f32) -> ImageResult {
         ImageResult {
             predicted_class: Some(class.into()),
+            p_cin2_plus: Some(p),
             status: ImageStatus::Ok,
             error: None,
             ..ImageResult::failed(uri.into(), None, String::new())
         }
     }
 
+    fn manifest(band: bool) -> Manifest {
+        let point = |threshold| OperatingPoint {
+            threshold,
+            target: 0.95,
+            sensitivity: 0.95,
+            specificity: 0.95,
+        };
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "schema": crate::model::BUNDLE_SCHEMA,
+            "name": "t", "version": "1", "architecture": "tiny", "task": "multiclass",
+            "classes": ["CIN3", "CIN2", "CIN1", "Non-neoplasm"],
+            "input": {"name": "image", "width": 8, "height": 8, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+            "features": {"name": "features", "channels": 2},
+            "preprocess": {"version": "x", "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8]}},
+            "files": {}, "created_at": "2026-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        m.refer_band = band.then(|| ReferBand {
+            classes: vec!["CIN3".into(), "CIN2".into()],
+            fitted_on: "validation".into(),
+            positives: 20,
+            negatives: 20,
+            rule_out: point(0.2),
+            rule_in: point(0.7),
+        });
+        m
+    }
+
     #[test]
-    fn slide_grade_is_the_most_severe_image() {
-        let classes: Vec<String> = ["CIN3", "CIN2", "CIN1", "Non-neoplasm"]
-            .map(String::from)
-            .to_vec();
+    fn slide_grade_is_the_image_with_the_highest_p_cin2_plus() {
+        let m = manifest(true);
+        // "a" is predicted CIN1 but carries more CIN2+ probability than "b",
+        // predicted Non-neoplasm: the slide takes a's grade.
         let imgs = vec![
-            graded("a", "CIN1"),
-            graded("b", "CIN2"),
+            graded("b", "Non-neoplasm", 0.1),
+            graded("a", "CIN1", 0.45),
             ImageResult::failed("c".into(), None, "bad".into()),
-            graded("d", "Non-neoplasm"),
+            graded("d", "CIN1", 0.45),
         ];
-        let g = slide_grade(&classes, &imgs).unwrap();
-        assert_eq!((g.grade.as_str(), g.image_uri.as_str()), ("CIN2", "b"));
-        assert!(slide_grade(&classes, &imgs[2..3]).is_none());
+        let g = slide_grade(&m, &imgs).unwrap();
+        assert_eq!((g.grade.as_str(), g.image_uri.as_str()), ("CIN1", "a"));
+        assert_eq!(g.rule, SLIDE_RULE);
+        assert_eq!(g.p_cin2_plus, Some(0.45));
+        // In the band, and one image failed: refer, saying both.
+        assert_eq!(g.triage, Some(Triage::Refer));
+        let why = g.triage_reason.unwrap();
+        assert!(
+            why.starts_with("1 of 4 images could not be graded"),
+            "{why}"
+        );
+        assert!(slide_grade(&m, &imgs[2..3]).is_none());
+        // A failed image does not hide a CIN2+ likely slide...
+        let likely = [graded("x", "CIN3", 0.9), imgs[2].clone()];
+        assert_eq!(
+            slide_grade(&m, &likely).unwrap().triage,
+            Some(Triage::Likely)
+        );
+        // ...but keeps an unlikely one from being called unlikely.
+        let low = [graded("y", "Non-neoplasm", 0.05)];
+        let g = slide_grade(&m, &low).unwrap();
+        assert_eq!(g.triage, Some(Triage::Unlikely));
+        assert!(g
+            .triage_reason
+            .unwrap()
+            .contains("below the rule-out threshold 0.200"));
+        let low_and_failed = [low[0].clone(), imgs[2].clone()];
+        let g = slide_grade(&m, &low_and_failed).unwrap();
+        assert_eq!(g.triage, Some(Triage::Refer));
+        // Without a band: the grade, no triage.
+        let g = slide_grade(&manifest(false), &imgs).unwrap();
+        assert_eq!((g.grade.as_str(), g.triage), ("CIN1", None));
     }
 }

@@ -182,7 +182,8 @@ impl SynthOptions {
 /// What [`generate`] wrote.
 #[derive(Debug, Clone)]
 pub struct SynthSummary {
-    /// `labels.csv` (`path,label,patient_id`, paths relative to its folder).
+    /// `labels.csv` (`path,label,patient_id,slide_id`, paths relative to its
+    /// folder; two images per slide).
     pub labels_csv: PathBuf,
     /// The images in CSV order (by patient, then image index).
     pub images: Vec<SynthImage>,
@@ -193,6 +194,7 @@ pub struct SynthImage {
     pub path: PathBuf,
     pub grade: Grade,
     pub patient_id: String,
+    pub slide_id: String,
 }
 
 /// One synthetic image of `grade`, fully determined by the arguments.
@@ -266,6 +268,11 @@ fn patient_id(p: usize) -> String {
     format!("P{p:04}")
 }
 
+/// Slides of two images each: a patient's images 1-2 are slide S1, 3-4 S2, ...
+fn slide_id(p: &Plan) -> String {
+    format!("{}-S{}", patient_id(p.patient), (p.within - 1) / 2 + 1)
+}
+
 /// Writes `opts.n` synthetic images, `labels.csv` and `README.txt` into `opts.out`.
 /// Images are rendered in parallel; the output is byte-for-byte deterministic.
 pub fn generate(
@@ -323,6 +330,7 @@ pub fn generate(
                 path,
                 grade: p.grade,
                 patient_id: patient_id(p.patient),
+                slide_id: slide_id(p),
             })
         })
         .collect::<Result<_>>()?;
@@ -331,14 +339,19 @@ pub fn generate(
     {
         let mut w = csv::Writer::from_path(&labels_csv)
             .with_context(|| format!("writing {}", labels_csv.display()))?;
-        w.write_record(["path", "label", "patient_id"])?;
+        w.write_record(["path", "label", "patient_id", "slide_id"])?;
         for im in &images {
             let rel = im
                 .path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            w.write_record([rel.as_str(), im.grade.label(), im.patient_id.as_str()])?;
+            w.write_record([
+                rel.as_str(),
+                im.grade.label(),
+                im.patient_id.as_str(),
+                im.slide_id.as_str(),
+            ])?;
         }
         w.flush()?;
     }
@@ -393,7 +406,7 @@ fn write_readme(opts: &SynthOptions, plans: &[Plan]) -> Result<()> {
          \n\
          Parameters: n={n} size={w}x{h} seed={seed} format={fmt} images_per_patient={k}\n\
          Patients: {patients}; images per grade: {per_grade}\n\
-         Files: labels.csv (path,label,patient_id; paths relative to this folder)\n\
+         Files: labels.csv (path,label,patient_id,slide_id; paths relative to this folder; two images per slide)\n\
          The same parameters always produce byte-identical files.\n",
         n = opts.n,
         version = env!("CARGO_PKG_VERSION"),

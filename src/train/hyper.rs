@@ -84,6 +84,20 @@ pub struct HyperParams {
     /// Device for head training.
     #[arg(long, env = "CINFLOW_TRAIN_DEVICE", default_value = "auto")]
     pub train_device: TrainDevice,
+    /// CIN2+ sensitivity on the validation split that the rule-out threshold
+    /// keeps (below it an image is `CIN2+ unlikely`); 4- and 3-class models.
+    #[arg(long, env = "CINFLOW_TRAIN_REFER_SENSITIVITY", default_value_t = 0.95)]
+    #[serde(default = "default_refer_target")]
+    pub refer_sensitivity: f64,
+    /// CIN2+ specificity on the validation split that the rule-in threshold
+    /// keeps (at or above it an image is `CIN2+ likely`).
+    #[arg(long, env = "CINFLOW_TRAIN_REFER_SPECIFICITY", default_value_t = 0.95)]
+    #[serde(default = "default_refer_target")]
+    pub refer_specificity: f64,
+}
+
+fn default_refer_target() -> f64 {
+    0.95
 }
 
 fn default_solver() -> Solver {
@@ -114,6 +128,8 @@ impl Default for HyperParams {
             patience: 50,
             seed: 0,
             train_device: TrainDevice::Auto,
+            refer_sensitivity: default_refer_target(),
+            refer_specificity: default_refer_target(),
         }
     }
 }
@@ -167,6 +183,8 @@ impl HyperParams {
                 )
             })
             .or_else(|| count("patience", self.patience, 1, MAX_EPOCHS))
+            .or_else(|| real("refer_sensitivity", self.refer_sensitivity, 0.5, 1.0, false))
+            .or_else(|| real("refer_specificity", self.refer_specificity, 0.5, 1.0, false))
     }
 }
 
@@ -210,5 +228,7 @@ mod tests {
         assert!(bad(&|h| h.l2_grid = vec![]).starts_with("l2_grid"));
         assert!(bad(&|h| h.l2_grid = vec![0.1, -1.0]).starts_with("l2_grid value = -1"));
         assert!(bad(&|h| h.max_iter = 0).starts_with("max_iter"));
+        assert!(bad(&|h| h.refer_sensitivity = 1.5).starts_with("refer_sensitivity"));
+        assert!(bad(&|h| h.refer_specificity = 0.2).starts_with("refer_specificity"));
     }
 }

@@ -32,10 +32,13 @@ pub struct LabelRow {
     pub path: PathBuf,
     pub label: String,
     pub patient_id: String,
+    /// The slide the image was taken from (optional `slide_id` column); slide-
+    /// level figures take each patient's images as one slide without it.
+    pub slide_id: Option<String>,
 }
 
-/// Reads a labels CSV with columns `path` (or `uri`/`image`), `label` and
-/// `patient_id`; extra columns are ignored. Relative paths resolve against the
+/// Reads a labels CSV with columns `path` (or `uri`/`image`), `label`,
+/// `patient_id` and optionally `slide_id`; extra columns are ignored. Relative paths resolve against the
 /// CSV's folder; `file://` URIs are accepted.
 pub fn read_labels(csv_path: &Path) -> Result<Vec<LabelRow>, LabelsError> {
     let p = csv_path.display().to_string();
@@ -89,6 +92,7 @@ pub fn parse_labels(
     let cp = col(&["path", "uri", "image"], "path")?;
     let cl = col(&["label"], "label")?;
     let ci = col(&["patient_id"], "patient_id")?;
+    let cs = headers.iter().position(|h| h == "slide_id");
     let mut rows = Vec::new();
     for (i, rec) in r.records().enumerate() {
         let line = i + 2;
@@ -110,6 +114,7 @@ pub fn parse_labels(
             path,
             label: get(cl).to_string(),
             patient_id: get(ci).to_string(),
+            slide_id: cs.map(get).filter(|s| !s.is_empty()).map(String::from),
         });
     }
     if rows.is_empty() {
@@ -118,13 +123,24 @@ pub fn parse_labels(
     Ok(rows)
 }
 
-/// Writes rows as a labels CSV whose paths are relative to `base` where possible.
+/// Writes rows as a labels CSV whose paths are relative to `base` where
+/// possible (with a `slide_id` column when any row has one).
 pub fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> std::io::Result<()> {
     let mut w = csv::Writer::from_path(path)?;
-    w.write_record(["path", "label", "patient_id"])?;
+    let slides = rows.iter().any(|r| r.slide_id.is_some());
+    let mut header = vec!["path", "label", "patient_id"];
+    if slides {
+        header.push("slide_id");
+    }
+    w.write_record(&header)?;
     for r in rows {
         let rel = r.path.strip_prefix(base).unwrap_or(&r.path);
-        w.write_record([rel.display().to_string().as_str(), &r.label, &r.patient_id])?;
+        let rel = rel.display().to_string();
+        let mut record = vec![rel.as_str(), &r.label, &r.patient_id];
+        if slides {
+            record.push(r.slide_id.as_deref().unwrap_or(""));
+        }
+        w.write_record(&record)?;
     }
     w.flush()
 }
@@ -147,6 +163,20 @@ mod tests {
         assert_eq!(rows[1].path, PathBuf::from("/abs/b.jpg"));
         assert_eq!(rows[2].path, PathBuf::from("/c/d.png"));
         assert_eq!((rows[1].line, rows[1].label.as_str()), (3, "CIN3"));
+        assert_eq!(rows[0].slide_id, None);
+
+        // An optional slide_id column, and a round trip through write_labels.
+        std::fs::write(
+            &csv,
+            "path,label,patient_id,slide_id\na.jpg,CIN2,P1,S1\nb.jpg,CIN1,P1,\n",
+        )
+        .unwrap();
+        let rows = read_labels(&csv).unwrap();
+        assert_eq!(rows[0].slide_id.as_deref(), Some("S1"));
+        assert_eq!(rows[1].slide_id, None);
+        let again = d.path().join("again.csv");
+        write_labels(&again, d.path(), &rows).unwrap();
+        assert_eq!(read_labels(&again).unwrap(), rows);
 
         std::fs::write(&csv, "path,label,patient_id\na.jpg,CIN2,P1\nb.jpg,,P2\n").unwrap();
         let e = read_labels(&csv).unwrap_err().to_string();

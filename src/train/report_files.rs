@@ -12,8 +12,10 @@ use super::split::{Split, SplitPlan};
 use super::views::VIEW_NAMES;
 use super::TrainError;
 use crate::cam::{overlay, upsample_bilinear};
-use crate::model::Decision;
+use crate::model::triage::cin2_plus_rows;
+use crate::model::{Decision, ReferBand};
 use crate::pipeline::Model;
+use crate::report::levels::Levels;
 use crate::report::{self, plots, Evaluation, GalleryItem};
 
 /// Schema tag of `report.json`.
@@ -34,6 +36,13 @@ pub(super) struct ReportInput<'a> {
     pub eval: &'a Evaluation,
     pub eval_tta: &'a Evaluation,
     pub calibration: &'a super::run::CalibrationReport,
+    /// The CIN2+ triage thresholds stored in the bundle (validation split).
+    pub refer_band: Option<&'a ReferBand>,
+    /// Image, slide and patient level figures (locked test split).
+    pub levels: &'a Levels,
+    /// Per validation image: row, true class, calibrated probabilities (what
+    /// the refer band was chosen on).
+    pub validation: Vec<(&'a LabelRow, usize, &'a [f64])>,
     /// Per test image: row, true class, probabilities of one view and of the 8-view mean.
     pub predictions: Vec<(&'a LabelRow, usize, &'a [f64], &'a [f64])>,
     pub decision: Option<&'a Decision>,
@@ -188,12 +197,27 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "single_view": r.eval,
             "tta_mean_of_8_views": r.eval_tta,
         },
-        "predictions": r.predictions.iter().map(|(row, truth, p, ptta)| serde_json::json!({
+        "refer_band": r.refer_band,
+        "levels": r.levels,
+        "predictions": r.predictions.iter().map(|(row, truth, p, ptta)| {
+            let rows = cin2_plus_rows(&m.classes);
+            let p_cin2 = (!rows.is_empty()).then(|| rows.iter().map(|&i| p[i]).sum::<f64>());
+            serde_json::json!({
+                "image": row.path.display().to_string(),
+                "patient_id": row.patient_id,
+                "slide_id": row.slide_id.as_deref().unwrap_or(&row.patient_id),
+                "truth": truth,
+                "probabilities": p,
+                "probabilities_tta": ptta,
+                "p_cin2_plus": p_cin2,
+                "triage": p_cin2.and_then(|q| r.refer_band.map(|b| b.triage(q))),
+            })
+        }).collect::<Vec<_>>(),
+        "validation_predictions": r.validation.iter().map(|(row, truth, p)| serde_json::json!({
             "image": row.path.display().to_string(),
             "patient_id": row.patient_id,
             "truth": truth,
             "probabilities": p,
-            "probabilities_tta": ptta,
         })).collect::<Vec<_>>(),
         "gallery": gallery.iter().map(|g| serde_json::json!({
             "image": g.name, "truth": g.truth, "predicted": g.predicted, "probability": g.probability,

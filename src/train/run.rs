@@ -11,11 +11,13 @@ use super::head::{train_head, HeadData};
 use super::labels::{read_labels, LabelRow};
 use super::split::{self, Split, SplitFractions, SplitPlan};
 use super::{TrainError, TrainOptions};
+use crate::model::triage::cin2_plus_rows;
 use crate::model::{
-    Bundle, Calibration, ClassScheme, Decision, Head, Manifest, Registry, Task, BACKBONE_FILE,
+    Bundle, Calibration, ClassScheme, Compared, Decision, Head, Manifest, PromotionFigures,
+    ReferBand, Registry, Task, BACKBONE_FILE,
 };
 use crate::pipeline::Model;
-use crate::report::{self, calibration, Evaluation};
+use crate::report::{self, calibration, levels, operating, Evaluation};
 use crate::storage::LocalStore;
 
 /// What a training run produced.
@@ -31,6 +33,10 @@ pub struct TrainOutcome {
     pub features_computed: usize,
     pub features_cached: usize,
     pub decision: Option<Decision>,
+    /// The CIN2+ thresholds stored in the bundle (4- and 3-class models).
+    pub refer_band: Option<ReferBand>,
+    /// Image, slide and patient level figures on the locked test split.
+    pub levels: levels::Levels,
 }
 
 /// One labelled image with everything the run knows about it.
@@ -105,7 +111,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         path: std::env::temp_dir().display().to_string(),
         source,
     })?;
-    let current = match &registry {
+    let (current, anchor) = match &registry {
         Some(r) => match r.alias(&o.alias)? {
             Some(a) => {
                 let dir = scratch.path().join("current-model");
@@ -114,11 +120,19 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
                     .get_file(&a.version, "report/split.json")
                     .ok()
                     .and_then(|b| serde_json::from_slice::<SplitPlan>(&b).ok());
-                Some((bundle, previous_split, dir))
+                // The anchor, when it is not the current version itself; a
+                // recorded anchor that cannot be fetched blocks promotion.
+                let anchor = a.anchor.filter(|v| *v != a.version).map(|v| {
+                    let dir = scratch.path().join("anchor-model");
+                    r.fetch(&v, &dir)
+                        .map(|b| (b, dir))
+                        .map_err(|e| format!("the anchor version {v} could not be fetched: {e}"))
+                });
+                (Some((bundle, previous_split, dir)), anchor)
             }
-            None => None,
+            None => (None, None),
         },
-        None => None,
+        None => (None, None),
     };
 
     // Patient-level split, locked across retrains.
@@ -233,6 +247,24 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         val.len()
     );
 
+    // The CIN2+ refer band, on the same validation images (calibrated).
+    let val_probabilities = predict(&trained.head, task, &val, false, temperature);
+    let refer_band = fit_refer_band(&classes, &val_probabilities, &val_labels, &o.hyper);
+    match &refer_band {
+        Some(b) => tracing::info!(
+            rule_out = b.rule_out.threshold,
+            rule_in = b.rule_in.threshold,
+            sensitivity = b.rule_out.sensitivity,
+            specificity = b.rule_in.specificity,
+            "CIN2+ refer band chosen on {} validation images",
+            val.len()
+        ),
+        None if n_classes > 2 => tracing::warn!(
+            "no CIN2+ refer band: the validation split lacks CIN2+ or CIN1-or-less images"
+        ),
+        None => {}
+    }
+
     // Evaluation on the locked test split (calibrated probabilities): one
     // view, and the mean over 8 views; calibration before and after.
     let test: Vec<&Item> = of(Split::Test).collect();
@@ -251,6 +283,36 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     };
     let eval = report::evaluate(&classes, &truth, &single);
     let eval_tta = report::evaluate(&classes, &truth, &tta);
+    // Image, slide and patient level, with patient-cluster bootstrap intervals.
+    let slides_from = if test.iter().any(|i| i.row.slide_id.is_some()) {
+        "slide_id"
+    } else {
+        "patient_id"
+    };
+    let cases: Vec<levels::Case> = test
+        .iter()
+        .zip(&single)
+        .map(|(i, p)| levels::Case {
+            patient: i.row.patient_id.clone(),
+            slide: i
+                .row
+                .slide_id
+                .clone()
+                .unwrap_or_else(|| i.row.patient_id.clone()),
+            truth: i.class,
+            probabilities: p.clone(),
+        })
+        .collect();
+    let by_level = levels::evaluate_levels(
+        &cases,
+        &classes,
+        refer_band.as_ref(),
+        &levels::Draws::Seeded {
+            replicates: levels::BOOTSTRAP_REPLICATES,
+            seed: o.hyper.seed,
+        },
+        slides_from,
+    );
 
     // The new bundle version.
     let now = chrono::Utc::now();
@@ -274,6 +336,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     manifest.task = task;
     manifest.classes = classes.clone();
     manifest.calibration = Some(calibrated);
+    manifest.refer_band = refer_band.clone();
     manifest.parent_version = current
         .as_ref()
         .map(|c| c.0.manifest.version.clone())
@@ -308,6 +371,12 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         "test_tta_macro_auc": eval_tta.macro_auc,
         "test_ece_before_calibration": reliability.before.ece,
         "test_ece": reliability.after.ece,
+        "test_levels": by_level.levels.iter().map(|l| (l.level.clone(), serde_json::json!({
+            "units": l.units,
+            "kappa_quadratic": l.kappa_quadratic.value,
+            "cin2plus_sensitivity_rule_out": l.rule_out.map(|r| r.sensitivity.value),
+            "cin2plus_specificity_rule_in": l.rule_in.map(|r| r.specificity.value),
+        }))).collect::<serde_json::Map<_, _>>(),
     });
     let staging = o.out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
@@ -316,45 +385,66 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         .bundle
         .write_version(&staging, manifest, &trained.head)?;
 
-    // The current model on the same locked test images, for the promotion decision.
+    // Promotion compares the new model with the current one and the anchor on
+    // the validation split (the locked test split is only reported).
     let decision = registry.as_ref().map(|_| {
-        let current_auc = current.as_ref().map(|(bundle, _, dir)| {
-            let v = bundle.manifest.version.as_str();
+        let mut incomparable = None;
+        let mut compare = |role: &str, bundle: &Bundle, dir: &Path| -> Option<Compared> {
+            let version = bundle.manifest.version.clone();
             if bundle.manifest.classes != classes {
-                return (
-                    v,
-                    None,
-                    Some(format!(
-                        "it has classes {:?}, the new model {:?}",
-                        bundle.manifest.classes, classes
-                    )),
-                );
+                incomparable.get_or_insert(format!(
+                    "the {role} model {version} has classes {:?}, the new model {:?}",
+                    bundle.manifest.classes, classes
+                ));
+                return None;
             }
-            match current_test_auc(
+            match validation_figures(
                 bundle,
                 dir,
-                &test,
-                &truth,
+                &val,
+                &val_labels,
                 &classes,
                 &model,
                 &cache,
                 o,
                 &labels_name,
             ) {
-                Ok(auc) => (v, auc, None),
-                Err(e) => (
-                    v,
-                    None,
-                    Some(format!("the current model could not be evaluated: {e}")),
-                ),
+                Ok(figures) => Some(Compared { version, figures }),
+                Err(e) => {
+                    incomparable.get_or_insert(format!(
+                        "the {role} model {version} could not be evaluated: {e}"
+                    ));
+                    None
+                }
             }
-        });
+        };
+        let current_figures = current
+            .as_ref()
+            .and_then(|(bundle, _, dir)| compare("current", bundle, dir));
+        let anchor_figures = match &anchor {
+            Some(Ok((bundle, dir))) => compare("anchor", bundle, dir),
+            Some(Err(why)) => {
+                incomparable.get_or_insert(why.clone());
+                None
+            }
+            None => None,
+        };
+        let new_figures = figures_of(
+            &classes,
+            &val_labels,
+            &val_probabilities,
+            refer_band.as_ref(),
+        );
         o.promotion.decide(
             &o.alias,
             &version,
-            eval.macro_auc,
-            current_auc.as_ref().map(|c| (c.0, c.1)),
-            current_auc.and_then(|c| c.2),
+            new_figures,
+            current_figures.as_ref(),
+            anchor_figures.as_ref(),
+            incomparable.or_else(|| {
+                (current.is_some() && current_figures.is_none())
+                    .then(|| "the current model could not be evaluated".to_string())
+            }),
         )
     });
 
@@ -378,6 +468,13 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         eval: &eval,
         eval_tta: &eval_tta,
         calibration: &reliability,
+        refer_band: refer_band.as_ref(),
+        levels: &by_level,
+        validation: val
+            .iter()
+            .zip(&val_probabilities)
+            .map(|(i, p)| (&i.row, i.class, p.as_slice()))
+            .collect(),
         predictions: test
             .iter()
             .zip(&single)
@@ -414,7 +511,8 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         r.publish(&o.out)?;
         r.record_decision(d)?;
         if d.promoted {
-            r.set_alias(&o.alias, &version, &d.reason)?;
+            let anchor = d.next_anchor.as_deref().unwrap_or(&version);
+            r.set_alias_anchored(&o.alias, &version, &d.reason, anchor)?;
         }
         tracing::info!(
             version = %version,
@@ -434,6 +532,8 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         features_computed: stats.computed,
         features_cached: stats.cached,
         decision,
+        refer_band,
+        levels: by_level,
     })
 }
 
@@ -457,6 +557,32 @@ pub(super) struct CalibrationReport {
     /// The locked test split (identity view) at temperature 1 and at the fitted one.
     pub before: calibration::Reliability,
     pub after: calibration::Reliability,
+}
+
+/// The CIN2+ triage thresholds on the validation images' calibrated P(CIN2+)
+/// (None for 2-class models, or a split without both kinds of image).
+fn fit_refer_band(
+    classes: &[String],
+    probabilities: &[Vec<f64>],
+    labels: &[usize],
+    hyper: &super::HyperParams,
+) -> Option<ReferBand> {
+    let rows = cin2_plus_rows(classes);
+    if rows.is_empty() {
+        return None;
+    }
+    let scores: Vec<f64> = probabilities
+        .iter()
+        .map(|p| rows.iter().map(|&i| p[i]).sum())
+        .collect();
+    let positive: Vec<bool> = labels.iter().map(|c| rows.contains(c)).collect();
+    operating::fit_refer_band(
+        &scores,
+        &positive,
+        rows.iter().map(|&i| classes[i].clone()).collect(),
+        hyper.refer_sensitivity,
+        hyper.refer_specificity,
+    )
 }
 
 /// Probabilities of the test items at temperature `t`: the identity view, or
@@ -484,18 +610,44 @@ fn predict(head: &Head, task: Task, items: &[&Item], tta: bool, t: f64) -> Vec<V
         .collect()
 }
 
+/// Macro AUC and CIN2+ sensitivity at `band`'s rule-out threshold of
+/// calibrated `probabilities` against `truth`.
+fn figures_of(
+    classes: &[String],
+    truth: &[usize],
+    probabilities: &[Vec<f64>],
+    band: Option<&ReferBand>,
+) -> PromotionFigures {
+    let rows = cin2_plus_rows(classes);
+    let cin2_sensitivity = band.filter(|_| !rows.is_empty()).map(|b| {
+        let scores: Vec<f64> = probabilities
+            .iter()
+            .map(|p| rows.iter().map(|&i| p[i]).sum())
+            .collect();
+        let positive: Vec<bool> = truth.iter().map(|c| rows.contains(c)).collect();
+        operating::sensitivity_specificity(&scores, &positive, b.rule_out.threshold).0
+    });
+    PromotionFigures {
+        macro_auc: report::evaluate(classes, truth, probabilities).macro_auc,
+        cin2_sensitivity,
+    }
+}
+
+/// A registry model's promotion figures on the validation items, with its
+/// own temperature and refer band (features from the cache when it shares
+/// the new model's backbone and preprocessing, else through its own backbone).
 #[allow(clippy::too_many_arguments)]
-fn current_test_auc(
+fn validation_figures(
     bundle: &Bundle,
     dir: &Path,
-    test: &[&Item],
+    items: &[&Item],
     truth: &[usize],
     classes: &[String],
     new_model: &Model,
     cache: &FeatureCache,
     o: &TrainOptions,
     labels: &str,
-) -> Result<Option<f64>, TrainError> {
+) -> Result<PromotionFigures, TrainError> {
     let task = bundle.manifest.task;
     let probs = if bundle.backbone_sha256() == new_model.bundle.backbone_sha256()
         && bundle.manifest.input == new_model.manifest().input
@@ -504,14 +656,14 @@ fn current_test_auc(
         predict(
             &bundle.head,
             task,
-            test,
+            items,
             false,
             bundle.manifest.temperature(),
         )
     } else {
-        let current = Model::load(dir, &o.infer)?;
-        let rows: Vec<LabelRow> = test.iter().map(|i| i.row.clone()).collect();
-        let (feats, _) = extract(&current, &rows, labels, cache, None)?;
+        let other = Model::load(dir, &o.infer)?;
+        let rows: Vec<LabelRow> = items.iter().map(|i| i.row.clone()).collect();
+        let (feats, _) = extract(&other, &rows, labels, cache, None)?;
         feats
             .iter()
             .map(|f| {
@@ -524,7 +676,12 @@ fn current_test_auc(
             })
             .collect()
     };
-    Ok(report::evaluate(classes, truth, &probs).macro_auc)
+    Ok(figures_of(
+        classes,
+        truth,
+        &probs,
+        bundle.manifest.refer_band.as_ref(),
+    ))
 }
 
 /// Maps labels to class indices; names every unknown label and missing file by line.
@@ -691,6 +848,7 @@ fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDi
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         parent_version: None,
         calibration: None,
+        refer_band: None,
     };
     std::fs::write(
         dir.join(crate::model::MANIFEST_FILE),

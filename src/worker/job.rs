@@ -14,7 +14,7 @@
 //!    can never be graded (missing, corrupt, too large) becomes an error
 //!    entry; a transient failure that outlasts its object's retries fails the
 //!    job.
-//! 4. The FHIR report, then the result record, then the `cinflow.result/v1`
+//! 4. The FHIR report, then the result record, then the `cinflow.result/v2`
 //!    event (publisher confirms).
 //! 5. The outcome goes to [`settle`](super::settle): ack only now, so any
 //!    earlier crash means redelivery, never loss; a redelivered job rewrites
@@ -123,6 +123,9 @@ impl InferWorker {
         );
         record.ids = ids(&job);
         record.attempt = Some(msg.deliveries.earlier + 1);
+        if let Some(t) = record.slide_grade.as_ref().and_then(|g| g.triage) {
+            crate::observe::metrics().slide_triaged(t);
+        }
         record.timings = Some(timings);
         let error = record.error.clone();
         if let Err(e) = self.write_and_announce(record, &keys, &broker).await {

@@ -89,6 +89,25 @@ pub fn bundle_as_version(bundle: &Path, dir: &Path, name: &str, version: &str) -
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     m["version"] = version.into();
     m["name"] = name.into();
+    // A CIN2+ refer band, as `cinflow train` stores one (4- and 3-class), so
+    // that results carry triage: fixed thresholds around the random head's
+    // P(CIN2+).
+    let cin2: Vec<&str> = match m["classes"].as_array().map_or(0, Vec::len) {
+        4 => vec!["CIN3", "CIN2"],
+        3 => vec!["CIN2-3"],
+        _ => vec![],
+    };
+    if !cin2.is_empty() {
+        let point = |threshold: f64, sensitivity: f64, specificity: f64| serde_json::json!({"threshold": threshold, "target": 0.95, "sensitivity": sensitivity, "specificity": specificity});
+        m["refer_band"] = serde_json::json!({
+            "classes": cin2,
+            "fitted_on": "validation",
+            "positives": 20,
+            "negatives": 20,
+            "rule_out": point(0.3, 0.95, 0.55),
+            "rule_in": point(0.7, 0.6, 0.95),
+        });
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     dir.to_path_buf()
 }

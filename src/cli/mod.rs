@@ -339,6 +339,25 @@ fn run(command: Command) -> anyhow::Result<Exit> {
                 m.input.height,
                 m.files.len()
             );
+            match &m.calibration {
+                Some(c) => println!(
+                    "calibrated: temperature {:.4} (fitted on {} {} images)",
+                    c.temperature, c.images, c.fitted_on
+                ),
+                None => println!("calibrated: no (probabilities as the head gives them)"),
+            }
+            match &m.refer_band {
+                Some(b) => println!(
+                    "CIN2+ triage: rule-out {:.4} (sensitivity {:.1}%), rule-in {:.4} (specificity {:.1}%), chosen on {} {} images",
+                    b.rule_out.threshold,
+                    100.0 * b.rule_out.sensitivity,
+                    b.rule_in.threshold,
+                    100.0 * b.rule_in.specificity,
+                    b.positives + b.negatives,
+                    b.fitted_on
+                ),
+                None => println!("CIN2+ triage: none (no refer band in this bundle)"),
+            }
             Ok(Exit::Success)
         }
         Command::Demo(a) => crate::local::demo::demo(&a),

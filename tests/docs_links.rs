@@ -600,7 +600,7 @@ fn slug_follows_github() {
     );
     assert_eq!(
         slug("Result record (`cinflow.result/v2`)"),
-        "result-record-cinflowresultv1"
+        "result-record-cinflowresultv2"
     );
     assert_eq!(slug("What `make demo` leaves"), "what-make-demo-leaves");
     assert_eq!(

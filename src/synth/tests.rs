@@ -93,7 +93,10 @@ fn generate_writes_images_labels_and_readme() {
     );
 
     let mut rdr = csv::Reader::from_path(&summary.labels_csv).unwrap();
-    assert_eq!(rdr.headers().unwrap(), vec!["path", "label", "patient_id"]);
+    assert_eq!(
+        rdr.headers().unwrap(),
+        vec!["path", "label", "patient_id", "slide_id"]
+    );
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
     assert_eq!(rows.len(), 8);
     let mut per_grade = std::collections::HashMap::new();
@@ -104,6 +107,9 @@ fn generate_writes_images_labels_and_readme() {
         let grade = Grade::from_label(&row[1]).unwrap();
         assert_eq!(grade, im.grade);
         assert_eq!(&row[2], im.patient_id);
+        // Two images per slide, within the patient.
+        assert_eq!(&row[3], im.slide_id);
+        assert!(row[3].starts_with(&format!("{}-S", &row[2])), "{}", &row[3]);
         assert!(
             row[0].starts_with(&format!("{}_{}_", &row[2], &row[1])),
             "{}",

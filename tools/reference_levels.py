@@ -6,10 +6,12 @@ Reads a training report.json and prints JSON:
 - ``refer_band``: the rule-out and rule-in thresholds chosen from the
   report's validation predictions with scikit-learn's ``roc_curve``
   (``drop_intermediate=False``): rule-out is the largest threshold whose
-  sensitivity reaches the target, rule-in the smallest whose specificity does
-  (the next float above the highest score when only "never" does), raised to
-  rule-out when it comes out below; with the sensitivity and specificity
-  there;
+  sensitivity reaches the target, lowered to the smallest with the same false
+  positive rate; rule-in the smallest whose specificity reaches its target,
+  raised to the largest with the same true positive rate (the next float above
+  the highest score when only "never" does, or nothing CIN2+ lies above it),
+  and raised to rule-out when it comes out below; with the sensitivity and
+  specificity there;
 - ``levels``: accuracy (``accuracy_score``), quadratic-weighted kappa
   (``cohen_kappa_score(weights="quadratic", labels=range(K))``) and CIN2+
   sensitivity/specificity at both thresholds (``recall_score``) of the locked
@@ -39,9 +41,22 @@ def refer_band(report, rows):
     y = np.array([p["truth"] in rows for p in val])
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     finite = thr <= s.max()
-    rule_out = thr[finite & (tpr >= hp["refer_sensitivity"] - 1e-9)].max()
-    meets = (1 - fpr) >= hp["refer_specificity"] - 1e-9
-    rule_in = thr[meets & finite].min() if (meets & finite).any() else np.nextafter(s.max(), np.inf)
+    never = np.nextafter(s.max(), np.inf)
+    # Rule-out: the largest threshold reaching the sensitivity, then the
+    # smallest one with the same false positive rate.
+    reached = thr[finite & (tpr >= hp["refer_sensitivity"] - 1e-9)].max()
+    same_fpr = finite & (fpr == fpr[thr == reached][0])
+    rule_out = thr[same_fpr].min()
+    # Rule-in: the smallest threshold reaching the specificity, then the
+    # largest one with the same true positive rate ("never" when none, or
+    # when nothing CIN2+ lies above it).
+    meets = finite & ((1 - fpr) >= hp["refer_specificity"] - 1e-9)
+    if meets.any():
+        reached = thr[meets].min()
+        sens = tpr[thr == reached][0]
+        rule_in = thr[finite & (tpr == sens)].max() if sens > 0 else never
+    else:
+        rule_in = never
     rule_in = max(rule_in, rule_out)
 
     def point(t, target):

@@ -5,12 +5,20 @@
 //! themselves, so a chosen threshold is always one of them:
 //!
 //! - **rule-out** (high sensitivity): the largest score `t` whose sensitivity
-//!   `#{CIN2+ with p >= t} / #CIN2+` is at least the target;
+//!   `#{CIN2+ with p >= t} / #CIN2+` is at least the target, then lowered to
+//!   the smallest score with the same specificity — so the threshold sits just
+//!   above the CIN1-or-less images below it instead of just below the CIN2+
+//!   images above it, and a confident model does not call a P(CIN2+) of 0.9
+//!   "unlikely";
 //! - **rule-in** (high specificity): the smallest score `t` whose specificity
-//!   `#{CIN1-or-less with p < t} / #CIN1-or-less` is at least the target; when
-//!   only a threshold above every score reaches it, the next float above the
+//!   `#{CIN1-or-less with p < t} / #CIN1-or-less` is at least the target, then
+//!   raised to the largest score with the same sensitivity (the lowest CIN2+
+//!   score at or above it); when only a threshold above every score reaches
+//!   the target, or no CIN2+ image lies above it, the next float above the
 //!   highest score (no image of that split is called CIN2+ likely).
 //!
+//! Both moves trade nothing on the split itself and widen the refer band into
+//! the gap between the two kinds of image, where the model has seen nothing.
 //! When the rule-in threshold comes out below the rule-out one, one threshold
 //! meets both targets: rule-in is raised to rule-out and the band is empty on
 //! this split. tests/train.rs checks the choice against scikit-learn.
@@ -81,27 +89,32 @@ pub fn fit_refer_band(
     }
     pos.sort_by(|a, b| b.total_cmp(a));
     neg.sort_by(|a, b| b.total_cmp(a));
-    // Rule-out: the k-th highest CIN2+ score keeps k of them at or above it.
-    let k = at_least(target_sensitivity, pos.len()).clamp(1, pos.len());
-    let rule_out = pos[k - 1];
-    // Rule-in: at most m negatives may be at or above it, so it must lie above
-    // the (m+1)-th highest negative score; the smallest score that does.
-    let m = neg.len() - at_least(target_specificity, neg.len()).min(neg.len());
-    let rule_in = if m >= neg.len() {
-        scores.iter().cloned().fold(f64::INFINITY, f64::min)
-    } else {
-        let above = neg[m];
-        scores
-            .iter()
-            .cloned()
-            .filter(|&s| s > above)
-            .fold(f64::INFINITY, f64::min)
-    };
     let highest = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let rule_in = if rule_in.is_finite() {
-        rule_in
+    let lowest = scores.iter().cloned().fold(f64::INFINITY, f64::min);
+    let smallest_above =
+        |x: f64| scores.iter().cloned().filter(|&s| s > x).fold(f64::INFINITY, f64::min);
+    // Rule-out: the k-th highest CIN2+ score keeps k of them at or above it;
+    // then down to the smallest score with the same specificity (just above
+    // the highest CIN1-or-less score below it).
+    let k = at_least(target_sensitivity, pos.len()).clamp(1, pos.len());
+    let reached = pos[k - 1];
+    let rule_out = match neg.iter().find(|&&s| s < reached) {
+        Some(&below) => smallest_above(below),
+        None => lowest,
+    };
+    // Rule-in: at most m negatives may be at or above it, so it must lie above
+    // the (m+1)-th highest negative score: the smallest score that does; then
+    // up to the lowest CIN2+ score at or above it (the same sensitivity).
+    let m = neg.len() - at_least(target_specificity, neg.len()).min(neg.len());
+    let reached = if m >= neg.len() {
+        lowest
     } else {
-        next_above(highest)
+        smallest_above(neg[m])
+    };
+    let never = next_above(highest);
+    let rule_in = match pos.iter().rev().find(|&&s| s >= reached) {
+        Some(&p) if reached.is_finite() => p,
+        _ => never,
     };
     let rule_in = rule_in.max(rule_out);
     Some(ReferBand {
@@ -146,6 +159,22 @@ mod tests {
         let strict = band(&scores, &positive, 1.0, 1.0);
         assert!((strict.rule_out.threshold - 0.05).abs() < 1e-12);
         assert!((strict.rule_in.threshold - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn thresholds_sit_in_the_gap_between_the_two_kinds_of_image() {
+        // A confident model: 19 of 20 CIN2+ images near 1, one at 0.4; CIN1
+        // or less at 0.01-0.20. The 95% rule-out is not the 19th CIN2+ score
+        // (0.98) but the lowest score above every negative below it (0.4).
+        let mut scores: Vec<f64> = (0..19).map(|i| 0.98 + i as f64 * 0.001).collect();
+        scores.push(0.4);
+        let mut positive = vec![true; 20];
+        scores.extend((1..=20).map(|i| i as f64 * 0.01));
+        positive.extend([false; 20]);
+        let b = band(&scores, &positive, 0.95, 0.95);
+        assert_eq!(b.rule_out.threshold, 0.4);
+        assert_eq!((b.rule_out.sensitivity, b.rule_out.specificity), (1.0, 1.0));
+        assert_eq!(b.rule_in.threshold, 0.4);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Grad-CAM cost for DenseNet-161-sized features (2208 x 19 x 25) and the
-//! overlay rendering that follows it.
+//! overlay rendering that follows it, with and without the legend band.
 
-use cinflow::cam::{class_maps, overlay, png_bytes, upsample_bilinear};
+use cinflow::cam::legend::{self, Legend};
+use cinflow::cam::{class_maps, jpeg_bytes, overlay, png_bytes, upsample_bilinear};
+use cinflow::model::Triage;
 use cinflow::infer::FeatureMap;
 use cinflow::model::{Head, Task};
 use std::hint::black_box;
@@ -44,6 +46,28 @@ fn bench(c: &mut Criterion) {
     let img = image::RgbImage::from_pixel(800, 600, image::Rgb([200, 150, 180]));
     c.bench_function("cam/overlay+png 800x600", |b| {
         b.iter(|| png_bytes(&overlay(black_box(&img), black_box(&up), 1.0)))
+    });
+    // The legend band burned into every pre-drawn overlay (text and colour bar).
+    let legend = Legend {
+        class: "CIN2",
+        scale: 3.25,
+        p_cin2_plus: Some(0.87),
+        triage: Some(Triage::Likely),
+    };
+    let drawn = overlay(&img, &up, 1.0);
+    c.bench_function("cam/legend 800x600", |b| {
+        b.iter(|| {
+            let mut o = drawn.clone();
+            legend::draw(black_box(&mut o), &legend);
+            o
+        })
+    });
+    c.bench_function("cam/overlay+legend+jpeg75 800x600", |b| {
+        b.iter(|| {
+            let mut o = overlay(black_box(&img), black_box(&up), 1.0);
+            legend::draw(&mut o, &legend);
+            jpeg_bytes(&o, 75)
+        })
     });
 }
 

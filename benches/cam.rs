@@ -3,8 +3,8 @@
 
 use cinflow::cam::legend::{self, Legend};
 use cinflow::cam::{class_maps, jpeg_bytes, overlay, png_bytes, upsample_bilinear};
-use cinflow::model::Triage;
 use cinflow::infer::FeatureMap;
+use cinflow::model::Triage;
 use cinflow::model::{Head, Task};
 use std::hint::black_box;
 

@@ -22,6 +22,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod preprocess;
 pub mod progress;
+pub mod quality;
 pub mod queue;
 pub mod report;
 pub mod result;

@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use cinflow::model::Triage;
 use cinflow::result::{ImageStatus, ResultRecord};
 use cinflow::storage::ObjectStore;
 use common::worker::Fixture;
@@ -189,10 +190,17 @@ fn results_reports_and_messages_validate_against_the_schemas_and_fhir_r4() {
                 .as_str()
                 .unwrap()
                 .contains(triage.as_str()));
-            // Every graded image is triaged on its own P(CIN2+) by the same band.
+            // Every graded image is triaged on its own P(CIN2+) by the same
+            // band, or referred when it failed quality control.
             for img in &graded {
                 let p = f64::from(img.p_cin2_plus.unwrap());
-                assert_eq!(img.triage, Some(band.triage(p)), "{}", img.uri);
+                let passed = img.quality.as_ref().unwrap().passed();
+                let want = if passed {
+                    band.triage(p)
+                } else {
+                    Triage::Refer
+                };
+                assert_eq!(img.triage, Some(want), "{}", img.uri);
             }
         }
         assert_eq!(report["result"].as_array().map_or(0, Vec::len), obs.len());

@@ -265,6 +265,7 @@ fn write_summary(
         "predicted_class".into(),
         "p_cin2_plus".into(),
         "triage".into(),
+        "qc_flags".into(),
     ];
     header.extend(classes.iter().map(|c| format!("p_{c}")));
     header.push("error".into());
@@ -277,6 +278,7 @@ fn write_summary(
             r.predicted_class.clone().unwrap_or_default(),
             r.p_cin2_plus.map(|p| format!("{p:.6}")).unwrap_or_default(),
             r.triage.map(|t| t.to_string()).unwrap_or_default(),
+            r.quality.as_ref().map(|q| q.summary()).unwrap_or_default(),
         ];
         row.extend(classes.iter().map(|c| {
             r.probabilities

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::triage::{cin2_plus_rows, ReferBand, Triage};
 use crate::preprocess::{ClaheParams, PreprocessConfig};
+use crate::quality::QualityThresholds;
 
 /// Schema tag of the manifest this code reads and writes.
 pub const BUNDLE_SCHEMA: &str = "cinflow.bundle/v1";
@@ -122,6 +123,10 @@ pub struct Manifest {
     /// 2-class models, and bundles made before training chose them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refer_band: Option<ReferBand>,
+    /// Input quality limits for this model's images (absent: the defaults of
+    /// [`QualityThresholds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualityThresholds>,
 }
 
 /// How served probabilities are calibrated: `softmax(logits / temperature)`
@@ -179,6 +184,11 @@ impl Manifest {
         (!rows.is_empty()).then(|| rows.iter().map(|&i| probabilities[i]).sum::<f32>().min(1.0))
     }
 
+    /// The input quality limits images are checked against.
+    pub fn quality_thresholds(&self) -> QualityThresholds {
+        self.quality.unwrap_or_default()
+    }
+
     /// How an image with P(CIN2+) `p` is triaged (None without a refer band).
     pub fn triage(&self, p: f32) -> Option<Triage> {
         self.refer_band.as_ref().map(|b| b.triage(f64::from(p)))
@@ -189,6 +199,9 @@ impl Manifest {
         let mut p = Vec::new();
         if let Some(band) = &self.refer_band {
             p.extend(band.problems(&self.classes));
+        }
+        if let Some(q) = &self.quality {
+            p.extend(q.problems());
         }
         if let Some(c) = &self.calibration {
             if c.method != "temperature" || !(c.temperature.is_finite() && c.temperature > 0.0) {

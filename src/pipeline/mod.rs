@@ -18,6 +18,7 @@ use crate::cam::{class_maps, ClassMaps};
 use crate::infer::{Backbone, FeatureMap, InferConfig, InferError};
 use crate::model::{Bundle, BundleError, Manifest, Triage};
 use crate::preprocess::{self, PreprocessError};
+use crate::quality::ImageQuality;
 
 /// Why a model could not be made ready to serve.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,7 @@ pub struct StageTimings {
     #[serde(default)]
     pub fetch_ms: f64,
     pub decode_ms: f64,
+    /// Input quality control, CLAHE, resize and normalisation.
     pub preprocess_ms: f64,
     /// Waiting for the backbone while another job's batch ran on it.
     #[serde(default)]
@@ -74,6 +76,8 @@ pub struct Prepared {
     pub image: RgbImage,
     /// Normalised CHW float32 input.
     pub tensor: Vec<f32>,
+    /// Input quality measured on the original (before CLAHE) and the checks it failed.
+    pub quality: ImageQuality,
     pub timings: StageTimings,
 }
 
@@ -209,7 +213,14 @@ impl Model {
                 let probabilities = m.probabilities(&logits);
                 let predicted = argmax(&probabilities);
                 let p_cin2_plus = m.p_cin2_plus(&probabilities);
-                let triage = p_cin2_plus.and_then(|p| m.triage(p));
+                // An image that failed quality control is referred whatever its P(CIN2+).
+                let triage = p_cin2_plus.and_then(|q| m.triage(q)).map(|t| {
+                    if p.quality.passed() {
+                        t
+                    } else {
+                        Triage::Refer
+                    }
+                });
                 let maps = class_maps(f, head, m.task);
                 Graded {
                     logits,
@@ -241,6 +252,11 @@ pub fn prepare(bytes: &[u8], manifest: &Manifest) -> Result<Prepared, Preprocess
     let decoded = preprocess::decode(bytes)?;
     let decode_ms = ms(t);
     let t = Instant::now();
+    let quality = crate::quality::check(
+        &decoded,
+        (manifest.input.width, manifest.input.height),
+        &manifest.quality_thresholds(),
+    );
     let image = preprocess::preprocess_image(&decoded, &manifest.preprocess_config());
     let mut tensor = vec![0f32; 3 * (image.width() * image.height()) as usize];
     preprocess::normalise_into(&image, manifest.input.mean, manifest.input.std, &mut tensor);
@@ -249,6 +265,7 @@ pub fn prepare(bytes: &[u8], manifest: &Manifest) -> Result<Prepared, Preprocess
         original_size: decoded.dimensions(),
         image,
         tensor,
+        quality,
         timings: StageTimings {
             decode_ms,
             preprocess_ms: ms(t),

@@ -91,8 +91,13 @@ pub fn fit_refer_band(
     neg.sort_by(|a, b| b.total_cmp(a));
     let highest = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lowest = scores.iter().cloned().fold(f64::INFINITY, f64::min);
-    let smallest_above =
-        |x: f64| scores.iter().cloned().filter(|&s| s > x).fold(f64::INFINITY, f64::min);
+    let smallest_above = |x: f64| {
+        scores
+            .iter()
+            .cloned()
+            .filter(|&s| s > x)
+            .fold(f64::INFINITY, f64::min)
+    };
     // Rule-out: the k-th highest CIN2+ score keeps k of them at or above it;
     // then down to the smallest score with the same specificity (just above
     // the highest CIN1-or-less score below it).

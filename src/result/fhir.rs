@@ -199,6 +199,12 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         if !parts.is_empty() {
             grade["component"] = Value::Array(parts);
         }
+        if let Some(q) = img.quality.as_ref().filter(|q| !q.passed()) {
+            grade["note"] = json!([{ "text": format!(
+                "Failed input quality control, so referred and left out of the slide grade: {}",
+                q.summary()
+            ) }]);
+        }
         contained.push(grade);
         results.push(reference(&id));
         for h in &img.heatmaps {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Manifest, ReferBand, Triage, CIN2_PLUS};
 use crate::pipeline::{BatchInfo, Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
+use crate::quality::ImageQuality;
 
 pub mod fhir;
 
@@ -112,9 +113,13 @@ pub struct ImageResult {
     /// Sum of the CIN2+ classes' probabilities (4- and 3-class models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p_cin2_plus: Option<f32>,
-    /// `CIN2+ likely`, `refer` or `CIN2+ unlikely` (models with a refer band).
+    /// `CIN2+ likely`, `refer` or `CIN2+ unlikely` (models with a refer band);
+    /// `refer` whenever the image failed quality control.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub triage: Option<Triage>,
+    /// Input quality measurements and the checks the image failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<ImageQuality>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heatmaps: Vec<HeatmapRef>,
     /// The CLAHE'd, resized image the model saw (JPEG): what overlays are drawn on.
@@ -164,6 +169,7 @@ impl ImageResult {
             logits: Some(graded.logits.clone()),
             p_cin2_plus: graded.p_cin2_plus,
             triage: graded.triage,
+            quality: Some(prepared.quality.clone()),
             heatmaps,
             preprocessed_image: None,
             raw_map: Some(raw_map),
@@ -185,6 +191,7 @@ impl ImageResult {
             logits: None,
             p_cin2_plus: None,
             triage: None,
+            quality: None,
             heatmaps: Vec::new(),
             preprocessed_image: None,
             raw_map: None,
@@ -214,8 +221,10 @@ pub struct SlideGrade {
 
 /// The slide grade from its graded images: the grade of the image with the
 /// highest P(CIN2+) (the first on ties), or of the highest P(CIN) for 2-class
-/// models. The slide is triaged by that P(CIN2+); a slide with images that
-/// could not be graded is `refer` unless a graded one is already `CIN2+ likely`.
+/// models. Images that failed quality control are left out while any other
+/// image was graded. The slide is triaged by that P(CIN2+); a slide with images
+/// that could not be graded or failed quality control is `refer` unless a
+/// passing image is already `CIN2+ likely`.
 pub fn slide_grade(manifest: &Manifest, images: &[ImageResult]) -> Option<SlideGrade> {
     let binary = crate::model::triage::cin2_plus_rows(&manifest.classes).is_empty();
     let score = |r: &ImageResult| -> Option<f32> {
@@ -225,24 +234,32 @@ pub fn slide_grade(manifest: &Manifest, images: &[ImageResult]) -> Option<SlideG
             r.p_cin2_plus
         }
     };
-    let (deciding, p) = images
+    let graded: Vec<(&ImageResult, f32)> = images
         .iter()
         .filter(|r| r.status == ImageStatus::Ok && r.predicted_class.is_some())
         .filter_map(|r| Some((r, score(r)?)))
-        .fold(
-            None,
-            |best: Option<(&ImageResult, f32)>, (r, p)| match best {
-                Some((_, q)) if q >= p => best,
-                _ => Some((r, p)),
-            },
-        )?;
+        .collect();
+    let passed = |r: &ImageResult| r.quality.as_ref().is_none_or(ImageQuality::passed);
+    let flagged = graded.iter().filter(|(r, _)| !passed(r)).count();
+    let usable: Vec<(&ImageResult, f32)> = if flagged < graded.len() {
+        graded.iter().filter(|(r, _)| passed(r)).copied().collect()
+    } else {
+        graded.clone()
+    };
+    let (deciding, p) = usable.into_iter().fold(
+        None,
+        |best: Option<(&ImageResult, f32)>, (r, p)| match best {
+            Some((_, q)) if q >= p => best,
+            _ => Some((r, p)),
+        },
+    )?;
     let failed = images
         .iter()
         .filter(|r| r.status == ImageStatus::Error)
         .count();
     let (triage, triage_reason) = match (&manifest.refer_band, binary) {
         (Some(band), false) => {
-            let (t, why) = slide_triage(band, p, failed, images.len());
+            let (t, why) = slide_triage(band, p, failed, flagged, graded.len(), images.len());
             (Some(t), Some(why))
         }
         _ => (None, None),
@@ -262,8 +279,16 @@ pub fn slide_grade(manifest: &Manifest, images: &[ImageResult]) -> Option<SlideG
     })
 }
 
-/// A slide's triage from its highest P(CIN2+) `p`, and the reason in words.
-fn slide_triage(band: &ReferBand, p: f32, failed: usize, images: usize) -> (Triage, String) {
+/// A slide's triage from its highest P(CIN2+) `p` (over the images that
+/// passed quality control, if any did), and the reason in words.
+fn slide_triage(
+    band: &ReferBand,
+    p: f32,
+    failed: usize,
+    flagged: usize,
+    graded: usize,
+    images: usize,
+) -> (Triage, String) {
     let (lo, hi) = (band.rule_out.threshold, band.rule_in.threshold);
     let by_p = band.triage(f64::from(p));
     let why = match by_p {
@@ -277,11 +302,27 @@ fn slide_triage(band: &ReferBand, p: f32, failed: usize, images: usize) -> (Tria
             "highest P({CIN2_PLUS}) {p:.3} lies between the rule-out threshold {lo:.3} and the rule-in threshold {hi:.3}"
         ),
     };
-    if failed > 0 && by_p != Triage::Likely {
+    if flagged == graded {
         let why = format!(
-            "{failed} of {images} images could not be graded (the graded ones alone: {by_p}; {why})"
+            "no image passed quality control ({flagged} of {images} flagged); the flagged ones alone: {by_p} ({why})"
         );
         return (Triage::Refer, why);
+    }
+    let mut missing = Vec::new();
+    if failed > 0 {
+        missing.push(format!("{failed} of {images} images could not be graded"));
+    }
+    if flagged > 0 {
+        missing.push(format!(
+            "{flagged} of {images} images failed quality control and were left out"
+        ));
+    }
+    if !missing.is_empty() && by_p != Triage::Likely {
+        let why = format!("{} (the others alone: {by_p}; {why})", missing.join("; "));
+        return (Triage::Refer, why);
+    }
+    if !missing.is_empty() {
+        return (by_p, format!("{why}; {}", missing.join("; ")));
     }
     (by_p, why)
 }

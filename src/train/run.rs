@@ -849,6 +849,7 @@ fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDi
         parent_version: None,
         calibration: None,
         refer_band: None,
+        quality: None,
     };
     std::fs::write(
         dir.join(crate::model::MANIFEST_FILE),

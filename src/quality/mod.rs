@@ -201,9 +201,11 @@ impl QualityThresholds {
     }
 }
 
-/// `cv2.cvtColor(RGB2GRAY)` on one pixel: OpenCV's 14-bit fixed point.
+/// `cv2.cvtColor(RGB2GRAY)` on one pixel: OpenCV's 15-bit fixed point
+/// (0.299, 0.587, 0.114 as 9798, 19235, 3735 / 2^15, rounded; the 14-bit
+/// coefficients of older releases differ by one level on about 0.3% of pixels).
 fn grey([r, g, b]: [u8; 3]) -> u8 {
-    ((u32::from(r) * 4899 + u32::from(g) * 9617 + u32::from(b) * 1868 + (1 << 13)) >> 14) as u8
+    ((u32::from(r) * 9798 + u32::from(g) * 19235 + u32::from(b) * 3735 + (1 << 14)) >> 15) as u8
 }
 
 /// The measurements of `thumb`: the original reduced to the model's input size.

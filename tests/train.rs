@@ -490,6 +490,89 @@ fn head_training_matches_scikit_learn_logistic_regression() {
         "macro AUC {ours} vs {theirs}"
     );
     refer_band_and_levels_match_scikit_learn(&out, &r);
+    ood_matches_scikit_learn_and_flags_a_photo(&out, &r, &cache, tmp.path());
+}
+
+/// The out-of-distribution model is scikit-learn's LedoitWolf on the same
+/// training features (shrinkage 1e-9; the threshold and the test images'
+/// distances 1e-4 relative: the bundle stores the precision matrix in
+/// float32), and a photo of something else is flagged while graded.
+fn ood_matches_scikit_learn_and_flags_a_photo(
+    out: &cinflow::train::TrainOutcome,
+    r: &serde_json::Value,
+    cache: &Path,
+    tmp: &Path,
+) {
+    let manifest = cinflow::model::Bundle::load(&out.bundle).unwrap().manifest;
+    let spec = manifest.ood.clone().expect("an OOD model");
+    let reference: serde_json::Value = serde_json::from_str(&common::run_python(
+        "tools/reference_ood.py",
+        &[out.bundle.to_str().unwrap(), cache.to_str().unwrap()],
+    ))
+    .unwrap();
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let (s, s_ref) = (spec.shrinkage, reference["shrinkage"].as_f64().unwrap());
+    assert!(
+        (s - s_ref).abs() <= 1e-9,
+        "shrinkage {s} vs scikit-learn {s_ref}"
+    );
+    let (t, t_ref) = (spec.threshold, reference["threshold"].as_f64().unwrap());
+    assert!(
+        rel(t, t_ref) <= 1e-4,
+        "threshold {t} vs scikit-learn {t_ref}"
+    );
+    eprintln!("OOD: shrinkage {s:.4} (scikit-learn {s_ref:.4}), threshold {t:.3} ({t_ref:.3})");
+    // The report's test distances, in data.csv order = the report's order
+    // (both list the test images as the labels file does).
+    let ours: Vec<f64> = r["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ood_distance"].as_f64().unwrap())
+        .collect();
+    let theirs: Vec<f64> = serde_json::from_value(reference["test_distances"].clone()).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!(rel(*a, *b) <= 1e-4, "test distance {a} vs scikit-learn {b}");
+    }
+    // A natural photo (sky, sun, a field) is far outside; a test image is not.
+    let photo = image::RgbImage::from_fn(1024, 768, |x, y| {
+        let (fx, fy) = (x as f32 / 1024.0, y as f32 / 768.0);
+        if (fx - 0.75).powi(2) + (fy - 0.2).powi(2) < 0.006 {
+            image::Rgb([255, 230, 120])
+        } else if fy < 0.55 {
+            image::Rgb([(90.0 + 80.0 * fy) as u8, (150.0 + 60.0 * fy) as u8, 235])
+        } else {
+            let stripe = ((x / 9 + y / 5) % 7) as u8;
+            image::Rgb([60 + 4 * stripe, 140 - 3 * stripe, 40 + stripe])
+        }
+    });
+    let photo_path = tmp.join("photo.jpg");
+    photo.save(&photo_path).unwrap();
+    let test_image = PathBuf::from(r["predictions"][0]["image"].as_str().unwrap());
+    let graded = cinflow::local::classify(&common::classify_options(
+        &out.bundle,
+        &tmp.join("ood-graded"),
+        vec![photo_path.clone(), test_image.clone()],
+    ))
+    .unwrap();
+    let quality = |path: &Path| {
+        let uri = format!("file://{}", path.display());
+        graded
+            .results
+            .iter()
+            .find(|(_, r)| r.uri == uri)
+            .unwrap()
+            .1
+            .quality
+            .clone()
+            .unwrap()
+    };
+    let q = quality(&photo_path);
+    eprintln!("photo: {q:?}");
+    assert!(q.flags.iter().any(|f| f.check == "ood"), "{q:?}");
+    let q = quality(&test_image);
+    assert!((q.ood_distance.unwrap() - ours[0]).abs() <= 1e-3 * ours[0]);
 }
 
 /// The CIN2+ thresholds stored in the bundle are the ones scikit-learn's

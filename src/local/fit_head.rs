@@ -127,7 +127,9 @@ pub fn fit_head(args: &FitHeadArgs) -> anyhow::Result<FitSummary> {
     });
     manifest.metrics =
         serde_json::json!({ "train_accuracy": train_accuracy, "train_images": rows.len() });
-    model.bundle.write_version(&args.out, manifest, &head)?;
+    model
+        .bundle
+        .write_version(&args.out, manifest, &head, None)?;
     tracing::info!(out = %args.out.display(), images = rows.len(), train_accuracy, "head fitted");
     Ok(FitSummary {
         images: rows.len(),

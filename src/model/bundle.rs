@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Head, HeadError, Manifest, Task};
+use super::{Head, HeadError, Manifest, OodModel, Task, OOD_FILE};
 use crate::hashing::sha256_file;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -49,6 +49,8 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub head: Head,
+    /// The out-of-distribution model, when the manifest has an `ood` section.
+    pub ood: Option<OodModel>,
 }
 
 impl Bundle {
@@ -119,10 +121,20 @@ impl Bundle {
                 n_classes: manifest.classes.len(),
             });
         }
+        let ood = match &manifest.ood {
+            Some(_) => Some(OodModel::load(&dir.join(OOD_FILE), want_channels).map_err(
+                |source| BundleError::Head {
+                    dir: d.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
             head,
+            ood,
         })
     }
 
@@ -149,6 +161,7 @@ impl Bundle {
         out: &Path,
         mut manifest: Manifest,
         head: &Head,
+        ood: Option<&OodModel>,
     ) -> Result<Bundle, BundleError> {
         let d = out.display().to_string();
         let werr = |source| BundleError::Write {
@@ -177,6 +190,15 @@ impl Bundle {
         manifest
             .files
             .insert(HEAD_FILE.into(), crate::hashing::sha256_hex(&head_bytes));
+        if let Some(o) = ood {
+            let bytes = o.to_bytes();
+            std::fs::write(tmp.join(OOD_FILE), &bytes).map_err(werr)?;
+            manifest
+                .files
+                .insert(OOD_FILE.into(), crate::hashing::sha256_hex(&bytes));
+        } else {
+            manifest.ood = None;
+        }
         let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
         std::fs::write(tmp.join(MANIFEST_FILE), json + "\n").map_err(werr)?;
         if out.exists() {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::ood::{OodSpec, OOD_FILE};
 use super::triage::{cin2_plus_rows, ReferBand, Triage};
 use crate::preprocess::{ClaheParams, PreprocessConfig};
 use crate::quality::QualityThresholds;
@@ -127,6 +128,10 @@ pub struct Manifest {
     /// [`QualityThresholds`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualityThresholds>,
+    /// The out-of-distribution score's threshold; the mean and precision
+    /// matrix are in `ood.safetensors` (absent: no score).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood: Option<OodSpec>,
 }
 
 /// How served probabilities are calibrated: `softmax(logits / temperature)`
@@ -202,6 +207,23 @@ impl Manifest {
         }
         if let Some(q) = &self.quality {
             p.extend(q.problems());
+        }
+        if let Some(o) = &self.ood {
+            let valid = o.threshold.is_finite()
+                && o.threshold > 0.0
+                && o.percentile > 0.0
+                && o.percentile <= 100.0;
+            if !valid {
+                p.push(format!(
+                    "ood threshold {} (percentile {}) must be positive, the percentile in (0, 100]",
+                    o.threshold, o.percentile
+                ));
+            }
+            if !self.files.contains_key(OOD_FILE) {
+                p.push(format!(
+                    "\"ood\" is set but \"files\" has no sha256 for {OOD_FILE}"
+                ));
+            }
         }
         if let Some(c) = &self.calibration {
             if c.method != "temperature" || !(c.temperature.is_finite() && c.temperature > 0.0) {

@@ -4,6 +4,7 @@
 mod bundle;
 mod head;
 mod manifest;
+pub mod ood;
 pub mod triage;
 
 pub use bundle::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
@@ -13,6 +14,7 @@ pub use manifest::{
 };
 pub mod registry;
 
+pub use ood::{OodModel, OodSpec, OOD_FILE};
 pub use triage::{OperatingPoint, ReferBand, Triage, CIN2_PLUS};
 
 pub use registry::{

@@ -500,10 +500,12 @@ impl Registry {
             let bar = bar.clone();
             move |n| bar.inc(n)
         };
-        // The manifest first: a version that is not there is named as such.
-        for f in [MANIFEST_FILE, HEAD_FILE, BACKBONE_FILE] {
+        // The manifest first: a version that is not there is named as such;
+        // then every file it lists (head, backbone, and the OOD model when
+        // there is one).
+        let get = |f: &str| -> Result<Vec<u8>, RegistryError> {
             let key = self.key(&["versions", version, f]);
-            let bytes = self.store.get_reporting(&key, &advance).map_err(|e| {
+            self.store.get_reporting(&key, &advance).map_err(|e| {
                 if e.is_not_found() && f == MANIFEST_FILE {
                     RegistryError::NoVersion {
                         name: self.name.clone(),
@@ -512,8 +514,19 @@ impl Registry {
                 } else {
                     e.into()
                 }
-            })?;
-            std::fs::write(dest.join(f), bytes).map_err(local)?;
+            })
+        };
+        let manifest = get(MANIFEST_FILE)?;
+        std::fs::write(dest.join(MANIFEST_FILE), &manifest).map_err(local)?;
+        let listed: Vec<String> = serde_json::from_slice::<crate::model::Manifest>(&manifest)
+            .map(|m| m.files.into_keys().collect())
+            .unwrap_or_else(|_| vec![HEAD_FILE.into(), BACKBONE_FILE.into()]);
+        for f in &listed {
+            // Bundle::load refuses such names too; never write outside `dest`.
+            if f.contains('/') || f.contains("..") || f == MANIFEST_FILE {
+                continue;
+            }
+            std::fs::write(dest.join(f), get(f)?).map_err(local)?;
         }
         Ok(Bundle::load(dest)?)
     }

@@ -92,6 +92,8 @@ pub struct Graded {
     /// P(CIN2+) (4- and 3-class models) and its triage (bundles with a refer band).
     pub p_cin2_plus: Option<f32>,
     pub triage: Option<Triage>,
+    /// The prepared image's quality with the out-of-distribution score added.
+    pub quality: ImageQuality,
     /// Un-clipped Grad-CAM maps in logit units at feature resolution.
     pub maps: ClassMaps,
     pub timings: StageTimings,
@@ -209,13 +211,20 @@ impl Model {
             .zip(batch)
             .map(|(f, p)| {
                 let t = Instant::now();
-                let logits = head.logits(&f.global_average_pool());
+                let pooled = f.global_average_pool();
+                let logits = head.logits(&pooled);
+                let quality = match (&self.bundle.ood, &m.ood) {
+                    (Some(model), Some(spec)) => {
+                        p.quality.clone().with_ood(model.distance(&pooled), spec)
+                    }
+                    _ => p.quality.clone(),
+                };
                 let probabilities = m.probabilities(&logits);
                 let predicted = argmax(&probabilities);
                 let p_cin2_plus = m.p_cin2_plus(&probabilities);
                 // An image that failed quality control is referred whatever its P(CIN2+).
                 let triage = p_cin2_plus.and_then(|q| m.triage(q)).map(|t| {
-                    if p.quality.passed() {
+                    if quality.passed() {
                         t
                     } else {
                         Triage::Refer
@@ -228,6 +237,7 @@ impl Model {
                     predicted,
                     p_cin2_plus,
                     triage,
+                    quality,
                     maps,
                     timings: StageTimings {
                         infer_wait_ms: wait_ms,

@@ -14,7 +14,10 @@
 //!
 //! Each measurement has a threshold ([`QualityThresholds`], the bundle's
 //! `quality` section or the defaults), and the original's size and aspect ratio
-//! are checked against what a scanner produces. A failed check is a flag with
+//! are checked against what a scanner produces. After the backbone, bundles
+//! trained by `cinflow train` add an out-of-distribution score of the pooled
+//! features ([`crate::model::ood`]), flagged `ood` above its threshold. A
+//! failed check is a flag with
 //! its reason; a flagged image is triaged `refer` and left out of the slide
 //! grade ([`crate::result::slide_grade`]). tests/quality.rs checks the
 //! measurements against OpenCV.
@@ -43,7 +46,7 @@ pub struct Measurements {
 /// One failed check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QcFlag {
-    /// `focus`, `tissue`, `overexposed`, `underexposed`, `size` or `aspect`.
+    /// `focus`, `tissue`, `overexposed`, `underexposed`, `size`, `aspect` or `ood`.
     pub check: String,
     /// What was measured against what was expected, in words.
     pub reason: String,
@@ -54,12 +57,32 @@ pub struct QcFlag {
 pub struct ImageQuality {
     #[serde(flatten)]
     pub measurements: Measurements,
+    /// Mahalanobis distance of the pooled features from the training images'
+    /// (bundles with an OOD model; see [`crate::model::ood`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood_distance: Option<f64>,
     pub flags: Vec<QcFlag>,
 }
 
 impl ImageQuality {
     pub fn passed(&self) -> bool {
         self.flags.is_empty()
+    }
+
+    /// Adds the out-of-distribution score of the pooled features, flagged
+    /// when it is above the bundle's threshold.
+    pub fn with_ood(mut self, distance: f64, spec: &crate::model::OodSpec) -> ImageQuality {
+        self.ood_distance = Some(distance);
+        if distance > spec.threshold {
+            self.flags.push(QcFlag {
+                check: "ood".into(),
+                reason: format!(
+                    "unlike the images the model was trained on: distance {distance:.1} above {:.1} (the {}th percentile of its {} images)",
+                    spec.threshold, spec.percentile, spec.threshold_from
+                ),
+            });
+        }
+        self
     }
 
     /// The failed checks in one line ("focus 3.1 below 20; ...").
@@ -270,6 +293,7 @@ pub fn check(
     ImageQuality {
         flags: thresholds.flags(&measurements, original.dimensions()),
         measurements,
+        ood_distance: None,
     }
 }
 

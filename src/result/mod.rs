@@ -169,7 +169,7 @@ impl ImageResult {
             logits: Some(graded.logits.clone()),
             p_cin2_plus: graded.p_cin2_plus,
             triage: graded.triage,
-            quality: Some(prepared.quality.clone()),
+            quality: Some(graded.quality.clone()),
             heatmaps,
             preprocessed_image: None,
             raw_map: Some(raw_map),
@@ -537,6 +537,34 @@ mod tests {
             why.starts_with("1 of 4 images could not be graded"),
             "{why}"
         );
+        // A passing image decides over a flagged one with more P(CIN2+); when
+        // every graded image is flagged, they decide but the slide is referred.
+        let mut blurred = graded("z", "CIN3", 0.95);
+        blurred.quality = Some(ImageQuality {
+            measurements: crate::quality::Measurements {
+                focus: 1.0,
+                tissue_fraction: 0.9,
+                overexposed_fraction: 0.0,
+                underexposed_fraction: 0.0,
+            },
+            ood_distance: None,
+            flags: vec![crate::quality::QcFlag {
+                check: "focus".into(),
+                reason: "out of focus".into(),
+            }],
+        });
+        let low = graded("y", "Non-neoplasm", 0.05);
+        let g = slide_grade(&m, &[blurred.clone(), low]).unwrap();
+        assert_eq!((g.image_uri.as_str(), g.triage), ("y", Some(Triage::Refer)));
+        let why = g.triage_reason.unwrap();
+        assert!(
+            why.starts_with("1 of 2 images failed quality control"),
+            "{why}"
+        );
+        let g = slide_grade(&m, &[blurred]).unwrap();
+        assert_eq!((g.image_uri.as_str(), g.triage), ("z", Some(Triage::Refer)));
+        let why = g.triage_reason.unwrap();
+        assert!(why.starts_with("no image passed quality control"), "{why}");
         assert!(slide_grade(&m, &imgs[2..3]).is_none());
         // A failed image does not hide a CIN2+ likely slide...
         let likely = [graded("x", "CIN3", 0.9), imgs[2].clone()];

@@ -12,6 +12,8 @@ mod head;
 mod hyper;
 mod labels;
 #[cfg(feature = "train")]
+mod ood;
+#[cfg(feature = "train")]
 mod report_files;
 #[cfg(feature = "train")]
 mod run;

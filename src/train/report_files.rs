@@ -43,6 +43,8 @@ pub(super) struct ReportInput<'a> {
     /// Per validation image: row, true class, calibrated probabilities (what
     /// the refer band was chosen on).
     pub validation: Vec<(&'a LabelRow, usize, &'a [f64])>,
+    /// Out-of-distribution distance of each test image (empty without an OOD model).
+    pub ood_distances: Vec<f64>,
     /// Per test image: row, true class, probabilities of one view and of the 8-view mean.
     pub predictions: Vec<(&'a LabelRow, usize, &'a [f64], &'a [f64])>,
     pub decision: Option<&'a Decision>,
@@ -198,8 +200,18 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "tta_mean_of_8_views": r.eval_tta,
         },
         "refer_band": r.refer_band,
+        "ood": m.ood.as_ref().map(|spec| serde_json::json!({
+            "threshold": spec.threshold,
+            "percentile": spec.percentile,
+            "fitted_on": spec.fitted_on,
+            "training_images": spec.images,
+            "threshold_from": spec.threshold_from,
+            "shrinkage": spec.shrinkage,
+            "test_images": r.ood_distances.len(),
+            "test_flagged": r.ood_distances.iter().filter(|d| **d > spec.threshold).count(),
+        })),
         "levels": r.levels,
-        "predictions": r.predictions.iter().map(|(row, truth, p, ptta)| {
+        "predictions": r.predictions.iter().enumerate().map(|(k, (row, truth, p, ptta))| {
             let rows = cin2_plus_rows(&m.classes);
             let p_cin2 = (!rows.is_empty()).then(|| rows.iter().map(|&i| p[i]).sum::<f64>());
             serde_json::json!({
@@ -211,6 +223,7 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
                 "probabilities_tta": ptta,
                 "p_cin2_plus": p_cin2,
                 "triage": p_cin2.and_then(|q| r.refer_band.map(|b| b.triage(q))),
+                "ood_distance": r.ood_distances.get(k),
             })
         }).collect::<Vec<_>>(),
         "validation_predictions": r.validation.iter().map(|(row, truth, p)| serde_json::json!({

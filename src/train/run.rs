@@ -265,6 +265,25 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         None => {}
     }
 
+    // The out-of-distribution model: training features, validation threshold.
+    let fitted_ood = super::ood::fit_ood(
+        &of(Split::Train)
+            .map(|i| i.features.views[0].as_slice())
+            .collect::<Vec<_>>(),
+        &val.iter()
+            .map(|i| i.features.views[0].as_slice())
+            .collect::<Vec<_>>(),
+    );
+    if let Some((_, spec)) = &fitted_ood {
+        tracing::info!(
+            threshold = spec.threshold,
+            shrinkage = spec.shrinkage,
+            "out-of-distribution score fitted on {} training images, threshold the {}th percentile of validation",
+            spec.images,
+            spec.percentile
+        );
+    }
+
     // Evaluation on the locked test split (calibrated probabilities): one
     // view, and the mean over 8 views; calibration before and after.
     let test: Vec<&Item> = of(Split::Test).collect();
@@ -337,6 +356,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     manifest.classes = classes.clone();
     manifest.calibration = Some(calibrated);
     manifest.refer_band = refer_band.clone();
+    manifest.ood = fitted_ood.as_ref().map(|(_, spec)| spec.clone());
     manifest.parent_version = current
         .as_ref()
         .map(|c| c.0.manifest.version.clone())
@@ -381,9 +401,12 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     let staging = o.out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
     let mut staged = RemoveOnDrop(Some(staging.clone()));
-    model
-        .bundle
-        .write_version(&staging, manifest, &trained.head)?;
+    model.bundle.write_version(
+        &staging,
+        manifest,
+        &trained.head,
+        fitted_ood.as_ref().map(|(model, _)| model),
+    )?;
 
     // Promotion compares the new model with the current one and the anchor on
     // the validation split (the locked test split is only reported).
@@ -470,6 +493,14 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         calibration: &reliability,
         refer_band: refer_band.as_ref(),
         levels: &by_level,
+        ood_distances: fitted_ood
+            .as_ref()
+            .map(|(model, _)| {
+                test.iter()
+                    .map(|i| model.distance(&i.features.views[0]))
+                    .collect()
+            })
+            .unwrap_or_default(),
         validation: val
             .iter()
             .zip(&val_probabilities)
@@ -850,6 +881,7 @@ fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDi
         calibration: None,
         refer_band: None,
         quality: None,
+        ood: None,
     };
     std::fs::write(
         dir.join(crate::model::MANIFEST_FILE),

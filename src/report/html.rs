@@ -285,6 +285,22 @@ fn write_triage(h: &mut String, r: &Value) {
             pct(&b["rule_in"]["specificity"]),
         );
     }
+    let o = &r["ood"];
+    if !o.is_null() {
+        let _ = write!(
+            h,
+            "<h3>Out-of-distribution flag</h3><p>Served images whose pooled features lie farther from the {} \
+training images' than a Mahalanobis distance of {} (the {}th percentile of the {} split's distances; Ledoit-Wolf \
+shrinkage {}) are flagged as unlike the training data and referred. On the locked test split {} of {} images are beyond it.</p>",
+            text(&o["training_images"]),
+            text(&o["threshold"]),
+            text(&o["percentile"]),
+            text(&o["threshold_from"]),
+            text(&o["shrinkage"]),
+            text(&o["test_flagged"]),
+            text(&o["test_images"]),
+        );
+    }
     let l = &r["levels"];
     let Some(levels) = l["levels"].as_array() else {
         return;

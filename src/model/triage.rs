@@ -35,6 +35,25 @@ pub fn cin2_plus_rows(classes: &[String]) -> Vec<usize> {
         .collect()
 }
 
+/// P(CIN2+) of each image's probabilities and whether its label is CIN2+;
+/// None when the classes do not separate CIN2+ (2 classes).
+pub fn cin2_plus_scores(
+    classes: &[String],
+    probabilities: &[Vec<f64>],
+    labels: &[usize],
+) -> Option<(Vec<f64>, Vec<bool>)> {
+    let rows = cin2_plus_rows(classes);
+    if rows.is_empty() {
+        return None;
+    }
+    let scores = probabilities
+        .iter()
+        .map(|p| rows.iter().map(|&i| p[i]).sum())
+        .collect();
+    let positive = labels.iter().map(|c| rows.contains(c)).collect();
+    Some((scores, positive))
+}
+
 /// What one image or slide is triaged as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Triage {

@@ -317,19 +317,18 @@ fn quadratic_kappa(units: &[Unit], k: usize) -> Option<f64> {
     quadratic_kappa_of(&truth, &predicted, k)
 }
 
-/// NumPy's `percentile(values, [2.5, 97.5])` (linear interpolation); None
-/// without values.
-fn percentile_interval(mut v: Vec<f64>) -> Option<[f64; 2]> {
-    if v.is_empty() {
-        return None;
-    }
+/// NumPy's `percentile(values, q)` (linear interpolation) of non-empty `v`.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        let pos = q * (v.len() - 1) as f64;
-        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-        v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
-    };
-    Some([at(0.025), at(0.975)])
+    let pos = q / 100.0 * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+/// NumPy's `percentile(values, [2.5, 97.5])`; None without values.
+fn percentile_interval(v: Vec<f64>) -> Option<[f64; 2]> {
+    (!v.is_empty()).then(|| [percentile(&v, 2.5), percentile(&v, 97.5)])
 }
 
 #[cfg(test)]

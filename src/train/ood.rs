@@ -8,6 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::model::{OodModel, OodSpec};
+use crate::report::levels::percentile;
 
 /// Percentile of the validation distances used as the threshold.
 pub const OOD_PERCENTILE: f64 = 99.0;
@@ -64,7 +65,7 @@ pub fn fit_ood(train: &[&[f32]], validation: &[&[f32]]) -> Option<(OodModel, Ood
     }
     let distances: Vec<f64> = validation.iter().map(|v| model.distance(v)).collect();
     let spec = OodSpec {
-        threshold: percentile(distances, OOD_PERCENTILE),
+        threshold: percentile(&distances, OOD_PERCENTILE),
         percentile: OOD_PERCENTILE,
         fitted_on: "train".into(),
         images: train.len(),
@@ -72,14 +73,6 @@ pub fn fit_ood(train: &[&[f32]], validation: &[&[f32]]) -> Option<(OodModel, Ood
         shrinkage,
     };
     Some((model, spec))
-}
-
-/// NumPy's `percentile(values, q)` (linear interpolation).
-pub fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let pos = q / 100.0 * (v.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
 #[cfg(test)]
@@ -105,6 +98,6 @@ mod tests {
         let wide = model.distance(&[centre[0], centre[1] + 1.0]);
         assert!(tight > 5.0 * wide, "{tight} vs {wide}");
         assert!(model.distance(&[centre[0] + 3.0, centre[1]]) > spec.threshold);
-        assert_eq!(percentile(vec![3.0, 1.0, 2.0, 4.0], 50.0), 2.5);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 50.0), 2.5);
     }
 }

@@ -12,7 +12,7 @@ use super::split::{Split, SplitPlan};
 use super::views::VIEW_NAMES;
 use super::TrainError;
 use crate::cam::{overlay, upsample_bilinear};
-use crate::model::triage::cin2_plus_rows;
+use crate::model::triage::cin2_plus_scores;
 use crate::model::{Decision, ReferBand};
 use crate::pipeline::Model;
 use crate::report::levels::Levels;
@@ -212,8 +212,8 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
         })),
         "levels": r.levels,
         "predictions": r.predictions.iter().enumerate().map(|(k, (row, truth, p, ptta))| {
-            let rows = cin2_plus_rows(&m.classes);
-            let p_cin2 = (!rows.is_empty()).then(|| rows.iter().map(|&i| p[i]).sum::<f64>());
+            let p_cin2 = cin2_plus_scores(&m.classes, &[p.to_vec()], &[])
+                .map(|(scores, _)| scores[0]);
             serde_json::json!({
                 "image": row.path.display().to_string(),
                 "patient_id": row.patient_id,

@@ -11,7 +11,7 @@ use super::head::{train_head, HeadData};
 use super::labels::{read_labels, LabelRow};
 use super::split::{self, Split, SplitFractions, SplitPlan};
 use super::{TrainError, TrainOptions};
-use crate::model::triage::cin2_plus_rows;
+use crate::model::triage::{cin2_plus_rows, cin2_plus_scores};
 use crate::model::{
     Bundle, Calibration, ClassScheme, Compared, Decision, Head, Manifest, PromotionFigures,
     ReferBand, Registry, Task, BACKBONE_FILE,
@@ -598,15 +598,8 @@ fn fit_refer_band(
     labels: &[usize],
     hyper: &super::HyperParams,
 ) -> Option<ReferBand> {
+    let (scores, positive) = cin2_plus_scores(classes, probabilities, labels)?;
     let rows = cin2_plus_rows(classes);
-    if rows.is_empty() {
-        return None;
-    }
-    let scores: Vec<f64> = probabilities
-        .iter()
-        .map(|p| rows.iter().map(|&i| p[i]).sum())
-        .collect();
-    let positive: Vec<bool> = labels.iter().map(|c| rows.contains(c)).collect();
     operating::fit_refer_band(
         &scores,
         &positive,
@@ -649,15 +642,11 @@ fn figures_of(
     probabilities: &[Vec<f64>],
     band: Option<&ReferBand>,
 ) -> PromotionFigures {
-    let rows = cin2_plus_rows(classes);
-    let cin2_sensitivity = band.filter(|_| !rows.is_empty()).map(|b| {
-        let scores: Vec<f64> = probabilities
-            .iter()
-            .map(|p| rows.iter().map(|&i| p[i]).sum())
-            .collect();
-        let positive: Vec<bool> = truth.iter().map(|c| rows.contains(c)).collect();
-        operating::sensitivity_specificity(&scores, &positive, b.rule_out.threshold).0
-    });
+    let cin2_sensitivity = band
+        .zip(cin2_plus_scores(classes, probabilities, truth))
+        .map(|(b, (scores, positive))| {
+            operating::sensitivity_specificity(&scores, &positive, b.rule_out.threshold).0
+        });
     PromotionFigures {
         macro_auc: report::evaluate(classes, truth, probabilities).macro_auc,
         cin2_sensitivity,

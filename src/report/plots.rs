@@ -81,18 +81,8 @@ pub fn roc_curves(eval: &Evaluation, title: &str, path: &Path) -> Result<(), Plo
     render(path, white(w, h), |root| {
         let macro_auc = eval.macro_auc.map_or("n/a".into(), |a| format!("{a:.3}"));
         let caption = format!("{title} (macro AUC {macro_auc})");
-        let caption = fit(&caption, TITLE - 2.0, true, w as i32 - 40);
-        let mut chart = ChartBuilder::on(root)
-            .caption(caption, font(TITLE - 2.0, true))
-            .margin(20)
-            .x_label_area_size(60)
-            .y_label_area_size(76)
-            // A little past [0, 1] so curves along the edges are not hidden by the axes.
-            .build_cartesian_2d(-0.01..1.01, -0.01..1.01)?;
         let axes = ["False positive rate", "True positive rate"];
-        mesh(&mut chart, axes, [1, 1])?;
-        let diagonal = [(0.0, 0.0), (1.0, 1.0)];
-        chart.draw_series(DashedLineSeries::new(diagonal, 10, 6, GREY.stroke_width(2)))?;
+        let mut chart = unit_square(root, &caption, w, axes)?;
         for (i, roc) in eval.roc.iter().enumerate() {
             let points = roc.fpr.iter().zip(&roc.tpr).map(|(&x, &y)| (x, y));
             let points = points.filter(|(x, y)| x.is_finite() && y.is_finite());
@@ -128,17 +118,8 @@ pub fn reliability_diagram(
     let (w, h) = ROC_SIZE;
     render(path, white(w, h), |root| {
         let caption = format!("Calibration, locked test split (T = {temperature:.2})");
-        let caption = fit(&caption, TITLE - 2.0, true, w as i32 - 40);
-        let mut chart = ChartBuilder::on(root)
-            .caption(caption, font(TITLE - 2.0, true))
-            .margin(20)
-            .x_label_area_size(60)
-            .y_label_area_size(76)
-            .build_cartesian_2d(-0.01..1.01, -0.01..1.01)?;
         let axes = ["Highest probability (bin mean)", "Share right"];
-        mesh(&mut chart, axes, [1, 1])?;
-        let diagonal = [(0.0, 0.0), (1.0, 1.0)];
-        chart.draw_series(DashedLineSeries::new(diagonal, 10, 6, GREY.stroke_width(2)))?;
+        let mut chart = unit_square(root, &caption, w, axes)?;
         for (i, (r, name)) in [(before, "uncalibrated"), (after, "temperature-scaled")]
             .into_iter()
             .enumerate()
@@ -386,6 +367,28 @@ fn mesh(chart: &mut Chart, [x_desc, y_desc]: [&str; 2], [x_dp, y_dp]: [usize; 2]
         .y_label_formatter(&|v| format!("{v:.y_dp$}"))
         .draw()?;
     Ok(())
+}
+
+/// A chart of [0, 1] x [0, 1] (a little past, so curves along the edges are
+/// not hidden by the axes) with its caption fitted to `width`, the mesh and
+/// the dashed diagonal: the frame of the ROC and reliability plots.
+fn unit_square<'a, 'b>(
+    root: &'a Root<'b>,
+    caption: &str,
+    width: u32,
+    axes: [&str; 2],
+) -> Result<Chart<'a, 'b>, Box<dyn Error>> {
+    let caption = fit(caption, TITLE - 2.0, true, width as i32 - 40);
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, font(TITLE - 2.0, true))
+        .margin(20)
+        .x_label_area_size(60)
+        .y_label_area_size(76)
+        .build_cartesian_2d(-0.01..1.01, -0.01..1.01)?;
+    mesh(&mut chart, axes, [1, 1])?;
+    let diagonal = [(0.0, 0.0), (1.0, 1.0)];
+    chart.draw_series(DashedLineSeries::new(diagonal, 10, 6, GREY.stroke_width(2)))?;
+    Ok(chart)
 }
 
 fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Drawn {

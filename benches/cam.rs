@@ -50,6 +50,7 @@ fn bench(c: &mut Criterion) {
     // The legend band burned into every pre-drawn overlay (text and colour bar).
     let legend = Legend {
         class: "CIN2",
+        map: cinflow::cam::MapKind::GradCam,
         scale: 3.25,
         p_cin2_plus: Some(0.87),
         triage: Some(Triage::Likely),

@@ -205,7 +205,7 @@ fn main() -> anyhow::Result<()> {
                 p,
                 g,
                 model.manifest(),
-                cinflow::pipeline::Overlays::Predicted,
+                cinflow::pipeline::Drawing::default(),
             ));
         }
         let render_ms = t.elapsed().as_secs_f64() * 1e3 / sample.len() as f64;

@@ -47,6 +47,18 @@ if ! command -v openssl >/dev/null 2>&1; then
   fi
 fi
 
+# Headless Chromium and its WebDriver: tests/viewer.rs opens the result viewer
+# page in a real browser (tools/test_viewer.py).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium and chromium-driver (apt-get; about 100 MB)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+      || log "could not install chromium: tests/viewer.rs will fail"
+  else
+    log "chromium/chromedriver not found: tests/viewer.rs needs them (apt-get install chromium chromium-driver)"
+  fi
+fi
+
 # --- Python virtual environment -------------------------------------------
 req="tools/requirements.txt"
 key="$(cat "$req" | sha256sum | cut -c1-16)"

@@ -30,4 +30,5 @@ pub mod retry;
 pub mod storage;
 pub mod synth;
 pub mod train;
+pub mod viewer;
 pub mod worker;

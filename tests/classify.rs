@@ -235,7 +235,7 @@ fn batching_changes_no_grade_and_default_artifacts_are_cheap() {
     let mut batched = args(&bundle, &out, inputs);
     batched.grader.max_batch = 6;
     batched.grader.batch_wait = std::time::Duration::from_millis(500);
-    batched.overlays = Overlays::default();
+    batched.drawing.overlays = Overlays::default();
     let batched = classify(&batched).unwrap();
     assert_eq!((alone.graded, batched.graded), (6, 6));
     let biggest = batched

@@ -491,6 +491,132 @@ fn head_training_matches_scikit_learn_logistic_regression() {
     );
     refer_band_and_levels_match_scikit_learn(&out, &r);
     ood_matches_scikit_learn_and_flags_a_photo(&out, &r, &cache, tmp.path());
+    review_matches_numpy(&out, &r, tmp.path());
+}
+
+/// The validation review stored in the bundle is NumPy's on the same images:
+/// the quality percentiles and flag counts of report/validation_review.csv
+/// (1e-9), the overlay scales as the 99th percentile of the maps that
+/// `cinflow classify` serves for those images (1e-5 relative: float32 maps;
+/// the contrastive maps are centred in float64 by both), each image's largest
+/// map value (1e-6 relative), and the flags the served records carry equal the
+/// review's. The model card is written and states the scale and the limits.
+fn review_matches_numpy(out: &cinflow::train::TrainOutcome, r: &serde_json::Value, tmp: &Path) {
+    let manifest = cinflow::model::Bundle::load(&out.bundle).unwrap().manifest;
+    let scale = manifest.cam_scale.clone().expect("an overlay scale");
+    let review = manifest.quality_review.clone().expect("a quality review");
+    let csv_path = out.report_dir.join("validation_review.csv");
+    let paths: Vec<PathBuf> = csv::Reader::from_path(&csv_path)
+        .unwrap()
+        .records()
+        .map(|rec| PathBuf::from(&rec.unwrap()[0]))
+        .collect();
+    assert_eq!(paths.len(), review.images);
+    assert_eq!(scale.images, review.images);
+    let graded_dir = tmp.join("review-graded");
+    let graded = cinflow::local::classify(&common::classify_options(
+        &out.bundle,
+        &graded_dir,
+        paths.clone(),
+    ))
+    .unwrap();
+    assert_eq!(graded.failed, 0);
+    let reference: serde_json::Value = serde_json::from_str(&common::run_python(
+        "tools/reference_review.py",
+        &[out.bundle.to_str().unwrap(), graded_dir.to_str().unwrap()],
+    ))
+    .unwrap();
+    let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-12);
+    for (name, ours) in [
+        ("focus", &review.focus),
+        ("tissue_fraction", &review.tissue_fraction),
+        ("overexposed_fraction", &review.overexposed_fraction),
+        ("underexposed_fraction", &review.underexposed_fraction),
+    ] {
+        let theirs: Vec<f64> =
+            serde_json::from_value(reference["percentiles"][name].clone()).unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(
+                (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                "{name}: {a} vs NumPy {b}"
+            );
+        }
+    }
+    let flagged: std::collections::BTreeMap<String, usize> =
+        serde_json::from_value(reference["flagged"].clone()).unwrap();
+    assert_eq!(review.flagged, flagged);
+    assert_eq!(
+        review.flagged_images as u64,
+        reference["flagged_images"].as_u64().unwrap()
+    );
+    let (g, c) = (
+        reference["grad_cam"].as_f64().unwrap(),
+        reference["contrastive"].as_f64().unwrap(),
+    );
+    assert!(
+        close(f64::from(scale.grad_cam), g, 1e-5),
+        "Grad-CAM scale {} vs NumPy {g}",
+        scale.grad_cam
+    );
+    assert!(
+        close(f64::from(scale.contrastive), c, 1e-5),
+        "contrastive scale {} vs NumPy {c}",
+        scale.contrastive
+    );
+    eprintln!(
+        "overlay scale {:.4} (NumPy {g:.4}), contrastive {:.4} ({c:.4}); {} of {} validation images flagged",
+        scale.grad_cam, scale.contrastive, review.flagged_images, review.images
+    );
+    let csv_rows: Vec<csv::StringRecord> = csv::Reader::from_path(&csv_path)
+        .unwrap()
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    for (k, row) in csv_rows.iter().enumerate() {
+        let ours: f64 = row[7].parse().unwrap();
+        let theirs = reference["map_max"][k].as_f64().unwrap();
+        assert!(
+            close(ours, theirs, 1e-6),
+            "{}: map max {ours} vs {theirs}",
+            &row[0]
+        );
+        let mut flags: Vec<&str> = row[6].split(';').filter(|s| !s.is_empty()).collect();
+        flags.sort();
+        let served: Vec<String> =
+            serde_json::from_value(reference["served_flags"][k].clone()).unwrap();
+        assert_eq!(flags, served, "{}: review vs served flags", &row[0]);
+    }
+    // Served overlays use the version's scale.
+    for (_, rec) in &graded.results {
+        for h in &rec.heatmaps {
+            assert_eq!(h.scale, scale.grad_cam);
+            assert_eq!(h.scale_source, cinflow::cam::ScaleSource::Model);
+        }
+    }
+    // The model card: written, from the report's own figures.
+    let card = std::fs::read_to_string(out.report_dir.join("model-card.md")).unwrap();
+    assert!(card.starts_with(&format!(
+        "# Model card: {} {}",
+        manifest.name, manifest.version
+    )));
+    assert!(
+        card.contains(&format!("{:.3} (Grad-CAM)", scale.grad_cam)),
+        "{card}"
+    );
+    assert!(card.contains("**preliminary**"));
+    assert!(
+        card.contains(&format!(
+            "| focus (Laplacian variance) | at least {:.1} |",
+            review.thresholds.min_focus
+        )),
+        "{card}"
+    );
+    let html = std::fs::read_to_string(out.report_dir.join("report.html")).unwrap();
+    assert!(html.contains("id=\"model-card\""));
+    assert_eq!(
+        r["overlay_scale"]["grad_cam"].as_f64().unwrap() as f32,
+        scale.grad_cam
+    );
 }
 
 /// The out-of-distribution model is scikit-learn's LedoitWolf on the same

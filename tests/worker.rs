@@ -87,6 +87,35 @@ fn happy_path(classes: u32) {
         assert_eq!(g.image_uri, deciding.uri);
         assert_eq!(g.triage.is_some(), classes > 2, "{g:?}");
         check_against_local(&fx, &r);
+        // The viewer page beside the record embeds every image's stored
+        // preprocessed JPEG and raw maps, and the record's model.
+        let viewer = r.viewer_uri.as_ref().expect("a viewer page");
+        let key = viewer.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
+        assert!(key.ends_with("/viewer.html"), "{key}");
+        let page = String::from_utf8(
+            cinflow::storage::ObjectStore::get(&*fx.store, key)
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        let data = page.split("id=\"cinflow-data\">").nth(1).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(data.split("</script>").next().unwrap()).unwrap();
+        assert_eq!(data["record"]["job_id"], job);
+        assert_eq!(data["images"].as_array().unwrap().len(), n);
+        for (img, emb) in r.images.iter().zip(data["images"].as_array().unwrap()) {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let uri = img.preprocessed_image.as_ref().unwrap();
+            let key = uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
+            let jpeg = cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap();
+            assert_eq!(
+                b64.decode(emb["jpeg_base64"].as_str().unwrap()).unwrap(),
+                jpeg.to_vec()
+            );
+            let raw = img.raw_map.as_ref().unwrap();
+            assert_eq!(emb["shape"], serde_json::json!(raw.shape));
+        }
         assert_eq!(fx.result_objects(job).len(), result_set_objects(n));
     }
     // The schema file's example, as a minimal publisher sends it: no message_id,

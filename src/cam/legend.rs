@@ -13,8 +13,10 @@ use crate::model::{Triage, CIN2_PLUS};
 /// What the legend of one overlay says.
 #[derive(Debug, Clone, Copy)]
 pub struct Legend<'a> {
-    /// The class whose Grad-CAM the overlay shows.
+    /// The class whose map the overlay shows.
     pub class: &'a str,
+    /// Which map: the class's evidence or its evidence against the average.
+    pub map: super::MapKind,
     /// Map value (logit units) drawn as full red.
     pub scale: f32,
     pub p_cin2_plus: Option<f32>,
@@ -24,7 +26,10 @@ pub struct Legend<'a> {
 impl Legend<'_> {
     /// The legend's words, without the colour bar.
     pub fn text(&self) -> (String, Option<Triage>) {
-        let mut t = format!("{} evidence (Grad-CAM)", self.class);
+        let mut t = match self.map {
+            super::MapKind::GradCam => format!("{} evidence (Grad-CAM)", self.class),
+            super::MapKind::Contrastive => format!("{} vs the average (contrastive)", self.class),
+        };
         if let Some(p) = self.p_cin2_plus {
             t.push_str(&format!("  ·  P({CIN2_PLUS}) {p:.2}"));
         }
@@ -113,6 +118,7 @@ mod tests {
         let mut img = RgbImage::from_pixel(800, 600, image::Rgb([200, 200, 200]));
         let legend = Legend {
             class: "CIN2",
+            map: super::super::MapKind::GradCam,
             scale: 3.25,
             p_cin2_plus: Some(0.87),
             triage: Some(Triage::Likely),

@@ -8,6 +8,18 @@
 //! times `h*w`, the class activation map of Zhou et al.). Its un-clipped mean plus
 //! `b_c` is exactly the logit `z_c`, so a value reads as "this region's contribution
 //! to the logit", comparable across images and models. Overlays show `ReLU(M_c)`.
+//!
+//! **Class-contrastive maps.** `C_c = M_c - mean_j M_j = sum_k (W_ck - mean_j W_jk) A_k`:
+//! the head with its mean row subtracted, which leaves every softmax probability
+//! unchanged (softmax is invariant to adding one value to every logit). `C_c`
+//! shows where the evidence for class `c` exceeds the classes' average, so
+//! regions that raise every logit alike (tissue in general) drop out.
+//!
+//! **One scale per model version.** Overlays are drawn on the scale that
+//! training stored in the bundle ([`CamScale`]: a high percentile of the maps on
+//! the validation split), so a faint class looks faint next to the predicted
+//! one and two images compare. Bundles without it fall back to each map's own
+//! maximum, and the result record says which was used.
 
 mod colormap;
 pub mod legend;
@@ -16,8 +28,79 @@ mod render;
 pub use colormap::jet;
 pub use render::{jpeg_bytes, npy_f32, overlay, png_bytes, upsample_bilinear};
 
+use serde::{Deserialize, Serialize};
+
 use crate::infer::FeatureMap;
 use crate::model::{Head, Task};
+
+/// Which map an overlay shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapKind {
+    /// Grad-CAM: the class's evidence, `ReLU(M_c)`.
+    #[default]
+    GradCam,
+    /// Class-contrastive: the class's evidence against the classes' average, `ReLU(C_c)`.
+    Contrastive,
+}
+
+impl MapKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MapKind::GradCam => "grad-cam",
+            MapKind::Contrastive => "contrastive",
+        }
+    }
+}
+
+/// The overlay scale of one model version: the map value drawn as full red,
+/// fitted on the validation split when the head was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CamScale {
+    /// For Grad-CAM maps `M_c` (logit units).
+    pub grad_cam: f32,
+    /// For class-contrastive maps `C_c` (logit units).
+    pub contrastive: f32,
+    /// The percentile of every class's map values at feature resolution
+    /// (NumPy's linear interpolation) that each scale is.
+    pub percentile: f64,
+    /// The split it was fitted on (`validation`) and how many images.
+    pub fitted_on: String,
+    pub images: usize,
+}
+
+impl CamScale {
+    /// The scale for maps of `kind`.
+    pub fn of(&self, kind: MapKind) -> f32 {
+        match kind {
+            MapKind::GradCam => self.grad_cam,
+            MapKind::Contrastive => self.contrastive,
+        }
+    }
+}
+
+/// Where an overlay's full-red value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleSource {
+    /// The model version's [`CamScale`]: comparable across classes and images.
+    Model,
+    /// The map's own maximum (bundles without a stored scale).
+    MapMaximum,
+}
+
+/// The value drawn as full red in an overlay of the `kind` map `map` (at any
+/// resolution): the version's scale where the bundle has one, else the map's
+/// own maximum (0 when it has no positive part).
+pub fn overlay_scale(scale: Option<&CamScale>, kind: MapKind, map: &[f32]) -> (f32, ScaleSource) {
+    match scale {
+        Some(s) => (s.of(kind), ScaleSource::Model),
+        None => (
+            map.iter().cloned().fold(0f32, f32::max),
+            ScaleSource::MapMaximum,
+        ),
+    }
+}
 
 /// Un-clipped class maps at feature resolution, one per class, in logit units.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +117,32 @@ impl ClassMaps {
     pub fn map(&self, c: usize) -> &[f32] {
         let a = self.height * self.width;
         &self.data[c * a..(c + 1) * a]
+    }
+
+    /// The class-contrastive maps `C_c = M_c - mean_j M_j` (see the module docs).
+    /// For a binary head the two maps are `M` and `-M`, whose mean is zero, so
+    /// they are their own contrastive maps.
+    pub fn contrastive(&self) -> ClassMaps {
+        let area = self.height * self.width;
+        let mut data = self.data.clone();
+        for i in 0..area {
+            let mean = (0..self.classes)
+                .map(|c| f64::from(self.data[c * area + i]))
+                .sum::<f64>()
+                / self.classes as f64;
+            for c in 0..self.classes {
+                data[c * area + i] = (f64::from(self.data[c * area + i]) - mean) as f32;
+            }
+        }
+        ClassMaps { data, ..*self }
+    }
+
+    /// The maps of `kind`.
+    pub fn of_kind(&self, kind: MapKind) -> std::borrow::Cow<'_, ClassMaps> {
+        match kind {
+            MapKind::GradCam => std::borrow::Cow::Borrowed(self),
+            MapKind::Contrastive => std::borrow::Cow::Owned(self.contrastive()),
+        }
     }
 }
 
@@ -109,6 +218,28 @@ mod tests {
             let mean = m.iter().map(|v| f64::from(*v)).sum::<f64>() / m.len() as f64;
             assert!((mean + f64::from(head.bias[c]) - f64::from(*z)).abs() < 1e-4);
         }
+    }
+
+    #[test]
+    fn contrastive_maps_are_the_maps_of_the_mean_centred_head() {
+        let (f, head) = example(4, 7);
+        let mut centred = head.clone();
+        for k in 0..head.channels {
+            let mean = (0..head.rows)
+                .map(|r| head.weight[r * head.channels + k])
+                .sum::<f32>()
+                / head.rows as f32;
+            for r in 0..head.rows {
+                centred.weight[r * head.channels + k] -= mean;
+            }
+        }
+        let ours = class_maps(&f, &head, Task::Multiclass).contrastive();
+        let theirs = class_maps(&f, &centred, Task::Multiclass);
+        for (a, b) in ours.data.iter().zip(&theirs.data) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let binary = class_maps(&f, &example(1, 7).1, Task::Binary);
+        assert_eq!(binary.contrastive(), binary);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cam::MapKind;
 use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::local::{ClassifyOptions, ClassifyReport};
-use crate::pipeline::Overlays;
+use crate::pipeline::{Drawing, Overlays};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClassifyArgs {
@@ -31,6 +32,11 @@ pub struct ClassifyArgs {
     /// (the preprocessed image and raw maps are always written).
     #[arg(long, value_enum, default_value_t = Overlays::Predicted)]
     pub overlays: Overlays,
+    /// The map the pre-drawn overlays show: Grad-CAM (the class's evidence) or
+    /// contrastive (its evidence against the classes' average). The viewer
+    /// page draws either for any class.
+    #[arg(long, value_enum, default_value_t = MapKind::GradCam)]
+    pub heatmap: MapKind,
     /// Images being read, prepared, graded or written at once (0: twice the batch plus the cores).
     #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
     pub images_in_flight: usize,
@@ -51,7 +57,10 @@ impl ClassifyArgs {
                 max_batch: self.max_batch.max(1),
                 batch_wait: Duration::from_millis(self.batch_wait_ms),
             },
-            overlays: self.overlays,
+            drawing: Drawing {
+                overlays: self.overlays,
+                map: self.heatmap,
+            },
             in_flight: self.images_in_flight,
             inputs: self.inputs.clone(),
         }

@@ -8,8 +8,9 @@
 //!
 //! Outputs, per input image with key `K` (the file stem, made unique):
 //! `K.json` (a `cinflow.result/v2` record), `K/preprocessed.jpg`, `K/cam.npy`,
-//! `K/heatmap-<class>.jpg` (see [`crate::pipeline::artifacts`]), and one
-//! `summary.csv` for the run.
+//! `K/heatmap-<class>.jpg` (see [`crate::pipeline::artifacts`]), `K.html` (the
+//! result viewer, [`crate::viewer`]), and for the run `summary.csv` and
+//! `index.html` (every image with its grade and triage, linking its viewer).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use tokio::sync::Semaphore;
 use super::inputs::{expand, file_uri, output_key};
 use crate::engine::{on_cpu, Grader, GraderConfig};
 use crate::infer::InferConfig;
-use crate::pipeline::{render, Model, ModelError, Overlays, Prepared};
+use crate::pipeline::{render, Drawing, Model, ModelError, Prepared};
 use crate::result::{ImageResult, ImageStatus, ResultRecord};
 
 /// What to grade and how.
@@ -33,7 +34,7 @@ pub struct ClassifyOptions {
     pub out: PathBuf,
     pub infer: InferConfig,
     pub grader: GraderConfig,
-    pub overlays: Overlays,
+    pub drawing: Drawing,
     /// Images between read and write at once (0: twice the batch plus the cores).
     pub in_flight: usize,
     /// Image files and folders (searched recursively).
@@ -104,6 +105,13 @@ pub fn classify(o: &ClassifyOptions) -> Result<ClassifyReport, ClassifyError> {
         path: summary.display().to_string(),
         source: std::io::Error::other(e),
     })?;
+    let index = o.out.join("index.html");
+    std::fs::write(&index, index_page(&m.name, &m.version, &results)).map_err(|source| {
+        ClassifyError::Write {
+            path: index.display().to_string(),
+            source,
+        }
+    })?;
     let failed = results
         .iter()
         .filter(|(_, r)| r.status == ImageStatus::Error)
@@ -130,9 +138,9 @@ async fn grade_all(
     let n = keyed.len();
     for (i, (key, path)) in keyed.into_iter().enumerate() {
         let permit = room.clone().acquire_owned().await.expect("never closed");
-        let (grader, out, overlays, bar) = (grader.clone(), o.out.clone(), o.overlays, bar.clone());
+        let (grader, out, drawing, bar) = (grader.clone(), o.out.clone(), o.drawing, bar.clone());
         tasks.spawn(async move {
-            let r = one_image(&grader, &out, overlays, &key, &path).await;
+            let r = one_image(&grader, &out, drawing, &key, &path).await;
             drop(permit);
             bar.inc(1);
             (i, r.map(|r| (key, r)))
@@ -154,7 +162,7 @@ async fn grade_all(
 async fn one_image(
     grader: &Grader,
     out: &Path,
-    overlays: Overlays,
+    drawing: Drawing,
     key: &str,
     path: &Path,
 ) -> Result<ImageResult, ClassifyError> {
@@ -162,7 +170,7 @@ async fn one_image(
     let uri = file_uri(path);
     let failed = |sha: Option<String>, e: String| {
         tracing::warn!(image = %path.display(), error = %e, "image not graded");
-        ImageResult::failed(uri.clone(), sha, e)
+        (ImageResult::failed(uri.clone(), sha, e), None)
     };
     let t = Instant::now();
     let read = {
@@ -171,7 +179,7 @@ async fn one_image(
             .await
             .expect("read task")
     };
-    let result = match read {
+    let (result, viewer) = match read {
         Err(e) => failed(None, format!("cannot read file: {e}")),
         Ok(bytes) => {
             let read_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -183,9 +191,7 @@ async fn one_image(
                     let p = Arc::new(p);
                     match grader.grade(p.clone(), 0).await {
                         Err(e) => failed(Some(p.sha256.clone()), e.to_string()),
-                        Ok(g) => {
-                            write_graded(&model, out, overlays, key, uri.clone(), p, g).await?
-                        }
+                        Ok(g) => write_graded(&model, out, drawing, key, uri.clone(), p, g).await?,
                     }
                 }
             }
@@ -201,23 +207,30 @@ async fn one_image(
     let json = serde_json::to_vec_pretty(&record).expect("result serialises");
     let file = out.join(format!("{key}.json"));
     write_file(file, json.into()).await?;
+    let page = crate::viewer::page(&record, &[viewer], model.manifest().cam_scale.as_ref());
+    write_file(out.join(viewer_name(key)), page.into()).await?;
     Ok(result)
+}
+
+/// The viewer page of the image with key `key`, beside its `K.json`.
+pub fn viewer_name(key: &str) -> String {
+    format!("{key}.html")
 }
 
 async fn write_graded(
     model: &Arc<Model>,
     out: &Path,
-    overlays: Overlays,
+    drawing: Drawing,
     key: &str,
     uri: String,
     prepared: Arc<Prepared>,
     mut graded: crate::pipeline::Graded,
-) -> Result<ImageResult, ClassifyError> {
+) -> Result<(ImageResult, Option<crate::viewer::ViewerImage>), ClassifyError> {
     let (rendered, render_ms) = {
         let (m, p, g) = (model.clone(), prepared.clone(), graded.clone());
         on_cpu(move || {
             let t = Instant::now();
-            let r = render(&p, &g, m.manifest(), overlays);
+            let r = render(&p, &g, m.manifest(), drawing);
             (r, t.elapsed().as_secs_f64() * 1e3)
         })
         .await
@@ -229,11 +242,13 @@ async fn write_graded(
         write_file(dir.join(&a.name), a.bytes.clone()).await?;
     }
     graded.timings.upload_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok(
+    let viewer = rendered.viewer_image(&graded);
+    Ok((
         rendered.image_result(uri, &prepared, &graded, model.manifest(), |name| {
             format!("{key}/{name}")
         }),
-    )
+        Some(viewer),
+    ))
 }
 
 async fn write_file(path: PathBuf, bytes: bytes::Bytes) -> Result<(), ClassifyError> {
@@ -250,6 +265,40 @@ async fn write_file(path: PathBuf, bytes: bytes::Bytes) -> Result<(), ClassifyEr
         path: shown,
         source,
     })
+}
+
+/// `index.html`: one row per image (grade, P(CIN2+), triage, quality flags)
+/// linking its viewer page.
+fn index_page(model: &str, version: &str, results: &[(String, ImageResult)]) -> String {
+    use std::fmt::Write as _;
+    let esc = crate::report::html_escape;
+    let mut h = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cinflow results</title>\
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em}}\
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}\
+.prelim{{background:#fff4d6;border:1px solid #e8c766;padding:0.5em 1em;border-radius:6px}}</style></head><body>\
+<h1>cinflow results</h1><p class=\"prelim\"><b>Preliminary, for decision support:</b> for a pathologist to review, not a diagnosis.</p>\
+<p>Model {} version {}; {} images. Open an image to see its overlays for every class.</p>\
+<table><tr><th>image</th><th>grade</th><th>P(CIN2+)</th><th>triage</th><th>quality flags</th></tr>",
+        esc(model),
+        esc(version),
+        results.len()
+    );
+    for (key, r) in results {
+        let _ =
+            write!(
+            h,
+            "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&viewer_name(key)),
+            esc(key),
+            esc(r.predicted_class.as_deref().unwrap_or(r.error.as_deref().unwrap_or("not graded"))),
+            r.p_cin2_plus.map(|p| format!("{:.1}%", 100.0 * p)).unwrap_or_default(),
+            r.triage.map(|t| t.as_str()).unwrap_or_default(),
+            esc(&r.quality.as_ref().map(|q| q.summary()).unwrap_or_default()),
+        );
+    }
+    h.push_str("</table></body></html>\n");
+    h
 }
 
 fn write_summary(

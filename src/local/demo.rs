@@ -16,7 +16,7 @@ use super::{classify, ClassifyOptions};
 use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::model::Bundle;
-use crate::pipeline::Overlays;
+use crate::pipeline::Drawing;
 use crate::train::{read_labels, LabelRow};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -109,7 +109,7 @@ pub fn demo(a: &DemoArgs) -> anyhow::Result<crate::cli::Exit> {
         out: results.clone(),
         infer: a.infer.clone(),
         grader: GraderConfig::default(),
-        overlays: Overlays::Predicted,
+        drawing: Drawing::default(),
         in_flight: 0,
         inputs: held_out.iter().map(|r| r.path.clone()).collect(),
     })?;
@@ -140,8 +140,15 @@ pub fn demo(a: &DemoArgs) -> anyhow::Result<crate::cli::Exit> {
         "  results:         {} (per image a JSON and a folder with the preprocessed image, raw maps and the predicted class's heatmap; summary.csv)",
         results.display()
     );
+    println!(
+        "  viewer:          {} (open in a browser: every image, any class's heatmap)",
+        results.join("index.html").display()
+    );
     if let Some(report) = fitted.report {
         println!("  report:          {}", report.display());
+        if let Some(card) = report.parent().map(|d| d.join("model-card.md")) {
+            println!("  model card:      {}", card.display());
+        }
     }
     Ok(crate::cli::Exit::of_counts(report.total, report.failed))
 }

@@ -132,6 +132,14 @@ pub struct Manifest {
     /// matrix are in `ood.safetensors` (absent: no score).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ood: Option<OodSpec>,
+    /// The overlay scale of this version, fitted on the validation split
+    /// (absent: each overlay on its own map's maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cam_scale: Option<crate::cam::CamScale>,
+    /// Input quality measured on the validation split when this version was
+    /// trained: what the quality limits flag among images like its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_review: Option<crate::quality::QualityReview>,
 }
 
 /// How served probabilities are calibrated: `softmax(logits / temperature)`

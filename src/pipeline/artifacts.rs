@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `preprocessed.jpg` | the CLAHE'd, resized image the model saw (JPEG, quality 90) |
 //! | `cam.npy` | un-clipped class maps, float32 `[classes, h, w]`, logit units |
-//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` on the preprocessed image, with a legend band at the bottom (colour bar, class, P(CIN2+), triage; JPEG, quality 75) |
+//! | `heatmap-<class>.jpg` | jet overlay of `ReLU(M_c)` (or of the class-contrastive `ReLU(C_c)`, `--heatmap contrastive`) on the preprocessed image, on the model version's fixed scale, with a legend band at the bottom (colour bar, class, P(CIN2+), triage; JPEG, quality 75) |
 //!
 //! The names are relative to the image's own prefix; the caller decides where
 //! that is (a worker job's `images/NNN/`, a classify run's `<key>/`) and how a
@@ -19,7 +19,9 @@
 use bytes::Bytes;
 
 use crate::cam::legend::{self, Legend};
-use crate::cam::{jpeg_bytes, npy_f32, overlay, upsample_bilinear};
+use crate::cam::{
+    jpeg_bytes, npy_f32, overlay, overlay_scale, upsample_bilinear, MapKind, ScaleSource,
+};
 use crate::model::Manifest;
 use crate::result::{class_slug, HeatmapRef, ImageResult, RawMapRef};
 
@@ -55,6 +57,13 @@ pub enum Overlays {
     All,
 }
 
+/// What is pre-drawn: which classes' overlays, and of which map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drawing {
+    pub overlays: Overlays,
+    pub map: MapKind,
+}
+
 /// One object to store, named relative to its image's prefix.
 #[derive(Debug, Clone)]
 pub struct Artifact {
@@ -71,6 +80,8 @@ struct Drawn {
     name: String,
     /// The map value (logit units) drawn as full red; 0 when the map has no positive part.
     scale: f32,
+    scale_source: ScaleSource,
+    kind: MapKind,
 }
 
 /// Everything stored for one graded image, rendered and encoded.
@@ -87,11 +98,13 @@ pub fn render(
     prepared: &Prepared,
     graded: &Graded,
     manifest: &Manifest,
-    overlays: Overlays,
+    drawing: Drawing,
 ) -> Rendered {
+    let kind = drawing.map;
+    let drawn_maps = graded.maps.of_kind(kind);
     let maps = &graded.maps;
     let (w, h) = prepared.image.dimensions();
-    let classes: Vec<usize> = match overlays {
+    let classes: Vec<usize> = match drawing.overlays {
         Overlays::None => vec![],
         Overlays::Predicted => vec![graded.predicted],
         Overlays::All => (0..manifest.classes.len()).collect(),
@@ -110,14 +123,21 @@ pub fn render(
     let mut drawn = Vec::new();
     for c in classes {
         let class = &manifest.classes[c];
-        let up = upsample_bilinear(maps.map(c), maps.height, maps.width, h as usize, w as usize);
-        let scale = up.iter().cloned().fold(0f32, f32::max);
+        let up = upsample_bilinear(
+            drawn_maps.map(c),
+            maps.height,
+            maps.width,
+            h as usize,
+            w as usize,
+        );
+        let (scale, scale_source) = overlay_scale(manifest.cam_scale.as_ref(), kind, &up);
         let name = heatmap_name(class);
         let mut drawn_image = overlay(&prepared.image, &up, scale);
         legend::draw(
             &mut drawn_image,
             &Legend {
                 class,
+                map: kind,
                 scale,
                 p_cin2_plus: graded.p_cin2_plus,
                 triage: graded.triage,
@@ -132,6 +152,8 @@ pub fn render(
             class: class.clone(),
             name,
             scale,
+            scale_source,
+            kind,
         });
     }
     Rendered {
@@ -142,6 +164,21 @@ pub fn render(
 }
 
 impl Rendered {
+    /// What the result viewer page embeds of the image: the stored
+    /// preprocessed JPEG and the raw maps.
+    pub fn viewer_image(&self, graded: &Graded) -> crate::viewer::ViewerImage {
+        let jpeg = self
+            .artifacts
+            .iter()
+            .find(|a| a.name == PREPROCESSED_NAME)
+            .map(|a| a.bytes.clone())
+            .expect("every rendered image stores its preprocessed JPEG");
+        crate::viewer::ViewerImage {
+            jpeg,
+            maps: graded.maps.clone(),
+        }
+    }
+
     /// Bytes stored for the image.
     pub fn bytes(&self) -> usize {
         self.artifacts.iter().map(|a| a.bytes.len()).sum()
@@ -164,6 +201,8 @@ impl Rendered {
                 class: d.class.clone(),
                 overlay: locate(&d.name),
                 scale: d.scale,
+                scale_source: d.scale_source,
+                map: d.kind,
             })
             .collect();
         let raw = RawMapRef {

@@ -7,7 +7,7 @@
 
 pub mod artifacts;
 
-pub use artifacts::{render, Artifact, Overlays, Rendered};
+pub use artifacts::{render, Artifact, Drawing, Overlays, Rendered};
 
 use std::path::Path;
 use std::time::Instant;

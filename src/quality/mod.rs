@@ -95,6 +95,74 @@ impl ImageQuality {
     }
 }
 
+/// Input quality of the validation images when a model version was trained:
+/// each measurement's spread and how many of those images each limit flags.
+/// It shows whether the limits suit the lab's scanner (a limit that flags many
+/// of the images the model was made for is too strict for them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityReview {
+    /// The split measured (`validation`) and how many images.
+    pub fitted_on: String,
+    pub images: usize,
+    /// The percentiles given for each measurement (NumPy's linear interpolation).
+    pub percentiles: Vec<f64>,
+    pub focus: Vec<f64>,
+    pub tissue_fraction: Vec<f64>,
+    pub overexposed_fraction: Vec<f64>,
+    pub underexposed_fraction: Vec<f64>,
+    /// The limits that were applied.
+    pub thresholds: QualityThresholds,
+    /// Images each check flags, by check name (`focus`, `tissue`, ...; `ood`
+    /// against the version's own out-of-distribution threshold).
+    pub flagged: std::collections::BTreeMap<String, usize>,
+    /// Images flagged by at least one check.
+    pub flagged_images: usize,
+}
+
+/// The percentiles a [`QualityReview`] reports.
+pub const REVIEW_PERCENTILES: [f64; 5] = [1.0, 5.0, 50.0, 95.0, 99.0];
+
+impl QualityReview {
+    /// The review of `images` (measurements and flags, OOD included) under `thresholds`.
+    pub fn of(images: &[&ImageQuality], thresholds: QualityThresholds) -> QualityReview {
+        let spread = |get: fn(&Measurements) -> f64| -> Vec<f64> {
+            let v: Vec<f64> = images.iter().map(|q| get(&q.measurements)).collect();
+            if v.is_empty() {
+                return vec![];
+            }
+            REVIEW_PERCENTILES
+                .iter()
+                .map(|&q| crate::report::levels::percentile(&v, q))
+                .collect()
+        };
+        let mut flagged = std::collections::BTreeMap::new();
+        for q in images {
+            let checks: std::collections::BTreeSet<&str> =
+                q.flags.iter().map(|f| f.check.as_str()).collect();
+            for c in checks {
+                *flagged.entry(c.to_string()).or_insert(0) += 1;
+            }
+        }
+        QualityReview {
+            fitted_on: "validation".into(),
+            images: images.len(),
+            percentiles: REVIEW_PERCENTILES.to_vec(),
+            focus: spread(|m| m.focus),
+            tissue_fraction: spread(|m| m.tissue_fraction),
+            overexposed_fraction: spread(|m| m.overexposed_fraction),
+            underexposed_fraction: spread(|m| m.underexposed_fraction),
+            thresholds,
+            flagged,
+            flagged_images: images.iter().filter(|q| !q.passed()).count(),
+        }
+    }
+
+    /// Share of the reviewed images flagged by at least one check.
+    pub fn flagged_share(&self) -> f64 {
+        self.flagged_images as f64 / self.images.max(1) as f64
+    }
+}
+
 /// The limits an image must stay within; a bundle may set its own
 /// (`quality` in the manifest), otherwise these defaults apply.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -64,7 +64,7 @@ pub fn write_html(path: &Path, r: &Value) -> std::io::Result<()> {
 table{{border-collapse:collapse;margin:0.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}\
 th:first-child,td:first-child{{text-align:left}}img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0}}\
 .decision{{padding:0.8em 1em;border-radius:6px;font-size:1.1em}}.yes{{background:#e3f4e3}}.no{{background:#fbe4e4}}\
-.note{{color:#666;font-size:0.9em}}</style></head><body><h1>{title}</h1>"
+.note{{color:#666;font-size:0.9em}}.warning{{background:#fbe4e4;padding:0.6em 1em;border-radius:6px}}.card{{border:1px solid #ccc;border-radius:6px;padding:0 1em;margin:1.5em 0}}</style></head><body><h1>{title}</h1><p><a href=\"#model-card\">Model card</a> (also <a href=\"model-card.md\">model-card.md</a>)</p>"
     );
     let _ = write!(
         h,
@@ -183,7 +183,7 @@ probability) is {} before and {} after; the predicted class and the heatmaps do 
 
     let _ = write!(
         h,
-        "<h2>Grad-CAM gallery</h2><p class=\"note\">Test images with the heatmap of the predicted class; green border: correct, red: wrong.</p>\
+        "<h2>Grad-CAM gallery</h2><p class=\"note\">Test images with the heatmap of the predicted class on this version's overlay scale; green border: correct, red: wrong.</p>\
 <img src=\"gallery.png\" alt=\"Grad-CAM gallery\">"
     );
 
@@ -236,6 +236,8 @@ probability) is {} before and {} after; the predicted class and the heatmaps do 
         text(&f["cached"]),
         text(&f["cache"]),
     );
+    write_quality(&mut h, r);
+    h.push_str(&super::card::model_card(r).html());
     h.push_str(
         "<p class=\"note\">All numbers: <a href=\"report.json\">report.json</a>.</p></body></html>\n",
     );
@@ -255,6 +257,41 @@ fn figure(f: &Value, as_pct: bool) -> String {
         ),
         _ => shown,
     }
+}
+
+/// The validation review: input quality of the validation images against the
+/// limits, and the overlay scale.
+fn write_quality(h: &mut String, r: &Value) {
+    let q = &r["quality_review"];
+    if q.is_null() {
+        return;
+    }
+    let _ = write!(
+        h,
+        "<h2>Input quality of the validation images</h2><p>{} of the {} validation images fail at least one quality check (<a href=\"validation_review.csv\">validation_review.csv</a> has each image's measurements).</p>\
+<table><tr><th>measurement</th><th>1st</th><th>5th</th><th>median</th><th>95th</th><th>99th percentile</th></tr>",
+        text(&q["flagged_images"]),
+        text(&q["images"]),
+    );
+    for name in [
+        "focus",
+        "tissue_fraction",
+        "overexposed_fraction",
+        "underexposed_fraction",
+    ] {
+        let _ = write!(h, "<tr><td>{name}</td>");
+        for k in 0..5 {
+            let _ = write!(h, "<td>{}</td>", text(&q[name][k]));
+        }
+        h.push_str("</tr>");
+    }
+    h.push_str("</table><table><tr><th>check</th><th>validation images flagged</th></tr>");
+    if let Some(f) = q["flagged"].as_object() {
+        for (check, n) in f {
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(check), text(n));
+        }
+    }
+    h.push_str("</table>");
 }
 
 /// The CIN2+ refer band (validation split) and the image, slide and patient

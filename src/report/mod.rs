@@ -1,16 +1,19 @@
 //! Evaluation reports a pathologist can look at: metrics on the locked test split
-//! (`metrics`), PNG plots (`plots`) and one HTML page that shows them (`html`).
+//! (`metrics`), PNG plots (`plots`), one HTML page that shows them (`html`) and
+//! the model card (`card`).
 //!
 //! Nothing here needs libtorch: the types and plots are shared by `cinflow train`
 //! and anything else that evaluates a bundle.
 
 pub mod calibration;
+pub mod card;
 mod html;
 pub mod levels;
 pub mod metrics;
 pub mod operating;
 pub mod plots;
 
+pub(crate) use html::esc as html_escape;
 pub use html::write_html;
 pub use metrics::{evaluate, wilson_interval, ClassMetrics, Evaluation, RocCurve};
 

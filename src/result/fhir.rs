@@ -395,12 +395,23 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
     if let Some(b) = based_on {
         report["basedOn"] = b;
     }
+    let mut forms = Vec::new();
+    if let Some(u) = &r.viewer_uri {
+        forms.push(json!({
+            "contentType": "text/html",
+            "url": u,
+            "title": "result viewer: every image with its overlays, probabilities, triage and quality flags",
+        }));
+    }
     if let Some(u) = &r.result_uri {
-        report["presentedForm"] = json!([{
+        forms.push(json!({
             "contentType": "application/json",
             "url": u,
             "title": "cinflow.result/v2 record",
-        }]);
+        }));
+    }
+    if !forms.is_empty() {
+        report["presentedForm"] = Value::Array(forms);
     }
     report
 }

@@ -81,6 +81,11 @@ pub struct HeatmapRef {
     pub overlay: String,
     /// Map value (logit units) shown as full red in the overlay.
     pub scale: f32,
+    /// Whether `scale` is the model version's (comparable across classes and
+    /// images) or the map's own maximum (bundles without a stored scale).
+    pub scale_source: crate::cam::ScaleSource,
+    /// The map drawn: `grad-cam` or `contrastive`.
+    pub map: crate::cam::MapKind,
 }
 
 /// The raw Grad-CAM maps of an image.
@@ -374,6 +379,10 @@ pub struct ResultRecord {
     /// The FHIR R4 DiagnosticReport written beside it (worker results).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fhir_report_uri: Option<String>,
+    /// The result viewer page written beside it (worker results): every image
+    /// with any class's overlay, readable in a browser without a server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewer_uri: Option<String>,
     pub model: ModelInfo,
     pub preprocess: PreprocessInfo,
     pub execution_provider: String,
@@ -426,6 +435,7 @@ impl ResultRecord {
             error,
             result_uri: None,
             fhir_report_uri: None,
+            viewer_uri: None,
             model: ModelInfo::from_manifest(manifest),
             preprocess: PreprocessInfo::from_manifest(manifest),
             execution_provider: provider.into(),

@@ -16,6 +16,8 @@ mod ood;
 #[cfg(feature = "train")]
 mod report_files;
 #[cfg(feature = "train")]
+mod review;
+#[cfg(feature = "train")]
 mod run;
 pub mod split;
 pub mod views;

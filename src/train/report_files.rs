@@ -1,6 +1,8 @@
 //! The files of a training report, written inside the new bundle's `report/`:
 //! `report.json`, `split.json` (the locked split, reused by the next retrain),
-//! `data.csv` (which images trained which version), the PNG plots and `report.html`.
+//! `data.csv` (which images trained which version), `validation_review.csv`
+//! (the validation images' input quality), the PNG plots, `model-card.md` and
+//! `report.html`.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,7 @@ use super::labels::LabelRow;
 use super::split::{Split, SplitPlan};
 use super::views::VIEW_NAMES;
 use super::TrainError;
-use crate::cam::{overlay, upsample_bilinear};
+use crate::cam::{overlay, overlay_scale, upsample_bilinear, MapKind};
 use crate::model::triage::cin2_plus_scores;
 use crate::model::{Decision, ReferBand};
 use crate::pipeline::Model;
@@ -43,6 +45,8 @@ pub(super) struct ReportInput<'a> {
     /// Per validation image: row, true class, calibrated probabilities (what
     /// the refer band was chosen on).
     pub validation: Vec<(&'a LabelRow, usize, &'a [f64])>,
+    /// The validation review of each validation image (quality, largest map value).
+    pub review: Vec<(&'a LabelRow, &'a super::review::Reviewed)>,
     /// Out-of-distribution distance of each test image (empty without an OOD model).
     pub ood_distances: Vec<f64>,
     /// Per test image: row, true class, probabilities of one view and of the 8-view mean.
@@ -93,6 +97,43 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
     )
     .map_err(io(&split_json))?;
 
+    // The validation review, one row per image: the quality measurements and
+    // flags behind the manifest's quality review, and each image's largest map value.
+    let review_csv = r.dir.join("validation_review.csv");
+    let mut w =
+        csv::Writer::from_path(&review_csv).map_err(|e| TrainError::Report(e.to_string()))?;
+    let csv_err = |e: csv::Error| TrainError::Report(format!("{}: {e}", review_csv.display()));
+    w.write_record([
+        "path",
+        "focus",
+        "tissue_fraction",
+        "overexposed_fraction",
+        "underexposed_fraction",
+        "ood_distance",
+        "flags",
+        "map_max",
+    ])
+    .map_err(csv_err)?;
+    for (row, v) in &r.review {
+        let q = &v.quality;
+        w.write_record([
+            row.path.display().to_string(),
+            format!("{:?}", q.measurements.focus),
+            format!("{:?}", q.measurements.tissue_fraction),
+            format!("{:?}", q.measurements.overexposed_fraction),
+            format!("{:?}", q.measurements.underexposed_fraction),
+            q.ood_distance.map(|d| format!("{d:?}")).unwrap_or_default(),
+            q.flags
+                .iter()
+                .map(|f| f.check.as_str())
+                .collect::<Vec<_>>()
+                .join(";"),
+            format!("{:?}", v.map_max),
+        ])
+        .map_err(csv_err)?;
+    }
+    w.flush().map_err(io(&review_csv))?;
+
     // Plots.
     plots::training_curves(&r.trained.curve, &r.dir.join("training_curves.png"))
         .map_err(plot_err)?;
@@ -134,7 +175,13 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
         .map(|&s| {
             (
                 s.name().to_string(),
-                serde_json::json!({"images": count(s), "patients": patients(s)}),
+                serde_json::json!({
+                    "images": count(s),
+                    "patients": patients(s),
+                    "images_per_class": m.classes.iter().enumerate().map(|(c, name)| {
+                        (name.clone(), r.items.iter().filter(|i| i.2 == s && i.1 == c).count().into())
+                    }).collect::<serde_json::Map<String, serde_json::Value>>(),
+                }),
             )
         })
         .collect();
@@ -211,6 +258,13 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "test_flagged": r.ood_distances.iter().filter(|d| **d > spec.threshold).count(),
         })),
         "levels": r.levels,
+        "overlay_scale": m.cam_scale,
+        "quality_review": m.quality_review.as_ref().map(|q| {
+            let mut v = serde_json::to_value(q).expect("review serialises");
+            v["record"] = "validation_review.csv".into();
+            v
+        }),
+        "backbone_weights": m.provenance["backbone_weights"],
         "predictions": r.predictions.iter().enumerate().map(|(k, (row, truth, p, ptta))| {
             let p_cin2 = cin2_plus_scores(&m.classes, &[p.to_vec()], &[])
                 .map(|(scores, _)| scores[0]);
@@ -252,6 +306,8 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
         serde_json::to_string_pretty(&report).expect("report serialises") + "\n",
     )
     .map_err(io(&report_json))?;
+    let card = r.dir.join("model-card.md");
+    std::fs::write(&card, report::card::model_card(&report).markdown()).map_err(io(&card))?;
     let html = r.dir.join("report.html");
     report::write_html(&html, &report).map_err(io(&html))?;
     Ok(html)
@@ -294,7 +350,7 @@ fn gallery_items(r: &ReportInput) -> Result<Vec<GalleryItem>, TrainError> {
             h as usize,
             w as usize,
         );
-        let scale = up.iter().cloned().fold(0f32, f32::max);
+        let (scale, _) = overlay_scale(m.cam_scale.as_ref(), MapKind::GradCam, &up);
         out.push(GalleryItem {
             overlay: overlay(&prepared.image, &up, scale),
             name: row

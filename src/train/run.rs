@@ -284,6 +284,30 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         );
     }
 
+    // The validation review: the overlay scale and the validation images'
+    // input quality, through the serving path with the new head.
+    let reviewed = super::review::review(
+        &model,
+        &trained.head,
+        task,
+        fitted_ood.as_ref().map(|(m, s)| (m, s)),
+        &val.iter().map(|i| &i.row).collect::<Vec<_>>(),
+        &labels_name,
+    )?;
+    match &reviewed.cam_scale {
+        Some(s) => tracing::info!("overlay scale: {}", super::review::describe(s)),
+        None => tracing::warn!(
+            "no overlay scale: the validation maps have no positive part; overlays use each map's maximum"
+        ),
+    }
+    tracing::info!(
+        flagged = reviewed.quality.flagged_images,
+        images = reviewed.quality.images,
+        "input quality of the validation images: {} of {} flagged",
+        reviewed.quality.flagged_images,
+        reviewed.quality.images
+    );
+
     // Evaluation on the locked test split (calibrated probabilities): one
     // view, and the mean over 8 views; calibration before and after.
     let test: Vec<&Item> = of(Split::Test).collect();
@@ -357,6 +381,8 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     manifest.calibration = Some(calibrated);
     manifest.refer_band = refer_band.clone();
     manifest.ood = fitted_ood.as_ref().map(|(_, spec)| spec.clone());
+    manifest.cam_scale = reviewed.cam_scale.clone();
+    manifest.quality_review = Some(reviewed.quality.clone());
     manifest.parent_version = current
         .as_ref()
         .map(|c| c.0.manifest.version.clone())
@@ -381,6 +407,9 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         "stopped": trained.curve.stopped,
         "device": trained.device,
         "backbone_from": {"name": base.name, "version": base.version, "sha256": model.bundle.backbone_sha256()},
+        // What the backbone's weights learned from, carried from its bundle:
+        // the model card warns when they are random or synthetic.
+        "backbone_weights": base.provenance.get("backbone_weights").cloned().unwrap_or(serde_json::Value::Null),
     });
     manifest.metrics = serde_json::json!({
         "test_images": eval.n,
@@ -501,6 +530,11 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
                     .collect()
             })
             .unwrap_or_default(),
+        review: val
+            .iter()
+            .zip(&reviewed.images)
+            .map(|(i, v)| (&i.row, v))
+            .collect(),
         validation: val
             .iter()
             .zip(&val_probabilities)
@@ -871,6 +905,8 @@ fn backbone_bundle(o: &TrainOptions) -> Result<(PathBuf, Option<tempfile::TempDi
         refer_band: None,
         quality: None,
         ood: None,
+        cam_scale: None,
+        quality_review: None,
     };
     std::fs::write(
         dir.join(crate::model::MANIFEST_FILE),

@@ -37,11 +37,13 @@ use super::put::Putter;
 use super::serving::{Serving, ServingError};
 use super::settle::Outcome;
 use crate::engine::Grader;
-use crate::pipeline::Overlays;
+use crate::model::Manifest;
+use crate::pipeline::Drawing;
 use crate::queue::messages::{check_id, Admission, JobMessage};
 use crate::result::fhir::{diagnostic_report, Systems};
 use crate::result::{ImageResult, ImageStatus, JobIds, JobTimings, ResultRecord};
 use crate::retry::{RetryPolicy, Transient};
+use crate::viewer::ViewerImage;
 
 /// The inference handler and its stages.
 #[derive(Debug)]
@@ -53,7 +55,7 @@ pub struct InferWorker {
     pub preparer: Preparer,
     /// Images between fetch and put at once, over all jobs (bounds memory).
     pub images: Semaphore,
-    pub overlays: Overlays,
+    pub drawing: Drawing,
     /// Message size and bucket limits.
     pub admission: Admission,
     /// Retries of steps outside the stages (loading a model a job names).
@@ -102,8 +104,8 @@ impl InferWorker {
                 .map(|(i, uri)| self.image(&grader, &keys, tag, i, uri.clone())),
         )
         .await;
-        let images = match images {
-            Ok(images) => images,
+        let (images, viewer): (Vec<ImageResult>, Vec<_>) = match images {
+            Ok(images) => images.into_iter().unzip(),
             Err(e) => {
                 return self
                     .fail(&msg, Some(&job), Some(&grader), &e, &broker)
@@ -128,7 +130,10 @@ impl InferWorker {
         }
         record.timings = Some(timings);
         let error = record.error.clone();
-        if let Err(e) = self.write_and_announce(record, &keys, &broker).await {
+        if let Err(e) = self
+            .write_and_announce(record, &viewer, &m, &keys, &broker)
+            .await
+        {
             return Outcome::of_failure(&e);
         }
         match error {
@@ -268,13 +273,13 @@ impl InferWorker {
         tag: u64,
         i: usize,
         uri: String,
-    ) -> Result<ImageResult, JobError> {
+    ) -> Result<(ImageResult, Option<ViewerImage>), JobError> {
         let _slot = self.images.acquire().await.expect("never closed");
         let model = grader.model();
         let fetched = match self.fetcher.fetch(&uri).await {
             Ok(f) => f,
             Err(e) if e.is_transient() => return Err(JobError::from(e).during("fetch")),
-            Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
+            Err(e) => return Ok((ImageResult::failed(uri, None, e.to_string()), None)),
         };
         let prepared = match self
             .preparer
@@ -282,17 +287,17 @@ impl InferWorker {
             .await
         {
             Ok(p) => Arc::new(p),
-            Err(e) => return Ok(ImageResult::failed(uri, None, e.to_string())),
+            Err(e) => return Ok((ImageResult::failed(uri, None, e.to_string()), None)),
         };
         let mut graded = match super::grade::grade(grader, prepared.clone(), tag).await {
             Ok(g) => g,
             Err(e) => {
                 let sha = Some(prepared.sha256.clone());
-                return Ok(ImageResult::failed(uri, sha, e.to_string()));
+                return Ok((ImageResult::failed(uri, sha, e.to_string()), None));
             }
         };
         let (rendered, render_ms) =
-            super::render::render(model, &prepared, &graded, self.overlays).await;
+            super::render::render(model, &prepared, &graded, self.drawing).await;
         graded.timings.render_ms = render_ms;
         let t = Instant::now();
         self.putter
@@ -301,30 +306,37 @@ impl InferWorker {
             .map_err(|e| JobError::from(e).during("upload"))?;
         graded.timings.upload_ms = ms(t);
         let stores = &self.putter.stores;
-        Ok(
+        let viewer = rendered.viewer_image(&graded);
+        Ok((
             rendered.image_result(uri, &prepared, &graded, model.manifest(), |name| {
                 stores.uri(&keys.artifact(i, name))
             }),
-        )
+            Some(viewer),
+        ))
     }
 
-    /// Writes `record` and its FHIR DiagnosticReport (the record last, as the
-    /// LIS reads it first) and announces it.
+    /// Writes `record`, its viewer page (`viewer[i]` embeds the record's
+    /// image `i`) and its FHIR DiagnosticReport (the record last, as the LIS
+    /// reads it first) and announces it.
     async fn write_and_announce(
         &self,
         mut record: ResultRecord,
+        viewer: &[Option<ViewerImage>],
+        m: &Manifest,
         keys: &Keys,
         broker: &Broker,
     ) -> Result<(), JobError> {
         let stores = &self.putter.stores;
         record.result_uri = Some(stores.uri(&keys.result()));
         record.fhir_report_uri = Some(stores.uri(&keys.fhir()));
+        record.viewer_uri = Some(stores.uri(&keys.viewer()));
         record.worker = Some(self.worker_name.clone());
         let json = serde_json::to_vec_pretty(&record).expect("result serialises");
+        let page = crate::viewer::page(&record, viewer, m.cam_scale.as_ref());
         let report = diagnostic_report(&record, &self.fhir);
         let report = serde_json::to_vec_pretty(&report).expect("report serialises");
         self.putter
-            .put_result(keys, report.into(), json.clone().into())
+            .put_result(keys, report.into(), page.into(), json.clone().into())
             .await
             .map_err(|e| JobError::from(e).during("write result"))?;
         let status = match record.status {
@@ -418,7 +430,11 @@ impl InferWorker {
         }
         record.attempt = Some(msg.deliveries.earlier + 1);
         let keys = Keys::new(&self.results_prefix, &job_id, m);
-        match self.write_and_announce(record, &keys, broker).await {
+        let viewer = vec![None; record.images.len()];
+        match self
+            .write_and_announce(record, &viewer, m, &keys, broker)
+            .await
+        {
             Ok(()) => Outcome::Rejected { reason },
             Err(e) => Outcome::Retry {
                 reason: format!("cannot record the rejection ({reason}): {e}"),

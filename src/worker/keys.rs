@@ -2,7 +2,7 @@
 //! model version, so a redelivered job rewrites the same objects.
 //!
 //! `results/<job_id>/<model>/<version>/`:
-//! `result.json` (written last), `diagnostic-report.json`, and per image
+//! `result.json` (written last), `diagnostic-report.json`, `viewer.html`, and per image
 //! `images/NNN/<artifact>` (see [`crate::pipeline::artifacts`]).
 
 use crate::model::Manifest;
@@ -23,6 +23,10 @@ impl Keys {
 
     pub fn result(&self) -> String {
         join_key(&[&self.prefix, "result.json"])
+    }
+
+    pub fn viewer(&self) -> String {
+        join_key(&[&self.prefix, crate::viewer::VIEWER_NAME])
     }
 
     pub fn fhir(&self) -> String {

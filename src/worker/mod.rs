@@ -33,10 +33,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::cam::MapKind;
 use crate::engine::GraderConfig;
 use crate::infer::InferConfig;
 use crate::model::Registry;
-use crate::pipeline::Overlays;
+use crate::pipeline::{Drawing, Overlays};
 use crate::queue::messages::Admission;
 use crate::queue::AmqpConfig;
 use crate::retry::{Limit, RetryPolicy};
@@ -163,6 +164,10 @@ pub struct EngineArgs {
     /// the predicted class's, every class's, or none.
     #[arg(long, env = "CINFLOW_OVERLAYS", value_enum, default_value_t = Overlays::Predicted)]
     pub overlays: Overlays,
+    /// The map the pre-drawn overlays show: Grad-CAM (the class's evidence) or
+    /// contrastive (its evidence against the classes' average).
+    #[arg(long, env = "CINFLOW_HEATMAP", value_enum, default_value_t = MapKind::GradCam)]
+    pub heatmap: MapKind,
 }
 
 impl EngineArgs {
@@ -346,7 +351,10 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         putter: put::Putter { stores, retry },
         preparer: prepare::Preparer::new(args.engine.memory_budget_mib()),
         images: tokio::sync::Semaphore::new(args.engine.images_in_flight()),
-        overlays: args.engine.overlays,
+        drawing: Drawing {
+            overlays: args.engine.overlays,
+            map: args.engine.heatmap,
+        },
         admission: args.worker.admission(&args.s3.bucket),
         retry,
         results_prefix: args.worker.results_prefix.clone(),

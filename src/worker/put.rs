@@ -1,7 +1,8 @@
 //! Stage 5, put: async S3 PUTs into the worker's bucket. Every object is
 //! retried by itself with the bytes already rendered, so a failed PUT never
 //! re-renders anything or re-sends the objects that landed. The result record
-//! is written last, after the FHIR report, because the LIS reads it first.
+//! is written last, after the FHIR report and the viewer page, because the LIS
+//! reads it first.
 
 use std::sync::Arc;
 
@@ -48,14 +49,17 @@ impl Putter {
         Ok(())
     }
 
-    /// Writes the FHIR report, then the result record.
+    /// Writes the FHIR report and the viewer page, then the result record.
     pub async fn put_result(
         &self,
         keys: &Keys,
         fhir: Bytes,
+        viewer: Bytes,
         record: Bytes,
     ) -> Result<(), StoreError> {
         self.put(&keys.fhir(), fhir, "application/fhir+json")
+            .await?;
+        self.put(&keys.viewer(), viewer, "text/html; charset=utf-8")
             .await?;
         self.put(&keys.result(), record, "application/json").await
     }

@@ -164,7 +164,10 @@ pub fn classify_options(
             max_batch: 4,
             batch_wait: std::time::Duration::from_millis(2),
         },
-        overlays: cinflow::pipeline::Overlays::All,
+        drawing: cinflow::pipeline::Drawing {
+            overlays: cinflow::pipeline::Overlays::All,
+            map: cinflow::cam::MapKind::GradCam,
+        },
         in_flight: 0,
         inputs,
     }

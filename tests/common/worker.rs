@@ -76,10 +76,10 @@ impl Drop for Worker {
 }
 
 /// Objects of one job's complete result set with `images` images: the
-/// claim, result.json, the FHIR report, and per image the preprocessed image,
-/// the raw maps and the predicted class's overlay.
+/// claim, result.json, the FHIR report, the viewer page, and per image the
+/// preprocessed image, the raw maps and the predicted class's overlay.
 pub fn result_set_objects(images: usize) -> usize {
-    1 + 2 + 3 * images
+    1 + 3 + 3 * images
 }
 
 /// A copy of a bundle under another model name and version.

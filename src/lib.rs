@@ -31,4 +31,5 @@ pub mod storage;
 pub mod synth;
 pub mod train;
 pub mod viewer;
+pub mod watch;
 pub mod worker;

@@ -12,8 +12,6 @@ use crate::queue::messages::{check_s3_uri, new_job_id, TrainMessage, TRAIN_SCHEM
 use crate::queue::AmqpConfig;
 use crate::storage::{ObjectStore, S3Config, S3Store};
 
-const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "tif", "tiff"];
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnqueueArgs {
     /// Image URIs (s3://bucket/key).
@@ -108,11 +106,7 @@ fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
         let found: Vec<String> = store
             .list(key_prefix)?
             .into_iter()
-            .filter(|k| {
-                k.rsplit_once('.').is_some_and(|(_, ext)| {
-                    IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
-                })
-            })
+            .filter(|k| crate::local::inputs::is_image_key(k))
             .map(|k| format!("s3://{bucket}/{k}"))
             .collect();
         if found.is_empty() {

@@ -25,6 +25,7 @@ use crate::queue::QueueError;
 use crate::storage::StoreError;
 use crate::train::split::SplitError;
 use crate::train::{FeatureError, LabelsError, TrainError};
+use crate::watch::WatchError;
 use crate::worker::serving::ServingError;
 use crate::worker::JobError;
 
@@ -133,7 +134,8 @@ impl Exit {
                     TrainError,
                     FeatureError,
                     LabelsError,
-                    SplitError
+                    SplitError,
+                    WatchError
                 );
                 if let Some(io) = e.downcast_ref::<std::io::Error>() {
                     return Some(io_exit(io));
@@ -163,6 +165,16 @@ pub struct Input(pub String);
 
 trait Classify {
     fn exit(&self) -> Exit;
+}
+
+impl Classify for WatchError {
+    fn exit(&self) -> Exit {
+        match self {
+            WatchError::Usage(_) => Exit::Usage,
+            WatchError::Store(e) => e.exit(),
+            WatchError::Queue(e) => e.exit(),
+        }
+    }
 }
 
 impl Classify for Usage {

@@ -70,6 +70,9 @@ pub enum Command {
     Enqueue(Box<enqueue::EnqueueArgs>),
     /// Publish a training job (what the nightly CronJob runs) and print its id.
     EnqueueTrain(Box<enqueue::EnqueueTrainArgs>),
+    /// Scanner intake: watch an S3 prefix that scanners upload into and enqueue
+    /// each complete slide version exactly once (prints each job id and slide).
+    Watch(Box<crate::watch::WatchArgs>),
     /// List the dead-letter queue with each message's reason, or send messages back to work.
     DeadLetters(Box<deadletters::DeadLettersArgs>),
     /// Broker queues: `migrate` recreates queues an earlier release declared
@@ -314,6 +317,14 @@ fn run(command: Command) -> anyhow::Result<Exit> {
         }
         Command::Enqueue(a) => enqueue::enqueue(&a),
         Command::EnqueueTrain(a) => enqueue::enqueue_train(&a),
+        Command::Watch(a) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(crate::watch::run(&a))?;
+            Ok(Exit::Success)
+        }
         Command::DeadLetters(a) => deadletters::run(&a),
         Command::Queues(a) => queues::run(&a),
         Command::Worker(a) => {

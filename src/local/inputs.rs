@@ -11,6 +11,13 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
+/// Whether an object key names an image (by its extension, any case).
+pub fn is_image_key(key: &str) -> bool {
+    key.rsplit_once('.')
+        .filter(|(stem, _)| !stem.ends_with('/'))
+        .is_some_and(|(_, e)| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
 /// Files are taken as given (an unreadable one becomes an error entry later);
 /// folders are searched recursively for image extensions, in sorted order.
 pub fn expand(paths: &[PathBuf]) -> Vec<PathBuf> {

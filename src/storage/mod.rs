@@ -9,7 +9,9 @@ mod local;
 mod s3;
 
 pub use local::LocalStore;
-pub use s3::{classify, s3_uri, S3Client, S3Config, S3Store, MULTIPART_OVER, PART_BYTES};
+pub use s3::{
+    classify, s3_uri, ListedObject, S3Client, S3Config, S3Store, MULTIPART_OVER, PART_BYTES,
+};
 
 /// Why an object store operation failed.
 #[derive(Debug, thiserror::Error)]

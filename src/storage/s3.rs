@@ -445,6 +445,43 @@ impl S3Client {
         Ok(keys)
     }
 
+    /// Every object under `prefix` with its ETag, size and last-modified
+    /// time (every listing page), sorted by key.
+    pub async fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<ListedObject>, StoreError> {
+        let uri = s3_uri(bucket, prefix);
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| classify(&uri, &e))?;
+            objects.extend(out.contents().iter().filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.to_string(),
+                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified_unix_s: o.last_modified().map(|t| t.secs()).unwrap_or(0),
+                })
+            }));
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
     /// Deletes an object (no error when it is absent).
     pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
@@ -458,6 +495,17 @@ impl S3Client {
             .map(|_| ())
             .map_err(|e| classify(&uri, &e))
     }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    /// Without quotes.
+    pub etag: String,
+    pub size: u64,
+    /// Last-modified time, seconds since the Unix epoch (0 when not given).
+    pub modified_unix_s: i64,
 }
 
 /// The runtime an [`S3Store`] blocks on.

@@ -499,7 +499,13 @@ fn check_worker_pods(objs: &[Value]) {
 #[test]
 fn the_chart_passes_helm_lint_strict() {
     let values = chart().join("ci/gpu-keda-values.yaml");
-    for extra in [vec![], vec!["-f", values.to_str().unwrap()]] {
+    let watch = [
+        "--set",
+        "watch.enabled=true",
+        "--set",
+        "watch.prefix=s3://scans/incoming/",
+    ];
+    for extra in [vec![], vec!["-f", values.to_str().unwrap()], watch.to_vec()] {
         // helm lint reports its findings on stdout.
         let (code, text) = common::output_all(
             Command::new(helm())
@@ -582,6 +588,49 @@ fn the_chart_renders_with_gpu_and_keda() {
         "KEDA owns the replica count"
     );
     assert_eq!(kind(&objs, "ServiceMonitor").len(), 1);
+}
+
+#[test]
+fn the_chart_runs_the_scanner_watcher_when_enabled() {
+    assert!(
+        workloads(&render(&[]))
+            .iter()
+            .all(|w| w.subcommand.first().map(String::as_str) != Some("watch")),
+        "the watcher is off by default"
+    );
+    let objs = render(&[
+        "--set",
+        "watch.enabled=true",
+        "--set",
+        "watch.prefix=s3://scans/incoming/",
+        "--set",
+        "watch.idPattern=^(?P<accession_id>S\\d+)_(?P<slide_id>\\w+)$",
+    ]);
+    check_worker_pods(&objs);
+    let w = workloads(&objs);
+    let watch = w
+        .iter()
+        .find(|w| w.subcommand == ["watch"])
+        .expect("a `cinflow watch` container");
+    assert_eq!(
+        watch.env["CINFLOW_WATCH_PREFIX"].as_deref(),
+        Some("s3://scans/incoming/")
+    );
+    assert!(watch.env.contains_key("CINFLOW_AMQP_URL"));
+    assert_eq!(watch.env["CINFLOW_WATCH_MARKER"].as_deref(), Some(".done"));
+    let c = watch.container;
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(num(&watch.obj["spec"]["replicas"]), 2);
+    // Without a prefix the chart refuses to render.
+    let out = Command::new(helm())
+        .args(["template", "cinflow"])
+        .arg(chart())
+        .args(["--set", "watch.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("watch.prefix"));
 }
 
 #[test]

@@ -37,6 +37,7 @@ fn watch_command(fx: &Fixture, extra: &[&str]) -> Command {
     let mut cmd = fx.command(&["watch", "--prefix", &scans, "--state-prefix", &state]);
     cmd.args(extra)
         .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
+        .env("CINFLOW_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info");
     cmd
 }
@@ -133,6 +134,28 @@ fn watchers_enqueue_each_complete_slide_version_exactly_once() {
         standby.log().contains("active watcher"),
         "{}",
         standby.log()
+    );
+
+    // Its probes and metrics: ready, active, one slide enqueued.
+    let log = standby.log();
+    let port: u16 = log
+        .split("metrics and probes on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in\n{log}"));
+    assert_eq!(common::http::get(port, "/readyz").unwrap().0, 200);
+    assert_eq!(common::http::get(port, "/healthz").unwrap().0, 200);
+    let metrics = common::http::get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        common::http::sample(&metrics, "cinflow_watch_active"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        common::http::sample(&metrics, "cinflow_watch_slides_total{outcome=\"enqueued\"}"),
+        1.0,
+        "{metrics}"
     );
 
     // A restarted watcher enqueues nothing again.

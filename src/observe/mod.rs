@@ -130,6 +130,13 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     pub broker_reconnects: Counter,
     pub ready: Gauge,
+    /// `cinflow watch`: slides found complete, by outcome (`enqueued`,
+    /// `already`, `refused`).
+    pub watch_slides: Family<OutcomeLabel, Counter>,
+    /// `cinflow watch`: slides still being uploaded at the last listing.
+    pub watch_waiting: Gauge,
+    /// `cinflow watch`: 1 while this watcher is the active one of its prefix.
+    pub watch_active: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -168,6 +175,9 @@ impl Metrics {
             broker_connected: Gauge::default(),
             broker_reconnects: Counter::default(),
             ready: Gauge::default(),
+            watch_slides: Family::default(),
+            watch_waiting: Gauge::default(),
+            watch_active: Gauge::default(),
         };
         m.registry.register(
             "jobs",
@@ -266,7 +276,31 @@ impl Metrics {
         );
         m.registry
             .register("ready", "1 while /readyz answers 200", m.ready.clone());
+        m.registry.register(
+            "watch_slides",
+            "Complete slides a watcher found, by outcome (enqueued, already, refused)",
+            m.watch_slides.clone(),
+        );
+        m.registry.register(
+            "watch_waiting_slides",
+            "Slides still being uploaded at the watcher's last listing",
+            m.watch_waiting.clone(),
+        );
+        m.registry.register(
+            "watch_active",
+            "1 while this watcher is the active one of its prefix",
+            m.watch_active.clone(),
+        );
         m
+    }
+
+    /// Counts `n` complete slides of a watcher's listing with `outcome`.
+    pub fn watch_slides(&self, outcome: &str, n: usize) {
+        self.watch_slides
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc_by(n as u64);
     }
 
     /// The Prometheus text exposition (OpenMetrics).

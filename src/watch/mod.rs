@@ -81,6 +81,11 @@ pub struct WatchArgs {
     /// List once, enqueue what is complete, and exit (no leader election).
     #[arg(long)]
     pub once: bool,
+    /// Address of /metrics, /healthz and /readyz (`off`: none). Ready while
+    /// connected to the broker; /healthz fails when a listing hangs for
+    /// three intervals and a minute.
+    #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
     #[command(flatten)]
     pub amqp: AmqpConfig,
     #[command(flatten)]
@@ -436,11 +441,23 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
     let s3 = S3Client::connect(&a.s3).await?;
     let interval = Duration::from_secs(a.interval_s.max(1));
     let leader = leader_queue(&rules);
+    let health = crate::observe::health();
+    let metrics = crate::observe::metrics();
+    if !a.once && a.metrics_addr != "off" {
+        // A watcher loads no model: readiness is the broker session alone.
+        health.set_model_loaded(true);
+        health.set_stall_limit(interval * 3 + Duration::from_secs(60));
+        let bound = crate::observe::http::serve(&a.metrics_addr)
+            .await
+            .map_err(|e| WatchError::Usage(format!("--metrics-addr {}: {e}", a.metrics_addr)))?;
+        tracing::info!("metrics and probes on http://{bound}");
+    }
     loop {
         let session = async {
             let conn = connect(&a.amqp, "cinflow-watch").await?;
             let ch = confirm_channel(&conn).await?;
             declare_topology(&ch, &a.amqp).await?;
+            health.set_broker_connected(true);
             if a.once {
                 report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
                 return Ok::<bool, WatchError>(true);
@@ -449,6 +466,7 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
             loop {
                 if !leading {
                     leading = lead(&conn, &leader).await?;
+                    metrics.watch_active.set(i64::from(leading));
                     if leading {
                         tracing::info!(queue = %leader, "active watcher of s3://{}/{}", rules.bucket, rules.prefix);
                     } else {
@@ -456,15 +474,23 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
                     }
                 }
                 if leading {
+                    // A poll counts as a job in flight: /healthz fails if one hangs.
+                    let _polling = crate::observe::InFlight::start();
                     report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
                 }
+                // A standby is healthy too: it checked the leadership.
+                health.progress();
                 tokio::time::sleep(interval).await;
             }
         };
-        match session.await {
+        let ended = session.await;
+        health.set_broker_connected(false);
+        metrics.watch_active.set(0);
+        match ended {
             Ok(_) => return Ok(()),
             Err(e) if a.once => return Err(e),
             Err(e) => {
+                metrics.broker_reconnects.inc();
                 tracing::warn!(error = %e, "watch session ended; reconnecting");
                 tokio::time::sleep(interval).await;
             }
@@ -476,6 +502,11 @@ fn report(o: &PollOutcome) {
     for (job, slide) in &o.enqueued {
         println!("{job}\t{slide}");
     }
+    let m = crate::observe::metrics();
+    m.watch_slides("enqueued", o.enqueued.len());
+    m.watch_slides("already", o.already);
+    m.watch_slides("refused", o.refused.len());
+    m.watch_waiting.set(o.waiting as i64);
     tracing::debug!(
         enqueued = o.enqueued.len(),
         already = o.already,

@@ -243,3 +243,85 @@ fn watchers_enqueue_each_complete_slide_version_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--local-dir`: settled files of a scanner's folder are uploaded (the marker
+/// last, only once every image is up) and the slide is enqueued in the same
+/// run; a file still being written is left for later; nothing is uploaded or
+/// enqueued twice.
+#[test]
+fn a_local_scanner_folder_is_uploaded_then_enqueued_once() {
+    let fx = Fixture::new("watch-local", 4);
+    let dir = fx.tmp.path().join("scanner");
+    let slide = dir.join("S24-0200_L1");
+    std::fs::create_dir_all(&slide).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    let write = |name: &str, bytes: &[u8], settled: bool| {
+        let p = slide.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        if settled {
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+    };
+    write("1.jpg", &jpeg(11), true);
+    write("2.jpg", &jpeg(12), false); // still being written
+    write("3.jpg.part", b"partial", true);
+    write(".done", b"", true);
+    let run = || {
+        let out = watch_command(
+            &fx,
+            &[
+                "--once",
+                "--local-dir",
+                dir.to_str().unwrap(),
+                "--local-min-age-s",
+                "30",
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let keys = || {
+        cinflow::storage::ObjectStore::list(&*fx.store, &format!("{}/scans/", fx.prefix)).unwrap()
+    };
+    // 1.jpg goes up; 2.jpg is too young, so the marker waits and nothing is enqueued.
+    assert_eq!(run(), "");
+    let k = keys();
+    assert_eq!(k.len(), 1, "{k:?}");
+    assert!(k[0].ends_with("/scans/S24-0200_L1/1.jpg"));
+    // Once 2.jpg has settled, it and then the marker go up and the slide is enqueued.
+    std::fs::File::options()
+        .write(true)
+        .open(slide.join("2.jpg"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let printed = run();
+    assert!(printed.contains("\tS24-0200_L1\n"), "{printed}");
+    assert_eq!(keys().len(), 3, "{:?}", keys());
+    assert_eq!(run(), "");
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 1);
+    let job: Value = serde_json::from_slice(
+        &fx.get(&fx.amqp.infer_queue, Duration::from_secs(5))
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    assert_eq!(job["images"].as_array().unwrap().len(), 2);
+    // The uploaded bytes are the files'.
+    let key = format!("{}/scans/S24-0200_L1/2.jpg", fx.prefix);
+    assert_eq!(
+        cinflow::storage::ObjectStore::get(&*fx.store, &key).unwrap(),
+        std::fs::read(slide.join("2.jpg")).unwrap()
+    );
+}

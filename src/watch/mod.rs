@@ -28,7 +28,10 @@
 //!   object re-publishes the same job id, which the workers' claim turns into
 //!   one grading.
 
+mod local;
+
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -78,6 +81,14 @@ pub struct WatchArgs {
     /// Registry version or alias the jobs name (default: the workers' alias).
     #[arg(long, value_name = "VERSION_OR_ALIAS")]
     pub model_version: Option<String>,
+    /// A folder a scanner writes to: its files are uploaded under the watched
+    /// prefix (relative paths as keys) once unchanged for --local-min-age-s,
+    /// the marker last, before each listing.
+    #[arg(long, env = "CINFLOW_WATCH_LOCAL_DIR")]
+    pub local_dir: Option<PathBuf>,
+    /// Seconds a local file must be unchanged before it is uploaded.
+    #[arg(long, env = "CINFLOW_WATCH_LOCAL_MIN_AGE_S", default_value_t = 10)]
+    pub local_min_age_s: u64,
     /// List once, enqueue what is complete, and exit (no leader election).
     #[arg(long)]
     pub once: bool,
@@ -439,6 +450,11 @@ async fn lead(conn: &lapin::Connection, queue: &str) -> Result<bool, WatchError>
 pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
     let rules = Rules::from_args(a)?;
     let s3 = S3Client::connect(&a.s3).await?;
+    let mut local = a
+        .local_dir
+        .as_deref()
+        .map(|d| local::LocalFolder::new(d, Duration::from_secs(a.local_min_age_s)))
+        .transpose()?;
     let interval = Duration::from_secs(a.interval_s.max(1));
     let leader = leader_queue(&rules);
     let health = crate::observe::health();
@@ -459,6 +475,9 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
             declare_topology(&ch, &a.amqp).await?;
             health.set_broker_connected(true);
             if a.once {
+                if let Some(l) = local.as_mut() {
+                    l.sync(&rules, &s3).await?;
+                }
                 report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
                 return Ok::<bool, WatchError>(true);
             }
@@ -473,10 +492,17 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
                         tracing::debug!(queue = %leader, "another watcher is active; standing by");
                     }
                 }
-                if leading {
-                    // A poll counts as a job in flight: /healthz fails if one hangs.
+                // Every watcher uploads its own local folder (each node's
+                // scanner writes to its own); only the active one enqueues.
+                // Both count as a job in flight: /healthz fails if one hangs.
+                {
                     let _polling = crate::observe::InFlight::start();
-                    report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
+                    if let Some(l) = local.as_mut() {
+                        l.sync(&rules, &s3).await?;
+                    }
+                    if leading {
+                        report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
+                    }
                 }
                 // A standby is healthy too: it checked the leadership.
                 health.progress();

@@ -369,6 +369,19 @@ fn run(command: Command) -> anyhow::Result<Exit> {
                 ),
                 None => println!("CIN2+ triage: none (no refer band in this bundle)"),
             }
+            match &m.cam_scale {
+                Some(s) => println!(
+                    "overlay scale: {:.3} (Grad-CAM), {:.3} (contrastive), the {}th percentile of {} {} images' maps",
+                    s.grad_cam, s.contrastive, s.percentile, s.images, s.fitted_on
+                ),
+                None => println!("overlay scale: none (each overlay on its own map's maximum)"),
+            }
+            if let Some(q) = &m.quality_review {
+                println!(
+                    "input quality: {} of {} {} images fail a check",
+                    q.flagged_images, q.images, q.fitted_on
+                );
+            }
             Ok(Exit::Success)
         }
         Command::Demo(a) => crate::local::demo::demo(&a),

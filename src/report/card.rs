@@ -348,7 +348,7 @@ pub fn model_card(r: &Value) -> ModelCard {
             "Heatmaps: every overlay is drawn on this version's scale, full red at a map value of {} (Grad-CAM) or {} (class-contrastive), the {}th percentile of the maps of {} validation images, so a faint class looks faint.",
             num(&o["grad_cam"], 3),
             num(&o["contrastive"], 3),
-            s(&o["percentile"]),
+            num(&o["percentile"], 0),
             s(&o["images"]),
         )
     }));

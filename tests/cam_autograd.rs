@@ -11,32 +11,21 @@ use cinflow::pipeline::Model;
 use tch::{Kind, Tensor};
 
 /// Selvaraju et al.: alpha_ck = mean_ij dz_c/dA_kij, map = ReLU(sum_k alpha_ck A_k),
-/// computed by autograd in float64 through z = W * GAP(A) + b.
+/// computed by autograd in float64 through z = W * GAP(A) + b (a binary head's
+/// second class has logit -z).
 fn autograd_gradcam(f: &FeatureMap, head: &Head, task: Task) -> Vec<Vec<f64>> {
-    let (k, h, w) = (f.channels as i64, f.height as i64, f.width as i64);
-    let a = Tensor::from_slice(&f.data)
-        .to_kind(Kind::Double)
-        .reshape([k, h, w])
-        .set_requires_grad(true);
-    let wt = Tensor::from_slice(&head.weight)
-        .to_kind(Kind::Double)
-        .reshape([head.rows as i64, k]);
-    let b = Tensor::from_slice(&head.bias).to_kind(Kind::Double);
-    let pooled = a.mean_dim([1i64, 2].as_slice(), false, Kind::Double);
-    let z = wt.matmul(&pooled) + b;
-    let logits: Vec<Tensor> = match task {
-        Task::Multiclass => (0..head.rows as i64).map(|c| z.get(c)).collect(),
-        Task::Binary => vec![z.get(0), -z.get(0)],
+    let area = f.area() as f64;
+    let classes = match task {
+        Task::Multiclass => head.rows,
+        Task::Binary => 2,
     };
-    logits
-        .iter()
-        .map(|zc| {
-            let grad = Tensor::run_backward(&[zc], &[&a], true, false).remove(0);
-            let alpha = grad.mean_dim([1i64, 2].as_slice(), true, Kind::Double);
-            let cam = (alpha * &a)
-                .sum_dim_intlist([0i64].as_slice(), false, Kind::Double)
-                .relu();
-            Vec::<f64>::try_from(&cam.reshape([-1])).unwrap()
+    (0..classes as i64)
+        .map(|c| {
+            let map = autograd_map(f, head, |z| match task {
+                Task::Binary if c == 1 => -z.get(0),
+                _ => z.get(c),
+            });
+            map.into_iter().map(|v| v.max(0.0) / area).collect()
         })
         .collect()
 }

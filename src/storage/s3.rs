@@ -418,31 +418,12 @@ impl S3Client {
 
     /// Every key under `prefix`, sorted (all listing pages).
     pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let uri = s3_uri(bucket, prefix);
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(bucket)
-                .prefix(prefix)
-                .set_continuation_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| classify(&uri, &e))?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-            match out.next_continuation_token() {
-                Some(t) if out.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        Ok(self
+            .list_objects(bucket, prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
     }
 
     /// Every object under `prefix` with its ETag, size and last-modified

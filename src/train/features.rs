@@ -179,24 +179,13 @@ pub fn extract(
         let loaded: Vec<Loaded> = chunk
             .par_iter()
             .map(|row| {
-                let path = row.path.display().to_string();
-                let bytes = std::fs::read(&row.path).map_err(|e| FeatureError::Read {
-                    labels: labels.to_string(),
-                    line: row.line,
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
+                let bytes = read_image(row, labels)?;
                 let sha = crate::hashing::sha256_hex(&bytes);
                 let key = cache.key(m, &backbone_sha, &sha);
                 if let Some(views) = cache.load(&key, channels) {
                     return Ok(Loaded::Cached(sha, views));
                 }
-                let prepared = model.prepare(&bytes).map_err(|e| FeatureError::Image {
-                    labels: labels.to_string(),
-                    line: row.line,
-                    path,
-                    detail: e.to_string(),
-                })?;
+                let prepared = prepare_image(model, row, labels, &bytes)?;
                 Ok(Loaded::Fresh(sha, Box::new(prepared)))
             })
             .collect::<Result<_, FeatureError>>()?;
@@ -220,6 +209,32 @@ pub fn extract(
         }
     }
     Ok((out, stats))
+}
+
+/// A labelled image's bytes; an error names its line of `labels`.
+pub(super) fn read_image(row: &LabelRow, labels: &str) -> Result<Vec<u8>, FeatureError> {
+    std::fs::read(&row.path).map_err(|e| FeatureError::Read {
+        labels: labels.to_string(),
+        line: row.line,
+        path: row.path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// A labelled image through `model`'s preprocessing (quality control
+/// included); an error names its line of `labels`.
+pub(super) fn prepare_image(
+    model: &Model,
+    row: &LabelRow,
+    labels: &str,
+    bytes: &[u8],
+) -> Result<Prepared, FeatureError> {
+    model.prepare(bytes).map_err(|e| FeatureError::Image {
+        labels: labels.to_string(),
+        line: row.line,
+        path: row.path.display().to_string(),
+        detail: e.to_string(),
+    })
 }
 
 /// An image of a chunk: its sha256 and either its cached features or its

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::features::FeatureError;
+use super::features::{prepare_image, read_image, FeatureError};
 use super::labels::LabelRow;
 use crate::cam::{class_maps, CamScale, MapKind};
 use crate::model::ood::OodModel;
@@ -60,21 +60,7 @@ pub fn review(
     for chunk in rows.chunks(4) {
         let prepared: Vec<_> = chunk
             .par_iter()
-            .map(|row| {
-                let path = row.path.display().to_string();
-                let bytes = std::fs::read(&row.path).map_err(|e| FeatureError::Read {
-                    labels: labels.to_string(),
-                    line: row.line,
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-                model.prepare(&bytes).map_err(|e| FeatureError::Image {
-                    labels: labels.to_string(),
-                    line: row.line,
-                    path,
-                    detail: e.to_string(),
-                })
-            })
+            .map(|row| prepare_image(model, row, labels, &read_image(row, labels)?))
             .collect::<Result<_, FeatureError>>()?;
         for p in prepared {
             let f = model.features(&[&p])?.remove(0);

@@ -94,10 +94,7 @@ fn collect(a: &EnqueueArgs) -> anyhow::Result<Vec<String>> {
         );
     }
     if let Some(prefix) = &a.prefix {
-        let (bucket, key_prefix) = prefix
-            .strip_prefix("s3://")
-            .and_then(|r| r.split_once('/').or(Some((r, ""))))
-            .filter(|(b, _)| !b.is_empty())
+        let (bucket, key_prefix) = crate::storage::split_s3_prefix(prefix)
             .ok_or_else(|| Usage(format!("--prefix {prefix:?} is not s3://bucket/prefix")))?;
         let store = S3Store::new(&S3Config {
             bucket: bucket.to_string(),

@@ -10,7 +10,8 @@ mod s3;
 
 pub use local::LocalStore;
 pub use s3::{
-    classify, s3_uri, ListedObject, S3Client, S3Config, S3Store, MULTIPART_OVER, PART_BYTES,
+    classify, s3_uri, split_s3_prefix, ListedObject, S3Client, S3Config, S3Store, MULTIPART_OVER,
+    PART_BYTES,
 };
 
 /// Why an object store operation failed.

@@ -478,6 +478,12 @@ impl S3Client {
     }
 }
 
+/// Splits `s3://bucket/prefix` (the prefix may be empty: the whole bucket).
+pub fn split_s3_prefix(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("s3://")?;
+    Some(rest.split_once('/').unwrap_or((rest, ""))).filter(|(b, _)| !b.is_empty())
+}
+
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedObject {
@@ -679,6 +685,16 @@ impl ObjectStore for S3Store {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prefixes_split_into_bucket_and_prefix() {
+        use super::split_s3_prefix as split;
+        assert_eq!(split("s3://b/scans/in/"), Some(("b", "scans/in/")));
+        assert_eq!(split("s3://b"), Some(("b", "")));
+        assert_eq!(split("s3://b/"), Some(("b", "")));
+        assert_eq!(split("s3:///x"), None);
+        assert_eq!(split("b/x"), None);
+    }
+
     #[test]
     fn a_missing_ca_file_is_named() {
         let cfg = super::S3Config {

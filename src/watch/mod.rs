@@ -171,14 +171,9 @@ pub struct Rules {
 
 impl Rules {
     pub fn from_args(a: &WatchArgs) -> Result<Rules, WatchError> {
-        let (bucket, prefix) = a
-            .prefix
-            .strip_prefix("s3://")
-            .map(|r| r.split_once('/').unwrap_or((r, "")))
-            .filter(|(b, _)| !b.is_empty())
-            .ok_or_else(|| {
-                WatchError::Usage(format!("--prefix {:?} is not s3://bucket/prefix", a.prefix))
-            })?;
+        let (bucket, prefix) = crate::storage::split_s3_prefix(&a.prefix).ok_or_else(|| {
+            WatchError::Usage(format!("--prefix {:?} is not s3://bucket/prefix", a.prefix))
+        })?;
         let id_pattern = a
             .id_pattern
             .as_deref()

@@ -278,3 +278,20 @@ impl Manifest {
         p
     }
 }
+
+#[cfg(test)]
+impl Manifest {
+    /// A minimal 4-class manifest for unit tests elsewhere in the crate.
+    pub(crate) fn example() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "schema": crate::model::BUNDLE_SCHEMA,
+            "name": "t", "version": "1", "architecture": "tiny", "task": "multiclass",
+            "classes": ["CIN3", "CIN2", "CIN1", "Non-neoplasm"],
+            "input": {"name": "image", "width": 8, "height": 8, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+            "features": {"name": "features", "channels": 2},
+            "preprocess": {"version": "x", "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8]}},
+            "files": {}, "created_at": "2026-01-01T00:00:00Z",
+        }))
+        .unwrap()
+    }
+}

@@ -258,7 +258,83 @@ pub fn model_card(r: &Value) -> ModelCard {
     if !q.is_null() {
         let t = &q["thresholds"];
         let flagged = |c: &str| q["flagged"][c].as_u64().unwrap_or(0);
-        let pctl = |name: &str, k: usize, d: usize| num(&q[name][k], d);
+        // Median (1st to 99th percentile): the review's percentiles 1, 5, 50, 95, 99.
+        // Rows: label, measurement, check name, bound, limit, and their digits.
+        let spread = |name: &str, d: usize| {
+            let p = |k: usize| num(&q[name][k], d);
+            format!("{} ({} to {})", p(2), p(0), p(4))
+        };
+        let mut rows: Vec<Vec<String>> = [
+            (
+                "focus (Laplacian variance)",
+                "focus",
+                "focus",
+                "at least",
+                "min_focus",
+                1,
+                1,
+            ),
+            (
+                "tissue fraction",
+                "tissue_fraction",
+                "tissue",
+                "at least",
+                "min_tissue_fraction",
+                2,
+                3,
+            ),
+            (
+                "over-exposed fraction",
+                "overexposed_fraction",
+                "overexposed",
+                "at most",
+                "max_overexposed_fraction",
+                2,
+                3,
+            ),
+            (
+                "under-exposed fraction",
+                "underexposed_fraction",
+                "underexposed",
+                "at most",
+                "max_underexposed_fraction",
+                2,
+                3,
+            ),
+        ]
+        .into_iter()
+        .map(
+            |(label, measure, check, bound, limit, limit_digits, digits)| {
+                vec![
+                    label.to_string(),
+                    format!("{bound} {}", num(&t[limit], limit_digits)),
+                    spread(measure, digits),
+                    flagged(check).to_string(),
+                ]
+            },
+        )
+        .collect();
+        rows.extend([
+            vec![
+                "size, aspect".into(),
+                format!(
+                    "shortest side at least {} px, aspect at most {}",
+                    s(&t["min_side"]),
+                    num(&t["max_aspect"], 1)
+                ),
+                "".into(),
+                (flagged("size") + flagged("aspect")).to_string(),
+            ],
+            vec![
+                "out of distribution".into(),
+                format!(
+                    "Mahalanobis distance at most {}",
+                    num(&r["ood"]["threshold"], 2)
+                ),
+                "".into(),
+                flagged("ood").to_string(),
+            ],
+        ]);
         blocks.push(Block::Table(
             [
                 "check",
@@ -268,71 +344,7 @@ pub fn model_card(r: &Value) -> ModelCard {
             ]
             .map(String::from)
             .to_vec(),
-            vec![
-                vec![
-                    "focus (Laplacian variance)".into(),
-                    format!("at least {}", num(&t["min_focus"], 1)),
-                    format!(
-                        "{} ({} to {})",
-                        pctl("focus", 2, 1),
-                        pctl("focus", 0, 1),
-                        pctl("focus", 4, 1)
-                    ),
-                    flagged("focus").to_string(),
-                ],
-                vec![
-                    "tissue fraction".into(),
-                    format!("at least {}", num(&t["min_tissue_fraction"], 2)),
-                    format!(
-                        "{} ({} to {})",
-                        pctl("tissue_fraction", 2, 3),
-                        pctl("tissue_fraction", 0, 3),
-                        pctl("tissue_fraction", 4, 3)
-                    ),
-                    flagged("tissue").to_string(),
-                ],
-                vec![
-                    "over-exposed fraction".into(),
-                    format!("at most {}", num(&t["max_overexposed_fraction"], 2)),
-                    format!(
-                        "{} ({} to {})",
-                        pctl("overexposed_fraction", 2, 3),
-                        pctl("overexposed_fraction", 0, 3),
-                        pctl("overexposed_fraction", 4, 3)
-                    ),
-                    flagged("overexposed").to_string(),
-                ],
-                vec![
-                    "under-exposed fraction".into(),
-                    format!("at most {}", num(&t["max_underexposed_fraction"], 2)),
-                    format!(
-                        "{} ({} to {})",
-                        pctl("underexposed_fraction", 2, 3),
-                        pctl("underexposed_fraction", 0, 3),
-                        pctl("underexposed_fraction", 4, 3)
-                    ),
-                    flagged("underexposed").to_string(),
-                ],
-                vec![
-                    "size, aspect".into(),
-                    format!(
-                        "shortest side at least {} px, aspect at most {}",
-                        s(&t["min_side"]),
-                        num(&t["max_aspect"], 1)
-                    ),
-                    "".into(),
-                    (flagged("size") + flagged("aspect")).to_string(),
-                ],
-                vec![
-                    "out of distribution".into(),
-                    format!(
-                        "Mahalanobis distance at most {}",
-                        num(&r["ood"]["threshold"], 2)
-                    ),
-                    "".into(),
-                    flagged("ood").to_string(),
-                ],
-            ],
+            rows,
         ));
         blocks.push(Block::Paragraph(format!(
             "{} of the {} validation images fail at least one check. A limit that flags many images like the training ones is too strict for this scanner: set the bundle's `quality` limits.",

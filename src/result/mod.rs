@@ -504,16 +504,7 @@ mod tests {
             sensitivity: 0.95,
             specificity: 0.95,
         };
-        let mut m: Manifest = serde_json::from_value(serde_json::json!({
-            "schema": crate::model::BUNDLE_SCHEMA,
-            "name": "t", "version": "1", "architecture": "tiny", "task": "multiclass",
-            "classes": ["CIN3", "CIN2", "CIN1", "Non-neoplasm"],
-            "input": {"name": "image", "width": 8, "height": 8, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-            "features": {"name": "features", "channels": 2},
-            "preprocess": {"version": "x", "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8]}},
-            "files": {}, "created_at": "2026-01-01T00:00:00Z",
-        }))
-        .unwrap();
+        let mut m = Manifest::example();
         m.refer_band = band.then(|| ReferBand {
             classes: vec!["CIN3".into(), "CIN2".into()],
             fitted_on: "validation".into(),

@@ -108,7 +108,7 @@ pub fn review(
     })
 }
 
-/// The scale of `kind` in `scale`, for logs.
+/// Both scales of `scale` and where they come from, for logs.
 pub fn describe(scale: &CamScale) -> String {
     format!(
         "{} {:.3}, {} {:.3} (the {}th percentile of {} validation images' maps)",

@@ -52,13 +52,14 @@ impl LocalFolder {
 
     /// Uploads what is new; returns how many files were uploaded.
     pub async fn sync(&mut self, rules: &Rules, s3: &S3Client) -> Result<usize, WatchError> {
-        let mut found = Vec::new();
-        walk(&self.dir, &self.dir, &mut found).map_err(|source| {
-            WatchError::Store(StoreError::Io {
-                uri: self.dir.display().to_string(),
-                source,
-            })
-        })?;
+        // File system work on a blocking thread, off the watcher's runtime.
+        let dir = self.dir.clone();
+        let found = blocking(move || {
+            let mut found = Vec::new();
+            walk(&dir, &dir, &mut found).map(|()| found)
+        })
+        .await
+        .map_err(|source| io_error(&self.dir, source))?;
         let now = SystemTime::now();
         // Per folder: the files to consider, the marker apart.
         let mut folders: BTreeMap<String, (Vec<Found>, Option<Found>)> = BTreeMap::new();
@@ -111,13 +112,14 @@ impl LocalFolder {
         if now.duration_since(f.modified).unwrap_or_default() < self.min_age {
             return Ok(None);
         }
-        let bytes = std::fs::read(&f.path).map_err(|source| {
-            WatchError::Store(StoreError::Io {
-                uri: f.path.display().to_string(),
-                source,
-            })
-        })?;
-        let sha = crate::hashing::sha256_hex(&bytes);
+        let path = f.path.clone();
+        let (bytes, sha) = blocking(move || {
+            let bytes = std::fs::read(path)?;
+            let sha = crate::hashing::sha256_hex(&bytes);
+            Ok((bytes, sha))
+        })
+        .await
+        .map_err(|source| io_error(&f.path, source))?;
         let key = join_key(&[&rules.prefix, &f.rel]);
         let stored = match s3.head_metadata(&rules.bucket, &key).await {
             Ok(meta) => meta.get("sha256").cloned(),
@@ -140,6 +142,21 @@ impl LocalFolder {
         self.uploaded.insert(f.path.clone(), (f.size, f.modified));
         Ok(Some(did))
     }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> WatchError {
+    WatchError::Store(StoreError::Io {
+        uri: path.display().to_string(),
+        source,
+    })
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<Found>) -> std::io::Result<()> {

@@ -335,6 +335,12 @@ pub async fn poll(
     model: Option<&str>,
 ) -> Result<PollOutcome, WatchError> {
     let listing = s3.list_objects(&rules.bucket, &rules.prefix).await?;
+    // The versions enqueued before: one listing, not a request per slide.
+    let enqueued: std::collections::BTreeSet<String> = s3
+        .list(&rules.bucket, &format!("{}/", rules.state_prefix))
+        .await?
+        .into_iter()
+        .collect();
     let now = chrono::Utc::now().timestamp();
     let mut out = PollOutcome::default();
     for slide in rules.slides(&listing) {
@@ -344,7 +350,7 @@ pub async fn poll(
         }
         let version = slide.version(&rules.bucket);
         let state = rules.state_key(&version);
-        if s3.exists(&rules.bucket, &state).await? {
+        if enqueued.contains(&state) {
             out.already += 1;
             continue;
         }

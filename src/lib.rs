@@ -16,6 +16,7 @@ pub mod cli;
 pub mod engine;
 pub mod hashing;
 pub mod infer;
+pub mod lis;
 pub mod local;
 pub mod model;
 pub mod observe;

@@ -504,6 +504,14 @@ fn the_chart_passes_helm_lint_strict() {
         "watch.enabled=true",
         "--set",
         "watch.prefix=s3://scans/incoming/",
+        "--set",
+        "lisBridge.enabled=true",
+        "--set",
+        "lisBridge.hl7.mllp=lis.lab.local:2575",
+        "--set",
+        "lisBridge.fhir.base=https://fhir.lab.local/r4",
+        "--set",
+        "lisBridge.fhir.tokenSecret.name=lis-token",
     ];
     for extra in [vec![], vec!["-f", values.to_str().unwrap()], watch.to_vec()] {
         // helm lint reports its findings on stdout.
@@ -631,6 +639,62 @@ fn the_chart_runs_the_scanner_watcher_when_enabled() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("watch.prefix"));
+}
+
+#[test]
+fn the_chart_runs_the_lis_bridge_when_enabled() {
+    assert!(
+        workloads(&render(&[]))
+            .iter()
+            .all(|w| w.subcommand.first().map(String::as_str) != Some("lis-bridge")),
+        "the bridge is off by default"
+    );
+    let objs = render(&[
+        "--set",
+        "lisBridge.enabled=true",
+        "--set",
+        "lisBridge.hl7.mllp=lis.lab.local:2575",
+        "--set",
+        "lisBridge.fhir.base=https://fhir.lab.local/r4",
+        "--set",
+        "lisBridge.fhir.tokenSecret.name=lis-token",
+    ]);
+    check_worker_pods(&objs);
+    let w = workloads(&objs);
+    let bridge = w
+        .iter()
+        .find(|w| w.subcommand == ["lis-bridge"])
+        .expect("a `cinflow lis-bridge` container");
+    let env = |k: &str| bridge.env[k].as_deref();
+    assert_eq!(env("CINFLOW_LIS_HL7_MLLP"), Some("lis.lab.local:2575"));
+    assert_eq!(
+        env("CINFLOW_LIS_FHIR_BASE"),
+        Some("https://fhir.lab.local/r4")
+    );
+    assert_eq!(
+        env("CINFLOW_LIS_FHIR_TOKEN_FILE"),
+        Some("/var/run/cinflow/lis-token/token")
+    );
+    assert_eq!(env("CINFLOW_LIS_QUEUE"), Some("cinflow.lis"));
+    assert!(bridge.env.contains_key("CINFLOW_AMQP_URL"));
+    assert!(bridge.env.contains_key("CINFLOW_FHIR_SYSTEM"));
+    let mounts = bridge.container["volumeMounts"].as_sequence().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m["mountPath"] == "/var/run/cinflow/lis-token"));
+    assert_eq!(
+        bridge.container["readinessProbe"]["httpGet"]["path"],
+        "/readyz"
+    );
+    // Without a destination the chart refuses to render.
+    let out = Command::new(helm())
+        .args(["template", "cinflow"])
+        .arg(chart())
+        .args(["--set", "lisBridge.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lisBridge.hl7.mllp"));
 }
 
 #[test]

@@ -10,6 +10,9 @@ pub struct DeadLettersArgs {
     /// Which work queue's dead letters.
     #[arg(long, value_enum, default_value = "infer")]
     pub queue: WorkQueue,
+    /// The LIS bridge's queue (with --queue lis).
+    #[arg(long, env = "CINFLOW_LIS_QUEUE", default_value = "cinflow.lis")]
+    pub lis_queue: String,
     /// Look at (or send back) at most this many messages.
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
@@ -41,9 +44,10 @@ pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<Exit> {
         let conn = connect(&a.amqp, "cinflow-dead-letters").await?;
         let ch = confirm_channel(&conn).await?;
         declare_topology(&ch, &a.amqp).await?;
+        let route = a.queue.route(&a.amqp, &a.lis_queue);
         match &a.action {
             Action::List => {
-                for d in list(&ch, &a.amqp, a.queue, a.limit).await? {
+                for d in list(&ch, &route, a.limit).await? {
                     println!("{}\t{}\t{}", d.message_id, d.dead_lettered_at, d.reason);
                 }
             }
@@ -51,22 +55,13 @@ pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<Exit> {
                 if !*all && ids.is_empty() {
                     return Err(Usage("name message ids, or --all".into()).into());
                 }
-                let sent = requeue(&ch, &a.amqp, a.queue, ids, a.limit).await?;
+                let sent = requeue(&ch, &a.amqp, &route, ids, a.limit).await?;
                 for id in &sent {
                     println!("{id}");
                 }
-                eprintln!(
-                    "sent {} message(s) back to {}",
-                    sent.len(),
-                    match a.queue {
-                        WorkQueue::Infer => &a.amqp.infer_queue,
-                        WorkQueue::Train => &a.amqp.train_queue,
-                    }
-                );
+                eprintln!("sent {} message(s) back to {}", sent.len(), route.queue);
                 if let Some(missing) = ids.iter().find(|i| !sent.contains(i)) {
-                    return Err(
-                        Input(format!("{missing} is not in {}", a.queue.dlq(&a.amqp))).into(),
-                    );
+                    return Err(Input(format!("{missing} is not in {}", route.dlq)).into());
                 }
             }
         }

@@ -16,6 +16,7 @@
 use std::process::ExitCode;
 
 use crate::infer::InferError;
+use crate::lis::LisError;
 use crate::local::classify::ClassifyError;
 use crate::model::{BundleError, HeadError, RegistryError};
 use crate::pipeline::ModelError;
@@ -135,7 +136,8 @@ impl Exit {
                     FeatureError,
                     LabelsError,
                     SplitError,
-                    WatchError
+                    WatchError,
+                    LisError
                 );
                 if let Some(io) = e.downcast_ref::<std::io::Error>() {
                     return Some(io_exit(io));
@@ -173,6 +175,15 @@ impl Classify for WatchError {
             WatchError::Usage(_) => Exit::Usage,
             WatchError::Store(e) => e.exit(),
             WatchError::Queue(e) => e.exit(),
+        }
+    }
+}
+
+impl Classify for LisError {
+    fn exit(&self) -> Exit {
+        match self {
+            LisError::Usage(_) | LisError::Fhir(_) => Exit::Usage,
+            LisError::Store(e) => e.exit(),
         }
     }
 }

@@ -73,6 +73,9 @@ pub enum Command {
     /// Scanner intake: watch an S3 prefix that scanners upload into and enqueue
     /// each complete slide version exactly once (prints each job id and slide).
     Watch(Box<crate::watch::WatchArgs>),
+    /// LIS side: deliver each result to the LIS as HL7 v2.5.1 ORU^R01 over
+    /// MLLP and/or a FHIR R4 transaction, acking only what the LIS accepted.
+    LisBridge(Box<crate::lis::LisBridgeArgs>),
     /// List the dead-letter queue with each message's reason, or send messages back to work.
     DeadLetters(Box<deadletters::DeadLettersArgs>),
     /// Broker queues: `migrate` recreates queues an earlier release declared
@@ -323,6 +326,14 @@ fn run(command: Command) -> anyhow::Result<Exit> {
                 .enable_all()
                 .build()?
                 .block_on(crate::watch::run(&a))?;
+            Ok(Exit::Success)
+        }
+        Command::LisBridge(a) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(crate::lis::run(*a))?;
             Ok(Exit::Success)
         }
         Command::DeadLetters(a) => deadletters::run(&a),

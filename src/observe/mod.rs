@@ -137,6 +137,15 @@ pub struct Metrics {
     pub watch_waiting: Gauge,
     /// `cinflow watch`: 1 while this watcher is the active one of its prefix.
     pub watch_active: Gauge,
+    /// `cinflow lis-bridge`: deliveries by destination (`hl7`, `fhir`) and
+    /// outcome (`accepted`, `refused`, `failed`, `skipped`).
+    pub lis_deliveries: Family<DeliveryLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub destination: String,
+    pub outcome: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -178,6 +187,7 @@ impl Metrics {
             watch_slides: Family::default(),
             watch_waiting: Gauge::default(),
             watch_active: Gauge::default(),
+            lis_deliveries: Family::default(),
         };
         m.registry.register(
             "jobs",
@@ -291,7 +301,22 @@ impl Metrics {
             "1 while this watcher is the active one of its prefix",
             m.watch_active.clone(),
         );
+        m.registry.register(
+            "lis_deliveries",
+            "Results the LIS bridge delivered, by destination (hl7, fhir) and outcome (accepted, refused, failed, skipped)",
+            m.lis_deliveries.clone(),
+        );
         m
+    }
+
+    /// Counts one LIS delivery of the bridge.
+    pub fn lis_delivered(&self, destination: &str, outcome: &str) {
+        self.lis_deliveries
+            .get_or_create(&DeliveryLabels {
+                destination: destination.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Counts `n` complete slides of a watcher's listing with `outcome`.

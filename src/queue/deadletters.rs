@@ -18,20 +18,44 @@ pub const REQUEUED_HEADER: &str = "x-cinflow-requeued-after";
 pub enum WorkQueue {
     Infer,
     Train,
+    /// The LIS bridge's queue (its name: `--lis-queue`).
+    Lis,
+}
+
+/// A dead-letter queue and where its messages go back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRoute {
+    pub dlq: String,
+    /// The work queue the messages came from.
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
 }
 
 impl WorkQueue {
-    pub fn dlq(self, cfg: &AmqpConfig) -> String {
+    /// The route of this queue's dead letters; `lis_queue`: the bridge's queue.
+    pub fn route(self, cfg: &AmqpConfig, lis_queue: &str) -> DeadLetterRoute {
         match self {
-            WorkQueue::Infer => cfg.infer_dlq(),
-            WorkQueue::Train => cfg.train_dlq(),
-        }
-    }
-
-    fn routing_key(self) -> &'static str {
-        match self {
-            WorkQueue::Infer => INFER_KEY,
-            WorkQueue::Train => TRAIN_KEY,
+            WorkQueue::Infer => DeadLetterRoute {
+                dlq: cfg.infer_dlq(),
+                queue: cfg.infer_queue.clone(),
+                exchange: cfg.jobs_exchange.clone(),
+                routing_key: INFER_KEY.into(),
+            },
+            WorkQueue::Train => DeadLetterRoute {
+                dlq: cfg.train_dlq(),
+                queue: cfg.train_queue.clone(),
+                exchange: cfg.jobs_exchange.clone(),
+                routing_key: TRAIN_KEY.into(),
+            },
+            // Straight back to the bridge's queue (default exchange), not to
+            // the results exchange, which would reach every subscriber again.
+            WorkQueue::Lis => DeadLetterRoute {
+                dlq: format!("{lis_queue}.dlq"),
+                queue: lis_queue.to_string(),
+                exchange: String::new(),
+                routing_key: lis_queue.to_string(),
+            },
         }
     }
 }
@@ -108,11 +132,10 @@ async fn give_back(messages: Vec<lapin::message::BasicGetMessage>) -> Result<(),
 /// The first `limit` dead letters, left in the queue.
 pub async fn list(
     ch: &Channel,
-    cfg: &AmqpConfig,
-    queue: WorkQueue,
+    route: &DeadLetterRoute,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, QueueError> {
-    let taken = take(ch, &queue.dlq(cfg), limit).await?;
+    let taken = take(ch, &route.dlq, limit).await?;
     let out = taken.iter().map(describe).collect();
     give_back(taken).await?;
     Ok(out)
@@ -126,11 +149,11 @@ pub async fn list(
 pub async fn requeue(
     ch: &Channel,
     cfg: &AmqpConfig,
-    queue: WorkQueue,
+    route: &DeadLetterRoute,
     ids: &[String],
     limit: usize,
 ) -> Result<Vec<String>, QueueError> {
-    let taken = take(ch, &queue.dlq(cfg), limit).await?;
+    let taken = take(ch, &route.dlq, limit).await?;
     let mut sent = Vec::new();
     let mut keep = Vec::new();
     for m in taken {
@@ -147,8 +170,8 @@ pub async fn requeue(
         publish_json(
             ch,
             cfg,
-            &cfg.jobs_exchange,
-            queue.routing_key(),
+            &route.exchange,
+            &route.routing_key,
             &d.message_id,
             &d.body,
             Some(headers),

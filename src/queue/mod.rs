@@ -335,6 +335,78 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
     Ok(())
 }
 
+/// A consumer's own durable queue on an exchange of the topology (the LIS
+/// bridge on the results exchange), with the same failure handling as the
+/// work queues: a delivery limit, at-least-once dead-lettering into
+/// `<queue>.dlq` (through the dead-letter exchange), and a delay queue
+/// `<queue>.delay` whose expired messages go back to the queue through the
+/// default exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub queue: String,
+    pub exchange: String,
+    /// Binding keys (topic patterns such as `result.*`).
+    pub keys: Vec<String>,
+}
+
+impl Subscription {
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+}
+
+/// Declares a subscription's queues and bindings (idempotent).
+pub async fn declare_subscription(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    sub: &Subscription,
+) -> Result<(), QueueError> {
+    let dlq = sub.dlq();
+    let mut work = quorum_args(&cfg.dead_letter_exchange(), &dlq);
+    work.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongInt(cfg.delivery_limit as i32),
+    );
+    declare_queue(ch, &sub.queue, work).await?;
+    for key in &sub.keys {
+        ch.queue_bind(
+            sub.queue.as_str().into(),
+            sub.exchange.as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp(format!("bind {} to {}", sub.queue, sub.exchange)))?;
+    }
+    let delay = AmqpConfig::delay_queue(&sub.queue);
+    declare_queue(ch, &delay, quorum_args("", &sub.queue)).await?;
+    declare_queue(ch, &dlq, plain_quorum_args()).await?;
+    ch.queue_bind(
+        dlq.as_str().into(),
+        cfg.dead_letter_exchange().as_str().into(),
+        dlq.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(amqp(format!("bind {dlq}")))
+}
+
+/// Deletes a subscription's queues (test clean-up); absent ones are no error.
+pub async fn delete_subscription(ch: &Channel, sub: &Subscription) -> Result<(), QueueError> {
+    for q in [
+        sub.queue.clone(),
+        AmqpConfig::delay_queue(&sub.queue),
+        sub.dlq(),
+    ] {
+        ch.queue_delete(q.as_str().into(), Default::default())
+            .await
+            .map_err(amqp(format!("delete queue {q}")))?;
+    }
+    Ok(())
+}
+
 /// Deletes every queue and exchange of the topology (test and benchmark
 /// clean-up: quorum queues left behind weigh on a shared broker). Absent ones
 /// are no error; the first real failure is returned.

@@ -10,14 +10,25 @@
 //! when images failed, `cancelled` when nothing was graded): a computer-assisted
 //! grade for a pathologist to review, never a signed-out diagnosis.
 //! Patient, specimen and order are logical references by identifier, in the
-//! identifier systems the lab configures.
+//! identifier systems the lab configures. Grades carry SNOMED CT codes, the
+//! report LOINC codes, and cinflow's own codes one fixed code system
+//! ([`super::codes`]); the report and its findings carry the AI-asserted
+//! security label (`AIAST`).
+//!
+//! Two packagings of the same content: [`diagnostic_report`], the
+//! self-contained report stored beside the result, and [`transaction`], a
+//! transaction `Bundle` for a FHIR server (`cinflow lis-bridge`) in which every
+//! finding is an entry of its own that the server can search, each written by
+//! a conditional update on its identifier (so a redelivered result updates
+//! instead of duplicating), with a `Provenance` naming the model as author.
 
 use serde_json::{json, Value};
 
+use super::codes::{
+    snomed_grade, AI_ASSERTED, CODE_SYSTEM, LOINC, LOINC_CERVIX_BIOPSY, LOINC_PATHOLOGY_STUDY,
+    SNOMED, UCUM,
+};
 use super::{ImageStatus, ResultRecord};
-
-/// LOINC "Pathology study".
-const LOINC_PATHOLOGY_STUDY: &str = "11526-1";
 
 /// Identifier systems of the lab's ids, under one base (`--fhir-system`).
 #[derive(Debug, Clone)]
@@ -47,6 +58,29 @@ fn coded(system: &str, code: &str, display: &str) -> Value {
     json!({ "coding": [{ "system": system, "code": code, "display": display }], "text": display })
 }
 
+/// A grade: its SNOMED CT concept where one means exactly it, and cinflow's code.
+pub fn grade_concept(class: &str) -> Value {
+    let mut coding = Vec::new();
+    if let Some((code, display)) = snomed_grade(class) {
+        coding.push(json!({ "system": SNOMED, "code": code, "display": display }));
+    }
+    coding.push(
+        json!({ "system": CODE_SYSTEM, "code": super::codes::grade_code(class), "display": class }),
+    );
+    json!({ "coding": coding, "text": class })
+}
+
+/// cinflow's own code (observation kinds, triage).
+fn local(code: &str, text: &str) -> Value {
+    coded(CODE_SYSTEM, code, text)
+}
+
+/// `meta` of what the model asserted: the AI-asserted security label.
+fn ai_meta() -> Value {
+    let (system, code, display) = AI_ASSERTED;
+    json!({ "security": [{ "system": system, "code": code, "display": display }] })
+}
+
 fn identifier(system: String, value: &str) -> Value {
     json!({ "system": system, "value": value })
 }
@@ -73,7 +107,6 @@ fn reference(id: &str) -> Value {
 pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
     let job = r.job_id.as_deref().unwrap_or("unidentified");
     let model = &r.model;
-    let local = |what: &str, code: &str, text: &str| coded(&sys.system(what), code, text);
 
     let mut versions = vec![json!({ "type": { "text": "model version" }, "value": model.version })];
     for (file, sha) in &model.sha256 {
@@ -123,6 +156,7 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         let mut o = with_context(json!({
             "resourceType": "Observation",
             "id": id,
+            "meta": ai_meta(),
             "status": "preliminary",
             "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
             "code": code,
@@ -161,7 +195,6 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
             contained.push(observation(
                 &id,
                 local(
-                    "observation",
                     &format!("probability-{class}"),
                     &format!("Probability of {class}"),
                 ),
@@ -175,25 +208,24 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         let mut grade = observation(
             &id,
             local(
-                "observation",
                 "image-grade",
                 &format!("Predicted grade of image {image_no}"),
             ),
             METHOD,
-            ("valueCodeableConcept", local("grade", pred, pred)),
+            ("valueCodeableConcept", grade_concept(pred)),
             Some(&source_id),
         );
         let mut parts = Vec::new();
         if let Some(p) = img.p_cin2_plus {
             parts.push(json!({
-                "code": local("observation", "p-cin2plus", "Probability of CIN2+"),
+                "code": local("p-cin2plus", "Probability of CIN2+"),
                 "valueQuantity": probability(f64::from(p)),
             }));
         }
         if let Some(t) = img.triage {
             parts.push(json!({
-                "code": local("observation", "cin2plus-triage", "CIN2+ triage"),
-                "valueCodeableConcept": local("triage", t.code(), t.as_str()),
+                "code": local("cin2plus-triage", "CIN2+ triage"),
+                "valueCodeableConcept": local(t.code(), t.as_str()),
             }));
         }
         if !parts.is_empty() {
@@ -251,25 +283,24 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         contained.push(observation(
             "slide-grade",
             local(
-                "observation",
                 "slide-grade",
                 "Slide grade (the image with the highest P(CIN2+))",
             ),
             &format!("rule: {}", g.rule),
-            ("valueCodeableConcept", local("grade", &g.grade, &g.grade)),
+            ("valueCodeableConcept", grade_concept(&g.grade)),
             from.as_deref(),
         ));
         results.insert(0, reference("slide-grade"));
         if let (Some(t), Some(p), Some(band)) = (g.triage, g.p_cin2_plus, &model.refer_band) {
-            let component = |code: &str, text: &str, v: f64| json!({ "code": local("observation", code, text), "valueQuantity": probability(v) });
+            let component = |code: &str, text: &str, v: f64| json!({ "code": local(code, text), "valueQuantity": probability(v) });
             let mut o = observation(
                 "slide-triage",
-                local("observation", "cin2plus-triage", "CIN2+ triage of the slide"),
+                local("cin2plus-triage", "CIN2+ triage of the slide"),
                 &format!(
                     "P(CIN2+) of the deciding image against two thresholds chosen on the {} split: below rule-out, CIN2+ unlikely; at or above rule-in, CIN2+ likely; between, or images not graded, refer",
                     band.fitted_on
                 ),
-                ("valueCodeableConcept", local("triage", t.code(), t.as_str())),
+                ("valueCodeableConcept", local(t.code(), t.as_str())),
                 from.as_deref(),
             );
             o["component"] = json!([
@@ -363,12 +394,16 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
     let mut report = json!({
         "resourceType": "DiagnosticReport",
         "id": local_id(&[job]).chars().take(64).collect::<String>(),
+        "meta": ai_meta(),
         "contained": contained,
         "identifier": identifiers,
         "status": status,
         "category": [coded("http://terminology.hl7.org/CodeSystem/v2-0074", "SP", "Surgical Pathology")],
         "code": {
-            "coding": [{ "system": "http://loinc.org", "code": LOINC_PATHOLOGY_STUDY, "display": "Pathology study" }],
+            "coding": [
+                { "system": LOINC, "code": LOINC_CERVIX_BIOPSY.0, "display": LOINC_CERVIX_BIOPSY.1 },
+                { "system": LOINC, "code": LOINC_PATHOLOGY_STUDY.0, "display": LOINC_PATHOLOGY_STUDY.1 },
+            ],
             "text": "Cervical biopsy CIN grade, computer-assisted (cinflow)",
         },
         "effectiveDateTime": r.created_at,
@@ -381,7 +416,7 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
         obj.retain(|_, v| !v.as_array().is_some_and(Vec::is_empty));
     }
     if let Some(g) = &r.slide_grade {
-        report["conclusionCode"] = json!([local("grade", &g.grade, &g.grade)]);
+        report["conclusionCode"] = json!([grade_concept(&g.grade)]);
     }
     if !media.is_empty() {
         report["media"] = Value::Array(media);
@@ -416,6 +451,146 @@ pub fn diagnostic_report(r: &ResultRecord, sys: &Systems) -> Value {
     report
 }
 
+/// The report of `r` as a FHIR transaction `Bundle`: the report, its
+/// findings and media as entries, each `PUT` by a conditional update on its
+/// identifier; the model `Device` and a `Provenance` (the model as author,
+/// the scanned images as sources) created only if none exists. `link` turns
+/// every `s3://` URI (images, overlays, the viewer, the record) into a URL
+/// the LIS's users can open.
+pub fn transaction(r: &ResultRecord, sys: &Systems, link: &dyn Fn(&str) -> String) -> Value {
+    let mut report = diagnostic_report(r, sys);
+    let report_id = report["identifier"][0].clone();
+    let (id_system, id_value) = (
+        report_id["system"].as_str().unwrap_or_default().to_string(),
+        report_id["value"].as_str().unwrap_or_default().to_string(),
+    );
+    let full_url = |local: &str| format!("urn:uuid:{}", uuid_of(&format!("{id_value}/{local}")));
+    let contained = match report.as_object_mut().and_then(|o| o.remove("contained")) {
+        Some(Value::Array(c)) => c,
+        _ => Vec::new(),
+    };
+    let mut entries = Vec::new();
+    let mut sources = Vec::new();
+    let mut findings = Vec::new();
+    let mut device_url = None;
+    for mut res in contained {
+        let kind = res["resourceType"].as_str().unwrap_or_default().to_string();
+        let local = res["id"].as_str().unwrap_or_default().to_string();
+        if let Some(o) = res.as_object_mut() {
+            o.remove("id");
+        }
+        let url = full_url(&local);
+        let request = if kind == "Device" {
+            let model = format!("{}:{}", r.model.name, r.model.version);
+            let system = sys.system("cinflow-model");
+            res["identifier"] = json!([identifier(system.clone(), &model)]);
+            device_url = Some(url.clone());
+            json!({ "method": "POST", "url": "Device", "ifNoneExist": format!("identifier={}", search_token(&system, &model)) })
+        } else {
+            let system = sys.system("cinflow-finding");
+            let value = format!("{id_value}/{local}");
+            res["identifier"] = json!([identifier(system.clone(), &value)]);
+            json!({ "method": "PUT", "url": format!("{kind}?identifier={}", search_token(&system, &value)) })
+        };
+        if kind == "Observation" {
+            findings.push(json!({ "reference": url }));
+        }
+        if local.starts_with("image-") {
+            sources.push(json!({ "role": "source", "what": { "reference": url } }));
+        }
+        entries.push(json!({ "fullUrl": url, "resource": res, "request": request }));
+    }
+    let report_url = full_url("report");
+    if let Some(o) = report.as_object_mut() {
+        o.remove("id");
+    }
+    entries.push(json!({
+        "fullUrl": report_url,
+        "resource": report,
+        "request": { "method": "PUT", "url": format!("DiagnosticReport?identifier={}", search_token(&id_system, &id_value)) },
+    }));
+    if let Some(device) = &device_url {
+        let mut targets = vec![json!({ "reference": report_url })];
+        targets.extend(findings);
+        let mut provenance = json!({
+            "resourceType": "Provenance",
+            "meta": ai_meta(),
+            "target": targets,
+            "recorded": r.created_at,
+            "activity": coded("http://terminology.hl7.org/CodeSystem/v3-DataOperation", "CREATE", "create"),
+            "agent": [{
+                "type": coded("http://terminology.hl7.org/CodeSystem/provenance-participant-type", "author", "Author"),
+                "who": { "reference": device },
+            }],
+        });
+        if !sources.is_empty() {
+            provenance["entity"] = Value::Array(sources);
+        }
+        entries.push(json!({
+            "fullUrl": full_url("provenance"),
+            "resource": provenance,
+            "request": {
+                "method": "POST",
+                "url": "Provenance",
+                "ifNoneExist": format!("target:DiagnosticReport.identifier={}", search_token(&id_system, &id_value)),
+            },
+        }));
+    }
+    let mut bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+    rewrite(&mut bundle, &|local: &str| full_url(local), link);
+    bundle
+}
+
+/// Local references (`#id`) to the entries' full URLs, and `s3://` URLs to links.
+fn rewrite(v: &mut Value, full_url: &dyn Fn(&str) -> String, link: &dyn Fn(&str) -> String) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                let new = match (k.as_str(), x.as_str()) {
+                    ("reference", Some(r)) if r.starts_with('#') => Some(full_url(&r[1..])),
+                    ("url", Some(u)) if u.starts_with("s3://") => Some(link(u)),
+                    _ => None,
+                };
+                match new {
+                    Some(n) => *x = Value::String(n),
+                    None => rewrite(x, full_url, link),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite(x, full_url, link)),
+        _ => {}
+    }
+}
+
+/// A token search value `system|value`, percent-encoded for a query string.
+fn search_token(system: &str, value: &str) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    format!("{}|{}", enc(system), enc(value))
+}
+
+/// A name-based UUID (the version and variant bits of RFC 9562's version 8)
+/// from the sha256 of `name`: the same resource gets the same full URL.
+fn uuid_of(name: &str) -> String {
+    let h = crate::hashing::sha256_hex(name.as_bytes());
+    format!(
+        "{}-{}-8{}-a{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
 /// A contained `Media` the model made (an overlay, the preprocessed image).
 fn model_media(id: &str, modality: &str, url: &str, title: &str, note: &str) -> Value {
     json!({
@@ -432,7 +607,7 @@ fn model_media(id: &str, modality: &str, url: &str, title: &str, note: &str) -> 
 
 /// A probability (or a threshold on one) as a UCUM quantity of unit 1.
 fn probability(v: f64) -> Value {
-    json!({ "value": (v * 1e6).round() / 1e6, "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1" })
+    json!({ "value": (v * 1e6).round() / 1e6, "unit": "probability", "system": UCUM, "code": "1" })
 }
 
 fn content_type(uri: &str) -> &'static str {

@@ -9,6 +9,7 @@ use crate::pipeline::{BatchInfo, Graded, Prepared, StageTimings};
 use crate::preprocess::ClaheParams;
 use crate::quality::ImageQuality;
 
+pub mod codes;
 pub mod fhir;
 
 pub const RESULT_SCHEMA: &str = "cinflow.result/v2";

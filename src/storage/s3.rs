@@ -252,6 +252,34 @@ impl S3Client {
         Ok(bytes)
     }
 
+    /// A URL that reads the object without credentials until `lifetime` has
+    /// passed (SigV4 query signing; at most 7 days). Made locally, no request.
+    pub async fn presign_get(
+        &self,
+        bucket: &str,
+        key: &str,
+        lifetime: Duration,
+    ) -> Result<String, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let config =
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(lifetime).map_err(|e| {
+                StoreError::Backend {
+                    uri: uri.clone(),
+                    detail: format!("cannot presign: {e}"),
+                }
+            })?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| classify(&uri, &e))?;
+        Ok(req.uri().to_string())
+    }
+
     /// Writes an object (with its sha256 as metadata). `bytes` is cheap to
     /// clone, so a retried PUT sends the same buffer again.
     pub async fn put(

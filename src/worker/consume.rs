@@ -94,6 +94,10 @@ pub struct ConsumeOptions {
     pub amqp: AmqpConfig,
     pub queue: String,
     pub dlq: String,
+    /// A subscriber's own queue (the LIS bridge): declared with its delay and
+    /// dead-letter queues and bound to an exchange; None for the work queues
+    /// of the jobs topology.
+    pub subscribe: Option<crate::queue::Subscription>,
     pub prefetch: u16,
     pub drain: Duration,
     /// Longest a job may run before it counts as failed.
@@ -303,6 +307,9 @@ async fn open(opts: &ConsumeOptions) -> Result<Session, QueueError> {
         .await
         .map_err(amqp("open channel"))?;
     declare_topology(&channel, &opts.amqp).await?;
+    if let Some(sub) = &opts.subscribe {
+        crate::queue::declare_subscription(&channel, &opts.amqp, sub).await?;
+    }
     channel
         .basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
         .await

@@ -3,7 +3,8 @@
 //!
 //! `results/<job_id>/<model>/<version>/`:
 //! `result.json` (written last), `diagnostic-report.json`, `viewer.html`, and per image
-//! `images/NNN/<artifact>` (see [`crate::pipeline::artifacts`]).
+//! `images/NNN/<artifact>` (see [`crate::pipeline::artifacts`]); the LIS
+//! bridge adds `lis/<destination>.json`, what the LIS answered.
 
 use crate::model::Manifest;
 use crate::storage::join_key;
@@ -19,6 +20,20 @@ impl Keys {
         Keys {
             prefix: join_key(&[results_prefix, job_id, &m.name, &m.version]),
         }
+    }
+
+    /// The keys of the result set whose record is at `result_key`
+    /// (`.../result.json`), as the LIS bridge finds it in a result event.
+    pub fn of_result(result_key: &str) -> Option<Keys> {
+        let prefix = result_key.strip_suffix("/result.json")?;
+        (!prefix.is_empty()).then(|| Keys {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The LIS bridge's delivery receipt for one destination (`hl7`, `fhir`).
+    pub fn lis_receipt(&self, destination: &str) -> String {
+        join_key(&[&self.prefix, "lis", &format!("{destination}.json")])
     }
 
     pub fn result(&self) -> String {

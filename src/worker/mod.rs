@@ -46,9 +46,9 @@ use crate::storage::S3Config;
 pub use error::JobError;
 pub use settle::{Outcome, REASON_HEADER};
 
-/// How a worker runs jobs.
+/// How a consumer (a worker, the LIS bridge) takes messages, retries and stops.
 #[derive(Debug, Clone, clap::Args)]
-pub struct WorkerConfig {
+pub struct ConsumerConfig {
     /// Jobs processed at once; also the AMQP prefetch (training workers always take 1).
     #[arg(long, env = "CINFLOW_CONCURRENCY", default_value_t = 2)]
     pub concurrency: u16,
@@ -70,7 +70,8 @@ pub struct WorkerConfig {
     pub retry_rounds: u32,
     /// Longest a job may run, in seconds; then it counts as a failed delivery.
     /// Keep it below the broker's `consumer_timeout`. Default: 1500 (25
-    /// minutes) for inference, 18000 (5 hours) for training.
+    /// minutes) for inference, 18000 (5 hours) for training, 600 for the LIS
+    /// bridge.
     #[arg(long, env = "CINFLOW_JOB_TIMEOUT_S")]
     pub job_timeout_s: Option<u64>,
     /// /healthz fails when jobs are in flight and none has made progress (an
@@ -85,6 +86,67 @@ pub struct WorkerConfig {
     /// Longest backoff, in milliseconds.
     #[arg(long, env = "CINFLOW_RETRY_BACKOFF_MAX_MS", default_value_t = 30_000)]
     pub retry_backoff_max_ms: u64,
+    /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
+    #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
+}
+
+impl ConsumerConfig {
+    /// How long a step retries transient failures (`--retry-for-s`, backoff flags).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first: Duration::from_millis(self.retry_backoff_ms.max(1)),
+            max: Duration::from_millis(self.retry_backoff_max_ms.max(self.retry_backoff_ms)),
+            limit: Limit::For(Duration::from_secs(self.retry_for_s)),
+        }
+    }
+
+    /// Starts the metrics and health server unless `--metrics-addr off`.
+    pub async fn serve_http(&self) -> anyhow::Result<()> {
+        if self.metrics_addr != "off" {
+            crate::observe::http::serve(&self.metrics_addr).await?;
+        }
+        Ok(())
+    }
+
+    /// The consumer loop's options for `queue` (dead letters to `dlq`).
+    pub fn consume_options(
+        &self,
+        amqp: &AmqpConfig,
+        queue: String,
+        dlq: String,
+        prefetch: u16,
+        name: &str,
+        default_job_timeout_s: u64,
+    ) -> consume::ConsumeOptions {
+        crate::observe::health().set_stall_limit(Duration::from_secs(self.stall_limit_s));
+        consume::ConsumeOptions {
+            amqp: amqp.clone(),
+            queue,
+            dlq,
+            subscribe: None,
+            prefetch,
+            drain: Duration::from_secs(self.drain_timeout_s),
+            job_timeout: Duration::from_secs(
+                self.job_timeout_s.unwrap_or(default_job_timeout_s).max(1),
+            ),
+            retry_delay: Duration::from_secs(self.retry_delay_s),
+            retry_rounds: self.retry_rounds,
+            settle_retry: self.retry_policy(),
+            backoff_min: Duration::from_millis(self.retry_backoff_ms.max(1)),
+            backoff_max: Duration::from_millis(
+                self.retry_backoff_max_ms.max(self.retry_backoff_ms),
+            ),
+            connection_name: name.to_string(),
+        }
+    }
+}
+
+/// How a worker runs jobs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub consumer: ConsumerConfig,
     /// Key prefix of results in the worker's bucket.
     #[arg(long, env = "CINFLOW_RESULTS_PREFIX", default_value = "results")]
     pub results_prefix: String,
@@ -103,9 +165,6 @@ pub struct WorkerConfig {
     /// Largest message body accepted, in bytes; larger ones are refused.
     #[arg(long, env = "CINFLOW_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
     pub max_message_bytes: usize,
-    /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
-    #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-    pub metrics_addr: String,
 }
 
 impl WorkerConfig {
@@ -128,11 +187,7 @@ impl WorkerConfig {
 
     /// How long a step retries transient failures (`--retry-for-s`, backoff flags).
     pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            first: Duration::from_millis(self.retry_backoff_ms.max(1)),
-            max: Duration::from_millis(self.retry_backoff_max_ms.max(self.retry_backoff_ms)),
-            limit: Limit::For(Duration::from_secs(self.retry_for_s)),
-        }
+        self.consumer.retry_policy()
     }
 }
 
@@ -192,14 +247,6 @@ impl EngineArgs {
             n => n,
         }
     }
-}
-
-/// Starts the metrics and health server unless `--metrics-addr off`.
-pub async fn serve_http(cfg: &WorkerConfig) -> anyhow::Result<()> {
-    if cfg.metrics_addr != "off" {
-        crate::observe::http::serve(&cfg.metrics_addr).await?;
-    }
-    Ok(())
 }
 
 /// The served model: a name in the S3 registry and the alias to follow.
@@ -288,43 +335,13 @@ pub const INFER_JOB_TIMEOUT_S: u64 = 1500;
 /// Default `--job-timeout-s` of the training worker.
 pub const TRAIN_JOB_TIMEOUT_S: u64 = 18_000;
 
-fn consume_options(
-    amqp: &AmqpConfig,
-    worker: &WorkerConfig,
-    queue: String,
-    dlq: String,
-    prefetch: u16,
-    name: &str,
-    default_job_timeout_s: u64,
-) -> consume::ConsumeOptions {
-    crate::observe::health().set_stall_limit(Duration::from_secs(worker.stall_limit_s));
-    consume::ConsumeOptions {
-        amqp: amqp.clone(),
-        queue,
-        dlq,
-        prefetch,
-        drain: Duration::from_secs(worker.drain_timeout_s),
-        job_timeout: Duration::from_secs(
-            worker.job_timeout_s.unwrap_or(default_job_timeout_s).max(1),
-        ),
-        retry_delay: Duration::from_secs(worker.retry_delay_s),
-        retry_rounds: worker.retry_rounds,
-        settle_retry: worker.retry_policy(),
-        backoff_min: Duration::from_millis(worker.retry_backoff_ms.max(1)),
-        backoff_max: Duration::from_millis(
-            worker.retry_backoff_max_ms.max(worker.retry_backoff_ms),
-        ),
-        connection_name: name.to_string(),
-    }
-}
-
 /// Runs the inference worker until SIGTERM/SIGINT.
 pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let name = worker_name("infer");
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
     // Up before the model loads: live at once, ready only once it is served.
-    serve_http(&args.worker).await?;
+    args.worker.consumer.serve_http().await?;
     let stores = Arc::new(stores::Stores::connect(args.s3.clone()).await?);
     let serving = Arc::new(load_served_model(&args, &stores, &shutdown).await?);
     {
@@ -362,12 +379,11 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         worker_name: name.clone(),
         next_tag: Default::default(),
     });
-    let opts = consume_options(
+    let opts = args.worker.consumer.consume_options(
         &args.amqp,
-        &args.worker,
         args.amqp.infer_queue.clone(),
         args.amqp.infer_dlq(),
-        args.worker.concurrency,
+        args.worker.consumer.concurrency,
         &name,
         INFER_JOB_TIMEOUT_S,
     );

@@ -473,7 +473,7 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
     let shutdown = super::shutdown_signal()?;
     let name = super::worker_name("train");
     tracing::info!(worker = %name, amqp = ?args.amqp, s3 = ?args.s3, "starting");
-    super::serve_http(&args.worker).await?;
+    args.worker.consumer.serve_http().await?;
     // Nothing to load before consuming: a job brings its own base model.
     crate::observe::health().set_model_loaded(true);
     let handler = Arc::new(TrainWorker {
@@ -481,9 +481,8 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
         args: args.clone(),
         worker_name: name.clone(),
     });
-    let opts = super::consume_options(
+    let opts = args.worker.consumer.consume_options(
         &args.amqp,
-        &args.worker,
         args.amqp.train_queue.clone(),
         args.amqp.train_dlq(),
         1,

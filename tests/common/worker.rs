@@ -278,12 +278,24 @@ impl Fixture {
 
     /// Starts `cinflow worker <kind>` on this fixture's topology and registry.
     pub fn spawn(&self, kind: &str, extra: &[(&str, &str)]) -> Worker {
+        self.spawn_command(&["worker", kind], extra)
+    }
+
+    /// Starts `cinflow <args>` as a long-running service (a worker, the LIS
+    /// bridge) with this fixture's broker, bucket and registry settings.
+    pub fn spawn_command(&self, args: &[&str], extra: &[(&str, &str)]) -> Worker {
+        let name: String = args
+            .iter()
+            .take(2)
+            .flat_map(|a| a.chars())
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
         let log = self
             .tmp
             .path()
-            .join(format!("worker-{kind}-{}.log", super::unique_prefix("w")));
+            .join(format!("{name}-{}.log", super::unique_prefix("w")));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = self.command(&["worker", kind]);
+        let mut cmd = self.command(args);
         cmd.env("CINFLOW_AMQP_HEARTBEAT_S", "10")
             .env("CINFLOW_S3_BUCKET", &self.s3.bucket)
             .env("CINFLOW_S3_ATTEMPTS", "2")
@@ -446,10 +458,16 @@ impl Fixture {
 
     /// Messages in the inference dead-letter queue: (message id, reason, body).
     pub fn dead_letters(&self, expect: usize) -> Vec<(String, String, Vec<u8>)> {
+        self.dead_letters_in(&self.amqp.infer_dlq(), expect)
+    }
+
+    /// Messages in a dead-letter queue, waiting up to a minute for `expect`
+    /// of them: (message id, reason, body).
+    pub fn dead_letters_in(&self, dlq: &str, expect: usize) -> Vec<(String, String, Vec<u8>)> {
         let mut out = Vec::new();
         let t = Instant::now();
         while out.len() < expect && t.elapsed() < Duration::from_secs(60) {
-            if let Some(m) = self.get(&self.amqp.infer_dlq(), Duration::from_millis(500)) {
+            if let Some(m) = self.get(dlq, Duration::from_millis(500)) {
                 let p = &m.delivery.properties;
                 let reason = p
                     .headers()

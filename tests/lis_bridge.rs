@@ -1,0 +1,525 @@
+//! `cinflow lis-bridge` against a stand-in LIS built from independent
+//! libraries (tools/lis_peer.py: python-hl7's MLLP receiver validating each
+//! ORU^R01 with hl7apy, and a FHIR server validating each transaction Bundle
+//! with fhir.resources and carrying out its conditional updates), with real
+//! results from a real inference worker on the real RabbitMQ and Garage.
+//!
+//! One run covers: delivery of a graded slide in both protocols with the
+//! result's own numbers and codes and links a browser opens; a redelivered
+//! result sent nowhere twice (receipts) and, without its receipt, updating
+//! the FHIR server's report instead of adding one; a refusing LIS
+//! (dead-lettered with the LIS's answer); an LIS that drops connections and
+//! answers 503 (retried until accepted, once); a bridge killed while waiting
+//! for an ACK (the restarted one delivers, with the same message control id);
+//! and a result no LIS could file.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cinflow::result::codes::snomed_grade;
+use cinflow::result::ResultRecord;
+use cinflow::storage::ObjectStore;
+use common::worker::{Fixture, Worker};
+use serde_json::Value;
+
+/// The stand-in LIS; killed when dropped.
+struct Peer {
+    child: Child,
+    log: PathBuf,
+    mllp: u16,
+    http: u16,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    fn start(dir: &Path, token_file: &Path) -> Peer {
+        let (mllp, http) = (common::http::free_port(), common::http::free_port());
+        let log = dir.join("lis-peer.jsonl");
+        let mut child = Command::new(common::python())
+            .arg(common::root().join("tools/lis_peer.py"))
+            .args(["--mllp-port", &mllp.to_string()])
+            .args(["--http-port", &http.to_string()])
+            .arg("--log")
+            .arg(&log)
+            .arg("--token-file")
+            .arg(token_file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start tools/lis_peer.py");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        assert_eq!(line.trim(), "ready", "lis_peer.py did not start");
+        Peer {
+            child,
+            log,
+            mllp,
+            http,
+        }
+    }
+
+    fn entries(&self, kind: &str) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// HL7 messages received for the order `accession`.
+    fn hl7_of(&self, accession: &str) -> Vec<Value> {
+        self.entries("hl7")
+            .into_iter()
+            .filter(|e| {
+                e["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("|{accession}|"))
+            })
+            .collect()
+    }
+
+    /// FHIR Bundles received for the report whose identifier is `report_id`.
+    fn fhir_of(&self, report_id: &str) -> Vec<Value> {
+        self.entries("fhir")
+            .into_iter()
+            .filter(|e| {
+                e["bundle"]
+                    .to_string()
+                    .contains(&format!("\"{report_id}\""))
+            })
+            .collect()
+    }
+
+    fn control(&self, query: &str) {
+        let (status, _) = common::http::get(self.http, &format!("/_control?{query}")).unwrap();
+        assert_eq!(status, 200);
+    }
+
+    fn store(&self) -> Value {
+        let (status, body) = common::http::get(self.http, "/_store").unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// GET of an http:// URL with its own Host header (presigned URLs sign it): (status, body).
+fn fetch(url: &str) -> (u16, Vec<u8>) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, raw[head_end + 4..].to_vec())
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn start_bridge(fx: &Fixture, peer: &Peer, queue: &str, token: &Path, metrics: u16) -> Worker {
+    let w = fx.spawn_command(
+        &[
+            "lis-bridge",
+            "--lis-queue",
+            queue,
+            "--hl7-mllp",
+            &format!("127.0.0.1:{}", peer.mllp),
+            "--hl7-patient-authority",
+            "LAB",
+            "--hl7-ack-timeout-s",
+            "60",
+            "--fhir-base",
+            &format!("http://127.0.0.1:{}/fhir", peer.http),
+            "--fhir-token-file",
+            token.to_str().unwrap(),
+            "--link-lifetime-s",
+            "3600",
+        ],
+        &[
+            ("CINFLOW_METRICS_ADDR", &format!("127.0.0.1:{metrics}")),
+            ("CINFLOW_RETRY_FOR_S", "20"),
+            ("CINFLOW_RETRY_BACKOFF_MS", "100"),
+            ("CINFLOW_RETRY_BACKOFF_MAX_MS", "500"),
+            ("CINFLOW_RETRY_DELAY_S", "1"),
+        ],
+    );
+    wait_for("the bridge to be ready", Duration::from_secs(60), || {
+        (common::http::get(metrics, "/readyz").map(|r| r.0) == Some(200)).then_some(())
+    });
+    w
+}
+
+/// An HL7 field (python-hl7 indexes MSH from MSH-1, the separator, like the rest).
+fn field(seg: &[Value], n: usize) -> &str {
+    seg.get(n).and_then(Value::as_str).unwrap_or("")
+}
+
+fn segments<'a>(msg: &'a Value, name: &str) -> Vec<&'a Vec<Value>> {
+    msg["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_array().unwrap())
+        .filter(|s| s[0] == name)
+        .collect()
+}
+
+fn publish_result(fx: &Fixture, record: &[u8], id: &str) {
+    fx.rt
+        .block_on(cinflow::queue::publish_event(
+            &fx.channel,
+            &fx.amqp,
+            "result.ok",
+            id,
+            record,
+        ))
+        .unwrap();
+}
+
+#[test]
+fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
+    let fx = Fixture::new("lisbridge", 4);
+    let token = fx.tmp.path().join("fhir-token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let peer = Peer::start(fx.tmp.path(), &token);
+    let queue = format!("{}.lis", fx.prefix);
+    let metrics = common::http::free_port();
+    let worker = fx.spawn("infer", &[]);
+    let mut bridge = start_bridge(&fx, &peer, &queue, &token, metrics);
+    let images = fx.images(2, 640, 480);
+    let job = |id: &str, patient: Option<&str>| {
+        let mut j = fx.job(id, &images);
+        j.patient_id = patient.map(str::to_string);
+        j.specimen_id = Some(format!("SP-{id}"));
+        j
+    };
+
+    // A graded slide, in both protocols.
+    fx.publish(&job("a", Some("PAT-1")));
+    // Not wait_graded: the bridge adds its receipts to the result set.
+    let r = fx.wait_result("a", "v1", &worker);
+    let report_of = |job: &str| format!("{job}:{}:v1", fx.model);
+    let hl7 = wait_for("the ORU of job a", Duration::from_secs(60), || {
+        let m = peer.hl7_of("ACC-a");
+        (!m.is_empty()).then(|| m[0].clone())
+    });
+    assert_eq!(hl7["valid"], true, "{hl7}");
+    assert_eq!(hl7["answer"], "AA");
+    assert_eq!(
+        hl7["groups"],
+        serde_json::json!(["ORU_R01_PATIENT", "ORU_R01_ORDER_OBSERVATION"])
+    );
+    let msh = segments(&hl7, "MSH")[0];
+    assert_eq!(field(msh, 9), "ORU^R01^ORU_R01");
+    assert_eq!(field(msh, 12), "2.5.1");
+    assert_eq!(field(msh, 10), cinflow::lis::hl7::control_id(&r));
+    assert_eq!(field(segments(&hl7, "PID")[0], 3), "PAT-1^^^LAB^MR");
+    let obr = segments(&hl7, "OBR")[0];
+    assert_eq!(field(obr, 2), "ACC-a");
+    assert!(field(obr, 4).starts_with("65753-6^Cervix Pathology biopsy report^LN"));
+    assert_eq!(field(obr, 25), "P");
+    assert!(field(segments(&hl7, "NTE")[0], 3).starts_with("PRELIMINARY"));
+    assert_eq!(field(segments(&hl7, "SPM")[0], 2), "SP-a&CINFLOW");
+    let obx = segments(&hl7, "OBX");
+    let find = |code: &str, sub: &str| {
+        obx.iter()
+            .find(|s| field(s, 3).starts_with(&format!("{code}^")) && field(s, 4) == sub)
+            .unwrap_or_else(|| panic!("no OBX {code} sub-id {sub:?}: {obx:?}"))
+    };
+    let g = r.slide_grade.as_ref().unwrap();
+    let grade = field(find("slide-grade", ""), 5);
+    match snomed_grade(&g.grade) {
+        Some((code, _)) => assert!(grade.starts_with(&format!("{code}^")), "{grade}"),
+        None => assert!(grade.starts_with("grade-"), "{grade}"),
+    }
+    assert!(grade.ends_with(&format!("^{}^99CIN", g.grade)), "{grade}");
+    assert!(obx.iter().all(|s| field(s, 11) == "P"));
+    // Every probability as the record has it (written with 6 decimals).
+    for (n, img) in r.images.iter().enumerate() {
+        for (class, p) in img.probabilities.as_ref().unwrap() {
+            let v: f64 = field(
+                find(&format!("probability-{class}"), &(n + 1).to_string()),
+                5,
+            )
+            .parse()
+            .unwrap();
+            assert!((v - f64::from(*p)).abs() <= 5e-7, "{class}: {v} vs {p}");
+        }
+    }
+    // Links a browser opens: the viewer page, presigned.
+    let viewer = field(find("viewer", ""), 5).to_string();
+    assert!(
+        viewer.starts_with("http://") && viewer.contains("X-Amz-Signature="),
+        "{viewer}"
+    );
+    let (status, page) = fetch(&viewer);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&page));
+    assert!(String::from_utf8_lossy(&page).contains("<html"));
+    let (status, jpeg) = fetch(field(find("preprocessed-image", "1"), 5));
+    assert_eq!((status, &jpeg[..2]), (200, &[0xFF, 0xD8][..]));
+
+    let fhir = wait_for("the Bundle of job a", Duration::from_secs(60), || {
+        let b = peer.fhir_of(&report_of("a"));
+        (!b.is_empty()).then(|| b[0].clone())
+    });
+    assert_eq!(
+        (fhir["valid"].clone(), fhir["status"].clone()),
+        (Value::Bool(true), 200.into()),
+        "{fhir}"
+    );
+    let report_id = report_of("a");
+    let store = peer.store();
+    let reports: Vec<&Value> = store["DiagnosticReport"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|d| d["identifier"][0]["value"] == report_id.as_str())
+        .collect();
+    assert_eq!(reports.len(), 1);
+    let report = reports[0];
+    assert_eq!(report["meta"]["security"][0]["code"], "AIAST");
+    assert_eq!(report["code"]["coding"][0]["code"], "65753-6");
+    assert_eq!(report["status"], "preliminary");
+    assert!(report.get("contained").is_none());
+    let observations: Vec<&Value> = store["Observation"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|o| {
+            o["identifier"][0]["value"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{report_id}/"))
+        })
+        .collect();
+    // Per image a grade and 4 probabilities, plus the slide grade and triage.
+    assert_eq!(observations.len(), 2 * 5 + 2);
+    assert_eq!(
+        report["result"].as_array().unwrap().len(),
+        observations.len()
+    );
+    let slide = observations
+        .iter()
+        .find(|o| o["identifier"][0]["value"] == format!("{report_id}/slide-grade").as_str())
+        .unwrap();
+    assert_eq!(slide["meta"]["security"][0]["code"], "AIAST");
+    assert_eq!(slide["valueCodeableConcept"]["text"], g.grade.as_str());
+    if let Some((code, _)) = snomed_grade(&g.grade) {
+        assert_eq!(
+            slide["valueCodeableConcept"]["coding"][0]["system"],
+            "http://snomed.info/sct"
+        );
+        assert_eq!(slide["valueCodeableConcept"]["coding"][0]["code"], code);
+    }
+    let provenance: Vec<&Value> = store["Provenance"].as_object().unwrap().values().collect();
+    assert_eq!(provenance.len(), 1);
+    let report_ref = format!("DiagnosticReport/{}", report["id"].as_str().unwrap());
+    assert_eq!(provenance[0]["target"][0]["reference"], report_ref.as_str());
+    let device = provenance[0]["agent"][0]["who"]["reference"]
+        .as_str()
+        .unwrap();
+    assert!(device.starts_with("Device/"), "{device}");
+    let hl7_receipt = r
+        .result_uri
+        .as_deref()
+        .unwrap()
+        .replace("result.json", "lis/hl7.json");
+    let key = |uri: &str| {
+        uri.strip_prefix(&format!("s3://{}/", fx.s3.bucket))
+            .unwrap()
+            .to_string()
+    };
+    let receipt: Value =
+        serde_json::from_slice(&fx.store.get(&key(&hl7_receipt)).unwrap()).unwrap();
+    assert_eq!(receipt["answer"], "AA");
+
+    // Redelivered: sent nowhere twice; without its FHIR receipt, the server's
+    // report is updated, not duplicated.
+    let record = fx
+        .store
+        .get(&key(r.result_uri.as_deref().unwrap()))
+        .unwrap();
+    publish_result(&fx, &record, "a-again");
+    wait_for("the skipped redelivery", Duration::from_secs(30), || {
+        let m = common::http::get(metrics, "/metrics")?.1;
+        (common::http::sample(
+            &m,
+            "cinflow_lis_deliveries_total{destination=\"fhir\",outcome=\"skipped\"}",
+        ) >= 1.0)
+            .then_some(())
+    });
+    fx.store
+        .delete(&key(&hl7_receipt.replace("hl7.json", "fhir.json")))
+        .unwrap();
+    publish_result(&fx, &record, "a-once-more");
+    wait_for("the repeated Bundle", Duration::from_secs(30), || {
+        (peer.fhir_of(&report_id).len() == 2).then_some(())
+    });
+    let again = &peer.fhir_of(&report_id)[1];
+    assert_eq!(again["status"], 200);
+    let statuses: Vec<&str> = again["answer"]["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == "200 OK"), "{statuses:?}");
+    let store = peer.store();
+    let count = |kind: &str| store[kind].as_object().map_or(0, |o| o.len());
+    assert_eq!(
+        (
+            count("DiagnosticReport"),
+            count("Provenance"),
+            count("Device")
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(count("Observation"), 12);
+    assert_eq!(peer.hl7_of("ACC-a").len(), 1);
+
+    // A refusing LIS: dead-lettered with its answers.
+    fx.publish(&job("b", Some("REFUSE-9")));
+    let dead = fx.dead_letters_in(&format!("{queue}.dlq"), 1);
+    assert_eq!(dead.len(), 1);
+    let (_, reason, body) = &dead[0];
+    assert!(
+        reason.contains("hl7: the LIS at") && reason.contains("answered AR"),
+        "{reason}"
+    );
+    assert!(reason.contains("unknown patient REFUSE-9"), "{reason}");
+    assert!(
+        reason.contains("fhir: FHIR server") && reason.contains("HTTP 422"),
+        "{reason}"
+    );
+    let dead_record: ResultRecord = serde_json::from_slice(body).unwrap();
+    assert_eq!(dead_record.job_id.as_deref(), Some("b"));
+
+    // Dropped connections and 503s: retried until accepted, once.
+    peer.control("hl7_fail=2&fhir_fail=2");
+    fx.publish(&job("c", Some("PAT-3")));
+    fx.wait_result("c", "v1", &worker);
+    wait_for("job c accepted", Duration::from_secs(60), || {
+        let h = peer.hl7_of("ACC-c");
+        let f = peer.fhir_of(&report_of("c"));
+        (h.iter().any(|m| m["answer"] == "AA") && f.iter().any(|b| b["status"] == 200))
+            .then_some(())
+    });
+    let answers: Vec<String> = peer
+        .hl7_of("ACC-c")
+        .iter()
+        .map(|m| m["answer"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(answers, ["dropped", "dropped", "AA"]);
+    let fhir_c: Vec<i64> = peer
+        .fhir_of(&report_of("c"))
+        .iter()
+        .map(|b| b["status"].as_i64().unwrap())
+        .collect();
+    assert!(
+        fhir_c.iter().filter(|s| **s == 503).count() <= 2
+            && fhir_c.iter().filter(|s| **s == 200).count() == 1,
+        "{fhir_c:?}"
+    );
+    assert_eq!(
+        peer.entries("fhir")
+            .iter()
+            .filter(|e| e["status"] == 503)
+            .count(),
+        2
+    );
+
+    // Killed while waiting for an ACK: the restarted bridge delivers, with
+    // the same control id; the FHIR server still has one report.
+    peer.control("hl7_delay_s=30");
+    fx.publish(&job("d", Some("PAT-4")));
+    fx.wait_result("d", "v1", &worker);
+    wait_for("job d's ORU", Duration::from_secs(60), || {
+        (!peer.hl7_of("ACC-d").is_empty()).then_some(())
+    });
+    bridge.signal("KILL");
+    bridge.wait_exit(Duration::from_secs(10)).expect("killed");
+    peer.control("hl7_delay_s=0");
+    let bridge2 = start_bridge(&fx, &peer, &queue, &token, common::http::free_port());
+    wait_for(
+        "job d delivered after the restart",
+        Duration::from_secs(90),
+        || {
+            (peer.hl7_of("ACC-d").len() == 2 && !peer.fhir_of(&report_of("d")).is_empty())
+                .then_some(())
+        },
+    );
+    let ids: Vec<String> = peer
+        .hl7_of("ACC-d")
+        .iter()
+        .map(|m| field(segments(m, "MSH")[0], 10).to_string())
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+    let rd = fx.result("d", "v1").unwrap();
+    let receipt = rd
+        .result_uri
+        .as_deref()
+        .unwrap()
+        .replace("result.json", "lis/fhir.json");
+    wait_for("job d's receipts", Duration::from_secs(30), || {
+        fx.store.exists(&key(&receipt)).unwrap().then_some(())
+    });
+
+    // A result no LIS could file: dead-lettered, named.
+    let mut e = job("e", None);
+    e.accession_id = None;
+    fx.publish(&e);
+    let dead = fx.dead_letters_in(&format!("{queue}.dlq"), 1);
+    assert_eq!(dead.len(), 1, "{}", bridge2.log());
+    assert!(
+        dead[0]
+            .1
+            .contains("names neither a patient nor an accession id"),
+        "{}",
+        dead[0].1
+    );
+    assert!(peer.fhir_of(&report_of("e")).is_empty());
+
+    fx.rt
+        .block_on(cinflow::queue::delete_subscription(
+            &fx.channel,
+            &cinflow::queue::Subscription {
+                queue: queue.clone(),
+                exchange: fx.amqp.results_exchange.clone(),
+                keys: vec![],
+            },
+        ))
+        .unwrap();
+}

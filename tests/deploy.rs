@@ -658,6 +658,10 @@ fn the_chart_runs_the_lis_bridge_when_enabled() {
         "lisBridge.fhir.base=https://fhir.lab.local/r4",
         "--set",
         "lisBridge.fhir.tokenSecret.name=lis-token",
+        "--set",
+        "lisBridge.signout.enabled=true",
+        "--set",
+        "lisBridge.signout.mapConfigMap=signout-map",
     ]);
     check_worker_pods(&objs);
     let w = workloads(&objs);
@@ -676,6 +680,31 @@ fn the_chart_runs_the_lis_bridge_when_enabled() {
         Some("/var/run/cinflow/lis-token/token")
     );
     assert_eq!(env("CINFLOW_LIS_QUEUE"), Some("cinflow.lis"));
+    // Sign-outs: the listener, its Service, and the retrain's default manifest.
+    assert_eq!(env("CINFLOW_LIS_SIGNOUT_MLLP"), Some("0.0.0.0:2576"));
+    let prefix = env("CINFLOW_LIS_SIGNOUT_PREFIX").unwrap().to_string();
+    let retrain = w
+        .iter()
+        .find(|w| w.subcommand == ["enqueue-train"])
+        .expect("the retrain CronJob");
+    assert_eq!(
+        retrain.env["CINFLOW_TRAIN_LABELS"].as_deref(),
+        Some(format!("{prefix}/labels.csv").as_str())
+    );
+    assert_eq!(
+        env("CINFLOW_LIS_SIGNOUT_MAP"),
+        Some("/etc/cinflow/signout/signout-map.csv")
+    );
+    let svc = kind(&objs, "Service")
+        .into_iter()
+        .find(|s| {
+            s["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-lis-signout")
+        })
+        .expect("the sign-out Service");
+    assert_eq!(num(&svc["spec"]["ports"][0]["port"]), 2576);
     assert!(bridge.env.contains_key("CINFLOW_AMQP_URL"));
     assert!(bridge.env.contains_key("CINFLOW_FHIR_SYSTEM"));
     let mounts = bridge.container["volumeMounts"].as_sequence().unwrap();

@@ -523,3 +523,238 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
         ))
         .unwrap();
 }
+
+/// Sends HL7 messages with python-hl7's MLLP client (tools/hl7_send.py); the ACKs.
+fn send_hl7(port: u16, dir: &Path, messages: &[&str]) -> Vec<cinflow::lis::hl7::Ack> {
+    let files: Vec<PathBuf> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let f = dir.join(format!("msg-{}-{i}.hl7", common::unique_prefix("m")));
+            std::fs::write(&f, m).unwrap();
+            f
+        })
+        .collect();
+    let out = common::output_ok(
+        Command::new(common::python())
+            .arg(common::root().join("tools/hl7_send.py"))
+            .args(["127.0.0.1", &port.to_string()])
+            .args(&files),
+    );
+    out.split("\n\n")
+        .filter(|a| !a.trim().is_empty())
+        .map(|a| cinflow::lis::hl7::parse_ack(a).unwrap())
+        .collect()
+}
+
+/// A final (or corrected) ORU^R01 as a pathology LIS sends it: the accession
+/// as filler order number, the diagnosis as a coded OBX.
+fn signout(id: &str, accession: &str, status: &str, diagnosis: &str) -> String {
+    format!(
+        "MSH|^~\\&|LIS|PATH|CINFLOW|LAB|20261201093000+0100||ORU^R01^ORU_R01|{id}|P|2.5.1\r\
+PID|1||PAT-7^^^HOSP^MR\r\
+ORC|RE|ORD-{id}|{accession}^LIS\r\
+OBR|1|ORD-{id}|{accession}^LIS|65753-6^Cervix Pathology biopsy report^LN|||20261130|||||||||||||||20261201091500+0100|||{status}\r\
+OBX|1|CWE|22637-3^Pathology report final diagnosis^LN||{diagnosis}||||||{status}\r\
+OBX|2|TX|22637-3^Pathology report final diagnosis^LN||Cervix, biopsy: see above||||||{status}"
+    )
+}
+
+fn manifest_rows(fx: &Fixture, key: &str) -> Vec<Vec<String>> {
+    let bytes = fx.store.get(key).unwrap();
+    let mut r = csv::Reader::from_reader(bytes.as_slice());
+    assert_eq!(
+        r.headers().unwrap().iter().collect::<Vec<_>>(),
+        cinflow::lis::signout::MANIFEST_COLUMNS
+    );
+    r.records()
+        .map(|x| x.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn signed_out_diagnoses_become_training_rows_once() {
+    let fx = Fixture::new("signout", 4);
+    let queue = format!("{}.lis", fx.prefix);
+    let prefix = format!("{}/signouts", fx.prefix);
+    let manifest = format!("{prefix}/labels.csv");
+    // The lab's own training rows, kept through every update.
+    fx.store
+        .put(
+            &manifest,
+            b"path,label,patient_id\ns3://lab/own/1.jpg,CIN1,P-OWN\n",
+            "text/csv",
+        )
+        .unwrap();
+    let map = fx.tmp.path().join("signout-map.csv");
+    std::fs::write(&map, "system,code,grade\nL,NEG,Non-neoplasm\n").unwrap();
+    let worker = fx.spawn("infer", &[]);
+    let start = |port: u16| {
+        let metrics = common::http::free_port();
+        let w = fx.spawn_command(
+            &[
+                "lis-bridge",
+                "--lis-queue",
+                &queue,
+                "--signout-mllp",
+                &format!("127.0.0.1:{port}"),
+                "--signout-prefix",
+                &format!("s3://{}/{prefix}", fx.s3.bucket),
+                "--signout-map",
+                map.to_str().unwrap(),
+            ],
+            &[("CINFLOW_METRICS_ADDR", &format!("127.0.0.1:{metrics}"))],
+        );
+        wait_for("the bridge to be ready", Duration::from_secs(60), || {
+            (common::http::get(metrics, "/readyz").map(|r| r.0) == Some(200)).then_some(())
+        });
+        (w, metrics)
+    };
+    let port = common::http::free_port();
+    let (mut bridge, metrics) = start(port);
+
+    // Two slides of one case and one of another, graded and seen by the bridge.
+    let images = fx.images(2, 640, 480);
+    let mut jobs = Vec::new();
+    for (id, accession, imgs) in [
+        ("s1", "S26-0042", &images[..]),
+        ("s2", "S26-0042", &images[..1]),
+        ("s3", "S26-0050", &images[1..]),
+    ] {
+        let mut j = fx.job(id, imgs);
+        j.accession_id = Some(accession.into());
+        j.patient_id = Some("PAT-7".into());
+        fx.publish(&j);
+        jobs.push(j);
+    }
+    for j in &jobs {
+        fx.wait_result(&j.job_id, "v1", &worker);
+    }
+    wait_for("the order index", Duration::from_secs(60), || {
+        let orders = fx.store.list(&format!("{prefix}/orders/")).unwrap();
+        (orders.len() == 3).then_some(())
+    });
+
+    // A final CIN 2: every graded image of the case's two slides, once.
+    let dir = fx.tmp.path();
+    let cin2 = signout(
+        "LIS1",
+        "S26-0042",
+        "F",
+        "285838002^Cervical intraepithelial neoplasia grade 2^SCT",
+    );
+    let acks = send_hl7(port, dir, &[&cin2, &cin2]);
+    assert_eq!(acks.len(), 2);
+    for a in &acks {
+        assert_eq!((a.code.as_str(), a.control_id.as_str()), ("AA", "LIS1"));
+        assert!(
+            a.text
+                .contains("recorded accession S26-0042 as CIN2 for training (3 images)"),
+            "{}",
+            a.text
+        );
+    }
+    let rows = manifest_rows(&fx, &manifest);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows[0][..3], ["s3://lab/own/1.jpg", "CIN1", "P-OWN"]);
+    for r in &rows[1..] {
+        assert_eq!(
+            (r[1].as_str(), r[2].as_str(), r[4].as_str()),
+            ("CIN2", "PAT-7", "S26-0042")
+        );
+        assert_eq!(r[5], "2026-12-01T08:15:00Z");
+        assert!(images.contains(&r[0]), "{r:?}");
+    }
+    let jobs_of: Vec<&str> = rows[1..].iter().map(|r| r[6].as_str()).collect();
+    assert_eq!(jobs_of, ["s1", "s1", "s2"]);
+    let case: serde_json::Value = serde_json::from_slice(
+        &fx.store
+            .get(&format!("{prefix}/cases/S26-0042.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (case["grade"].clone(), case["status"].clone()),
+        ("CIN2".into(), "final".into())
+    );
+
+    // Corrected to CIN 3: the case's rows replaced, not added.
+    let corrected = signout("LIS2", "S26-0042", "C", "20365006^CIN 3^SCT");
+    let unknown = signout("LIS3", "S26-0042", "F", "999999^Something else^SCT");
+    let negative = signout("LIS4", "S26-0050", "F", "NEG^negative^L");
+    let elsewhere = signout("LIS5", "S99-0001", "F", "20365006^CIN 3^SCT");
+    let prelim = signout("LIS6", "S26-0050", "P", "20365006^CIN 3^SCT");
+    let acks = send_hl7(
+        port,
+        dir,
+        &[&corrected, &unknown, &negative, &elsewhere, &prelim],
+    );
+    let codes: Vec<&str> = acks.iter().map(|a| a.code.as_str()).collect();
+    assert_eq!(codes, ["AA", "AE", "AA", "AA", "AA"], "{acks:?}");
+    assert!(
+        acks[1]
+            .text
+            .contains("no training grade for the diagnoses SCT 999999 (Something else)"),
+        "{}",
+        acks[1].text
+    );
+    assert!(
+        acks[3].text.contains("no slide of order S99-0001"),
+        "{}",
+        acks[3].text
+    );
+    assert!(acks[4].text.contains("not final"), "{}", acks[4].text);
+    let rows = manifest_rows(&fx, &manifest);
+    let labels: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r[4].as_str(), r[1].as_str()))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("", "CIN1"),
+            ("S26-0042", "CIN3"),
+            ("S26-0042", "CIN3"),
+            ("S26-0042", "CIN3"),
+            ("S26-0050", "Non-neoplasm")
+        ]
+    );
+    let m = common::http::get(metrics, "/metrics").unwrap().1;
+    assert_eq!(
+        common::http::sample(&m, "cinflow_lis_signouts_total{outcome=\"recorded\"}"),
+        4.0
+    );
+    assert_eq!(
+        common::http::sample(
+            &m,
+            "cinflow_lis_signouts_total{outcome=\"unknown_diagnosis\"}"
+        ),
+        1.0
+    );
+
+    // A manifest update lost (two bridges writing at once): the restarted
+    // bridge rebuilds it from the cases, keeping the lab's rows.
+    let before = fx.store.get(&manifest).unwrap();
+    fx.store
+        .put(
+            &manifest,
+            b"path,label,patient_id\ns3://lab/own/1.jpg,CIN1,P-OWN\n",
+            "text/csv",
+        )
+        .unwrap();
+    bridge.signal("KILL");
+    bridge.wait_exit(Duration::from_secs(10)).expect("killed");
+    let (_bridge, _) = start(port);
+    assert_eq!(fx.store.get(&manifest).unwrap(), before);
+
+    fx.rt
+        .block_on(cinflow::queue::delete_subscription(
+            &fx.channel,
+            &cinflow::queue::Subscription {
+                queue: queue.clone(),
+                exchange: fx.amqp.results_exchange.clone(),
+                keys: vec![],
+            },
+        ))
+        .unwrap();
+}

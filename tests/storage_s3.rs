@@ -108,6 +108,7 @@ fn registry_and_feature_cache_work_on_s3() {
             label: "CIN3".into(),
             patient_id: format!("P{i}"),
             slide_id: None,
+            signed_out: None,
         })
         .collect();
     let cache = cinflow::train::FeatureCache::new(s.clone(), &common::unique_prefix("cache"));

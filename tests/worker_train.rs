@@ -134,11 +134,48 @@ fn the_training_worker_retrains_from_s3_and_records_the_decision() {
         "{events:?}"
     );
 
+    // Sign-outs in the manifest, as `cinflow lis-bridge` writes them: four
+    // cases (12 images) signed out now, after the parent version was made,
+    // and one (3 images) in 2020.
+    let key = labels
+        .strip_prefix(&format!("s3://{}/", fx.s3.bucket))
+        .unwrap();
+    let text = String::from_utf8(fx.store.get(key).unwrap()).unwrap();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut lines = text.lines();
+    let mut signed = format!("{},accession_id,signed_out_at\n", lines.next().unwrap());
+    for (i, line) in lines.enumerate() {
+        let extra = match i / 3 {
+            0..=3 => format!("ACC-{},{now}", i / 3),
+            4 => "ACC-OLD,2020-01-01T00:00:00Z".to_string(),
+            _ => ",".to_string(),
+        };
+        signed.push_str(&format!("{line},{extra}\n"));
+    }
+    fx.store.put(key, signed.as_bytes(), "text/csv").unwrap();
+
     // Again: every feature comes from the S3 cache.
     let job2 = enqueue_train(&fx, &labels);
     let second = wait_outcome(&fx, &job2, &w);
     assert_eq!(second["status"], "ok", "{second:#}");
     assert_eq!(second["features_cached"], 48);
+    // The next report counts the signed-out cases and those new since the parent.
+    let v2 = second["version"].as_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&registry.get_file(v2, "report/report.json").unwrap()).unwrap();
+    let so = &report["data"]["signed_out"];
+    assert_eq!(
+        (so["cases"].as_u64(), so["images"].as_u64()),
+        (Some(5), Some(15)),
+        "{so}"
+    );
+    assert_eq!(so["added_since_parent"]["cases"], 4, "{so}");
+    assert_eq!(so["added_since_parent"]["images"], 12, "{so}");
+    let html = String::from_utf8(registry.get_file(v2, "report/report.html").unwrap()).unwrap();
+    assert!(
+        html.contains("<b>4 cases (12 images) added since the parent version</b>"),
+        "{html}"
+    );
     // The outcomes and their events follow the repo's schema.
     let mut outcomes = vec![first.clone(), second.clone()];
     outcomes.extend(

@@ -28,10 +28,14 @@
 //! S3 outage) the result may be sent again: the same result always gives the
 //! same HL7 message control id and the same FHIR identifiers, so a receiver
 //! can recognise the repeat, and the FHIR server updates rather than creates.
+//!
+//! With `--signout-mllp` the bridge also takes the LIS's signed-out results
+//! and keeps the training manifest ([`signout`]).
 
 pub mod fhir;
 pub mod hl7;
 pub mod mllp;
+pub mod signout;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,6 +124,19 @@ pub struct LisBridgeArgs {
     /// --s3-endpoint, which may be a cluster-internal name).
     #[arg(long, env = "CINFLOW_LIS_LINK_ENDPOINT", value_name = "URL")]
     pub link_endpoint: Option<String>,
+    /// Take the LIS's signed-out results (HL7 v2 ORU^R01, final or
+    /// corrected) over MLLP on this address, e.g. 0.0.0.0:2576; needs
+    /// --signout-prefix.
+    #[arg(long, env = "CINFLOW_LIS_SIGNOUT_MLLP", value_name = "ADDR")]
+    pub signout_mllp: Option<String>,
+    /// Where sign-outs go: s3://bucket/prefix holding the order index, one
+    /// object per signed-out case and the training manifest `labels.csv`.
+    #[arg(long, env = "CINFLOW_LIS_SIGNOUT_PREFIX", value_name = "S3_PREFIX")]
+    pub signout_prefix: Option<String>,
+    /// CSV `system,code,grade` of diagnosis codes beyond the built-in SNOMED
+    /// CT ones (grades: CIN3, CIN2, CIN1, Non-neoplasm).
+    #[arg(long, env = "CINFLOW_LIS_SIGNOUT_MAP")]
+    pub signout_map: Option<PathBuf>,
     #[command(flatten)]
     pub consumer: ConsumerConfig,
     #[command(flatten)]
@@ -219,6 +236,8 @@ pub struct Bridge {
     pub presigner: S3Client,
     pub link_lifetime: Duration,
     pub retry: RetryPolicy,
+    /// Sign-outs: the order index written for every result with an accession.
+    pub signouts: Option<Arc<signout::SignoutStore>>,
 }
 
 impl Bridge {
@@ -389,6 +408,11 @@ impl Bridge {
                 ),
             };
         }
+        if let Some(store) = &self.signouts {
+            if let Err(e) = store.record_order(&r).await {
+                return Outcome::of_failure(&e);
+            }
+        }
         let at = Self::receipts(&r);
         let links = match self.retry.run("presign links", || self.links(&r)).await {
             Ok(l) => l,
@@ -487,10 +511,24 @@ pub fn subscription(a: &LisBridgeArgs) -> Subscription {
 impl LisBridgeArgs {
     /// The destinations, checked: at least one, and settings that can work.
     pub fn destinations(&self) -> Result<Destinations, LisError> {
-        if self.hl7_mllp.is_none() && self.fhir_base.is_none() {
+        if self.hl7_mllp.is_none() && self.fhir_base.is_none() && self.signout_mllp.is_none() {
             return Err(LisError::Usage(
-                "no destination: give --hl7-mllp HOST:PORT, --fhir-base URL, or both".into(),
+                "nothing to do: give --hl7-mllp HOST:PORT, --fhir-base URL and/or --signout-mllp ADDR".into(),
             ));
+        }
+        if self.signout_mllp.is_some() != self.signout_prefix.is_some() {
+            return Err(LisError::Usage(
+                "--signout-mllp and --signout-prefix go together".into(),
+            ));
+        }
+        if let Some(p) = &self.signout_prefix {
+            if crate::storage::split_s3_prefix(p)
+                .is_none_or(|(_, prefix)| prefix.trim_matches('/').is_empty())
+            {
+                return Err(LisError::Usage(format!(
+                    "--signout-prefix {p:?} is not s3://bucket/prefix"
+                )));
+            }
         }
         if self.link_lifetime_s == 0 || self.link_lifetime_s > 604_800 {
             return Err(LisError::Usage(format!(
@@ -582,6 +620,28 @@ pub async fn run(a: LisBridgeArgs) -> anyhow::Result<()> {
         }
         None => s3.clone(),
     };
+    let signouts = match (&a.signout_prefix, &a.signout_mllp) {
+        (Some(p), Some(addr)) => {
+            let (bucket, prefix) = crate::storage::split_s3_prefix(p).expect("checked");
+            let map = match &a.signout_map {
+                Some(f) => signout::GradeMap::with_file(f).map_err(LisError::Usage)?,
+                None => signout::GradeMap::defaults(),
+            };
+            let store = Arc::new(signout::SignoutStore::new(
+                s3.clone(),
+                bucket,
+                prefix,
+                map,
+                a.consumer.retry_policy(),
+            ));
+            // Heals an update lost to two bridges writing at once.
+            let rows = store.update_manifest(None).await?;
+            tracing::info!(manifest = %store.manifest_uri(), rows, "training manifest rebuilt from the signed-out cases");
+            signout::serve_mllp(addr, store.clone()).await?;
+            Some(store)
+        }
+        _ => None,
+    };
     let bridge = Arc::new(Bridge {
         hl7,
         fhir,
@@ -590,6 +650,7 @@ pub async fn run(a: LisBridgeArgs) -> anyhow::Result<()> {
         presigner,
         link_lifetime: Duration::from_secs(a.link_lifetime_s),
         retry: a.consumer.retry_policy(),
+        signouts,
     });
     let sub = subscription(&a);
     let mut opts = a.consumer.consume_options(

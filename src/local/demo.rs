@@ -421,6 +421,7 @@ mod tests {
                 label: ["CIN3", "CIN2", "CIN1", "Non-neoplasm"][(i / 3) % 4].into(),
                 patient_id: format!("P{}", i / 3),
                 slide_id: None,
+                signed_out: None,
             })
             .collect();
         let (fit, held) = split_by_patient(&rows, 0.34);

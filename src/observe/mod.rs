@@ -140,6 +140,9 @@ pub struct Metrics {
     /// `cinflow lis-bridge`: deliveries by destination (`hl7`, `fhir`) and
     /// outcome (`accepted`, `refused`, `failed`, `skipped`).
     pub lis_deliveries: Family<DeliveryLabels, Counter>,
+    /// `cinflow lis-bridge`: sign-outs received, by outcome (`recorded`,
+    /// `not_final`, `not_graded`, `unknown_diagnosis`, `invalid`, `failed`).
+    pub lis_signouts: Family<OutcomeLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,6 +191,7 @@ impl Metrics {
             watch_waiting: Gauge::default(),
             watch_active: Gauge::default(),
             lis_deliveries: Family::default(),
+            lis_signouts: Family::default(),
         };
         m.registry.register(
             "jobs",
@@ -306,7 +310,21 @@ impl Metrics {
             "Results the LIS bridge delivered, by destination (hl7, fhir) and outcome (accepted, refused, failed, skipped)",
             m.lis_deliveries.clone(),
         );
+        m.registry.register(
+            "lis_signouts",
+            "Signed-out results the LIS bridge received, by outcome (recorded, not_final, not_graded, unknown_diagnosis, invalid, failed)",
+            m.lis_signouts.clone(),
+        );
         m
+    }
+
+    /// Counts one sign-out received by the bridge.
+    pub fn lis_signout(&self, outcome: &str) {
+        self.lis_signouts
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Counts one LIS delivery of the bridge.

@@ -229,9 +229,22 @@ probability) is {} before and {} after; the predicted class and the heatmaps do 
             );
         }
     }
+    let _ = write!(h, "</table>");
+    let so = &d["signed_out"];
+    if so["cases"].as_u64().unwrap_or(0) > 0 {
+        let _ = write!(
+            h,
+            "<p>Signed out by the LIS: {} cases ({} images) in the manifest; <b>{} cases ({} images) added since the parent version</b> (created {}).</p>",
+            text(&so["cases"]),
+            text(&so["images"]),
+            text(&so["added_since_parent"]["cases"]),
+            text(&so["added_since_parent"]["images"]),
+            text(&so["parent_created_at"]),
+        );
+    }
     let _ = write!(
         h,
-        "</table><p>Features of 8 views per image: {} computed, {} from the cache at <code>{}</code>.</p>",
+        "<p>Features of 8 views per image: {} computed, {} from the cache at <code>{}</code>.</p>",
         text(&f["computed"]),
         text(&f["cached"]),
         text(&f["cache"]),

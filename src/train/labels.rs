@@ -35,10 +35,22 @@ pub struct LabelRow {
     /// The slide the image was taken from (optional `slide_id` column); slide-
     /// level figures take each patient's images as one slide without it.
     pub slide_id: Option<String>,
+    /// A case the LIS signed out (optional `accession_id` and `signed_out_at`
+    /// columns, as `cinflow lis-bridge` writes them).
+    pub signed_out: Option<SignedOut>,
+}
+
+/// Where a row came from when the LIS signed it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedOut {
+    pub accession_id: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 /// Reads a labels CSV with columns `path` (or `uri`/`image`), `label`,
-/// `patient_id` and optionally `slide_id`; extra columns are ignored. Relative paths resolve against the
+/// `patient_id` and optionally `slide_id`, `accession_id` and
+/// `signed_out_at`; extra columns are ignored. Relative paths resolve against the
 /// CSV's folder; `file://` URIs are accepted.
 pub fn read_labels(csv_path: &Path) -> Result<Vec<LabelRow>, LabelsError> {
     let p = csv_path.display().to_string();
@@ -93,6 +105,8 @@ pub fn parse_labels(
     let cl = col(&["label"], "label")?;
     let ci = col(&["patient_id"], "patient_id")?;
     let cs = headers.iter().position(|h| h == "slide_id");
+    let ca = headers.iter().position(|h| h == "accession_id");
+    let ct = headers.iter().position(|h| h == "signed_out_at");
     let mut rows = Vec::new();
     for (i, rec) in r.records().enumerate() {
         let line = i + 2;
@@ -115,6 +129,13 @@ pub fn parse_labels(
             label: get(cl).to_string(),
             patient_id: get(ci).to_string(),
             slide_id: cs.map(get).filter(|s| !s.is_empty()).map(String::from),
+            signed_out: match (ca.map(get), ct.map(get)) {
+                (Some(a), Some(t)) if !a.is_empty() && !t.is_empty() => Some(SignedOut {
+                    accession_id: a.to_string(),
+                    at: t.to_string(),
+                }),
+                _ => None,
+            },
         });
     }
     if rows.is_empty() {
@@ -124,13 +145,18 @@ pub fn parse_labels(
 }
 
 /// Writes rows as a labels CSV whose paths are relative to `base` where
-/// possible (with a `slide_id` column when any row has one).
+/// possible (with a `slide_id` column when any row has one, and the sign-out
+/// columns when any row was signed out).
 pub fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> std::io::Result<()> {
     let mut w = csv::Writer::from_path(path)?;
     let slides = rows.iter().any(|r| r.slide_id.is_some());
+    let signed = rows.iter().any(|r| r.signed_out.is_some());
     let mut header = vec!["path", "label", "patient_id"];
     if slides {
         header.push("slide_id");
+    }
+    if signed {
+        header.extend(["accession_id", "signed_out_at"]);
     }
     w.write_record(&header)?;
     for r in rows {
@@ -140,9 +166,43 @@ pub fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> std::io::Res
         if slides {
             record.push(r.slide_id.as_deref().unwrap_or(""));
         }
+        if signed {
+            let s = r.signed_out.as_ref();
+            record.push(s.map_or("", |s| s.accession_id.as_str()));
+            record.push(s.map_or("", |s| s.at.as_str()));
+        }
         w.write_record(&record)?;
     }
     w.flush()
+}
+
+/// How many signed-out cases (accessions) and images `rows` hold, in all and
+/// signed out after `since` (RFC 3339; the parent model's creation).
+pub fn signed_out_counts(rows: &[&LabelRow], since: Option<&str>) -> serde_json::Value {
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
+    let since = since.and_then(parse);
+    let mut cases = std::collections::BTreeSet::new();
+    let mut new_cases = std::collections::BTreeSet::new();
+    let (mut images, mut new_images) = (0usize, 0usize);
+    for s in rows.iter().filter_map(|r| r.signed_out.as_ref()) {
+        cases.insert(s.accession_id.as_str());
+        images += 1;
+        let newer = match (since, parse(&s.at)) {
+            (Some(since), Some(at)) => at > since,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if newer {
+            new_cases.insert(s.accession_id.as_str());
+            new_images += 1;
+        }
+    }
+    serde_json::json!({
+        "cases": cases.len(),
+        "images": images,
+        "added_since_parent": { "cases": new_cases.len(), "images": new_images },
+        "parent_created_at": since.map(|t| t.to_rfc3339()),
+    })
 }
 
 #[cfg(test)]
@@ -164,6 +224,7 @@ mod tests {
         assert_eq!(rows[2].path, PathBuf::from("/c/d.png"));
         assert_eq!((rows[1].line, rows[1].label.as_str()), (3, "CIN3"));
         assert_eq!(rows[0].slide_id, None);
+        assert_eq!(rows[0].signed_out, None);
 
         // An optional slide_id column, and a round trip through write_labels.
         std::fs::write(
@@ -175,6 +236,30 @@ mod tests {
         assert_eq!(rows[0].slide_id.as_deref(), Some("S1"));
         assert_eq!(rows[1].slide_id, None);
         let again = d.path().join("again.csv");
+        write_labels(&again, d.path(), &rows).unwrap();
+        assert_eq!(read_labels(&again).unwrap(), rows);
+
+        // Sign-out columns as the LIS bridge writes them, counted since a parent.
+        std::fs::write(
+            &csv,
+            "path,label,patient_id,slide_id,accession_id,signed_out_at,job_id\n\
+             a.jpg,CIN2,P1,,,,\n\
+             b.jpg,CIN3,P2,S2,A1,2026-11-01T10:00:00Z,j1\n\
+             c.jpg,CIN3,P2,S2,A1,2026-11-01T10:00:00Z,j1\n\
+             d.jpg,CIN1,P3,S3,A2,2026-12-01T08:15:00Z,j2\n",
+        )
+        .unwrap();
+        let rows = read_labels(&csv).unwrap();
+        assert_eq!(rows[0].signed_out, None);
+        assert_eq!(rows[1].signed_out.as_ref().unwrap().accession_id, "A1");
+        let refs: Vec<&LabelRow> = rows.iter().collect();
+        let c = signed_out_counts(&refs, Some("2026-11-15T00:00:00Z"));
+        assert_eq!(
+            (c["cases"].as_u64(), c["images"].as_u64()),
+            (Some(2), Some(3))
+        );
+        assert_eq!(c["added_since_parent"]["cases"], 1);
+        assert_eq!(c["added_since_parent"]["images"], 1);
         write_labels(&again, d.path(), &rows).unwrap();
         assert_eq!(read_labels(&again).unwrap(), rows);
 

@@ -28,7 +28,9 @@ pub use features::{
 #[cfg(feature = "train")]
 pub use head::{train_head, HeadData, HeadTrainError, TrainedHead};
 pub use hyper::{HyperParams, Solver, TrainDevice};
-pub use labels::{parse_labels, read_labels, write_labels, LabelRow, LabelsError};
+pub use labels::{
+    parse_labels, read_labels, signed_out_counts, write_labels, LabelRow, LabelsError, SignedOut,
+};
 #[cfg(feature = "train")]
 pub use run::{train, TrainOutcome};
 pub use split::{Split, SplitFractions, SplitPlan};

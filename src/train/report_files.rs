@@ -28,6 +28,8 @@ pub(super) struct ReportInput<'a> {
     pub model: &'a Model,
     pub labels: &'a str,
     pub labels_sha256: &'a str,
+    /// When the parent version was made: sign-outs after it are new.
+    pub parent_created_at: &'a str,
     /// Row, class index, split and image sha256 of every labelled image.
     pub items: &'a [(&'a LabelRow, usize, Split, &'a str)],
     pub plan: &'a SplitPlan,
@@ -204,6 +206,10 @@ pub(super) fn write(r: &ReportInput) -> Result<PathBuf, TrainError> {
             "labels_sha256": r.labels_sha256,
             "images": r.items.len(),
             "splits": splits,
+            "signed_out": super::labels::signed_out_counts(
+                &r.items.iter().map(|i| i.0).collect::<Vec<_>>(),
+                Some(r.parent_created_at).filter(|t| !t.is_empty()),
+            ),
             "record": "data.csv",
         },
         "split": {

@@ -387,6 +387,10 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         .as_ref()
         .map(|c| c.0.manifest.version.clone())
         .or(Some(base.version.clone()));
+    // Signed-out cases after this count as new to this version.
+    let parent_created_at = current
+        .as_ref()
+        .map_or(base.created_at.clone(), |c| c.0.manifest.created_at.clone());
     manifest.created_at = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     manifest.provenance = serde_json::json!({
         "tool": "cinflow train",
@@ -508,6 +512,7 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         model: &new_model,
         labels: &labels_name,
         labels_sha256: &labels_sha,
+        parent_created_at: &parent_created_at,
         items: &items
             .iter()
             .map(|i| (&i.row, i.class, i.split, i.features.sha256.as_str()))

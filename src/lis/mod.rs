@@ -52,6 +52,7 @@ use crate::retry::{RetryPolicy, Transient};
 use crate::storage::{S3Client, S3Config, StoreError};
 use crate::worker::consume::{Broker, Handler, Incoming};
 use crate::worker::keys::Keys;
+use crate::worker::stores::split_s3_uri;
 use crate::worker::{ConsumerConfig, Outcome};
 
 /// Default `--job-timeout-s` of the bridge: one result's deliveries.
@@ -265,8 +266,7 @@ impl Bridge {
         }
         let mut out = BTreeMap::new();
         for uri in uris {
-            let Some((bucket, key)) = uri.strip_prefix("s3://").and_then(|r| r.split_once('/'))
-            else {
+            let Some((bucket, key)) = split_s3_uri(uri) else {
                 continue;
             };
             let url = self
@@ -280,11 +280,7 @@ impl Bridge {
 
     /// Where the receipts of `r` live: (bucket, keys), for results the workers wrote.
     fn receipts(r: &ResultRecord) -> Option<(String, Keys)> {
-        let (bucket, key) = r
-            .result_uri
-            .as_deref()?
-            .strip_prefix("s3://")?
-            .split_once('/')?;
+        let (bucket, key) = split_s3_uri(r.result_uri.as_deref()?)?;
         Some((bucket.to_string(), Keys::of_result(key)?))
     }
 

@@ -590,11 +590,7 @@ impl SignoutStore {
         };
         let mut rows = Vec::new();
         for o in &orders {
-            let Some((bucket, key)) = o
-                .result_uri
-                .strip_prefix("s3://")
-                .and_then(|r| r.split_once('/'))
-            else {
+            let Some((bucket, key)) = crate::worker::stores::split_s3_uri(&o.result_uri) else {
                 continue;
             };
             let Some(r) = self.get_json::<ResultRecord>(bucket, key).await? else {

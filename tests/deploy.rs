@@ -662,6 +662,8 @@ fn the_chart_runs_the_lis_bridge_when_enabled() {
         "lisBridge.signout.enabled=true",
         "--set",
         "lisBridge.signout.mapConfigMap=signout-map",
+        "--set",
+        "lisBridge.signout.fhirPort=8086",
     ]);
     check_worker_pods(&objs);
     let w = workloads(&objs);
@@ -705,6 +707,8 @@ fn the_chart_runs_the_lis_bridge_when_enabled() {
         })
         .expect("the sign-out Service");
     assert_eq!(num(&svc["spec"]["ports"][0]["port"]), 2576);
+    assert_eq!(num(&svc["spec"]["ports"][1]["port"]), 8086);
+    assert_eq!(env("CINFLOW_LIS_SIGNOUT_FHIR"), Some("0.0.0.0:8086"));
     assert!(bridge.env.contains_key("CINFLOW_AMQP_URL"));
     assert!(bridge.env.contains_key("CINFLOW_FHIR_SYSTEM"));
     let mounts = bridge.container["volumeMounts"].as_sequence().unwrap();

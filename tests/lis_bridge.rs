@@ -560,6 +560,50 @@ OBX|2|TX|22637-3^Pathology report final diagnosis^LN||Cervix, biopsy: see above|
     )
 }
 
+/// POSTs FHIR resources with tools/fhir_post.py (each validated with
+/// fhir.resources first): (status, OperationOutcome) per resource.
+fn post_fhir(url: &str, dir: &Path, docs: &[serde_json::Value]) -> Vec<(u16, Value)> {
+    let files: Vec<PathBuf> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let f = dir.join(format!("fhir-{}-{i}.json", common::unique_prefix("f")));
+            std::fs::write(&f, d.to_string()).unwrap();
+            f
+        })
+        .collect();
+    let out = common::output_ok(
+        Command::new(common::python())
+            .arg(common::root().join("tools/fhir_post.py"))
+            .arg(url)
+            .args(&files),
+    );
+    out.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["status"].as_u64().unwrap() as u16, v["body"].clone())
+        })
+        .collect()
+}
+
+/// A signed-out DiagnosticReport as a FHIR-speaking LIS sends it.
+fn fhir_signout(accession: &str, status: &str, system: &str, code: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "DiagnosticReport",
+        "id": format!("lis-{accession}"),
+        "status": status,
+        "identifier": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "system": "urn:lab:accession",
+            "value": accession,
+        }],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "65753-6"}]},
+        "subject": {"identifier": {"value": "PAT-7"}},
+        "issued": "2026-12-02T10:00:00+01:00",
+        "conclusionCode": [{"coding": [{"system": system, "code": code}]}],
+    })
+}
+
 fn manifest_rows(fx: &Fixture, key: &str) -> Vec<Vec<String>> {
     let bytes = fx.store.get(key).unwrap();
     let mut r = csv::Reader::from_reader(bytes.as_slice());
@@ -589,6 +633,7 @@ fn signed_out_diagnoses_become_training_rows_once() {
     let map = fx.tmp.path().join("signout-map.csv");
     std::fs::write(&map, "system,code,grade\nL,NEG,Non-neoplasm\n").unwrap();
     let worker = fx.spawn("infer", &[]);
+    let fhir_port = common::http::free_port();
     let start = |port: u16| {
         let metrics = common::http::free_port();
         let w = fx.spawn_command(
@@ -598,6 +643,8 @@ fn signed_out_diagnoses_become_training_rows_once() {
                 &queue,
                 "--signout-mllp",
                 &format!("127.0.0.1:{port}"),
+                "--signout-fhir",
+                &format!("127.0.0.1:{fhir_port}"),
                 "--signout-prefix",
                 &format!("s3://{}/{prefix}", fx.s3.bucket),
                 "--signout-map",
@@ -719,17 +766,41 @@ fn signed_out_diagnoses_become_training_rows_once() {
             ("S26-0050", "Non-neoplasm")
         ]
     );
+    // The same through FHIR: an amended DiagnosticReport (CIN 1) replaces
+    // the second case's rows; an unknown code is a 422 naming it.
+    let url = format!("http://127.0.0.1:{fhir_port}/fhir/DiagnosticReport");
+    let answers = post_fhir(
+        &url,
+        dir,
+        &[
+            fhir_signout("S26-0050", "amended", "http://snomed.info/sct", "285836003"),
+            fhir_signout("S26-0050", "final", "http://snomed.info/sct", "999999"),
+        ],
+    );
+    assert_eq!(answers[0].0, 201, "{answers:?}");
+    assert_eq!(answers[0].1["resourceType"], "OperationOutcome");
+    assert_eq!(answers[1].0, 422, "{answers:?}");
+    let why = answers[1].1["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(why.contains("http://snomed.info/sct 999999"), "{why}");
+    let rows = manifest_rows(&fx, &manifest);
+    let last = rows.last().unwrap();
+    assert_eq!(
+        (last[1].as_str(), last[4].as_str(), last[5].as_str()),
+        ("CIN1", "S26-0050", "2026-12-02T09:00:00Z")
+    );
+    assert_eq!(rows.len(), 5);
+
     let m = common::http::get(metrics, "/metrics").unwrap().1;
     assert_eq!(
         common::http::sample(&m, "cinflow_lis_signouts_total{outcome=\"recorded\"}"),
-        4.0
+        5.0
     );
     assert_eq!(
         common::http::sample(
             &m,
             "cinflow_lis_signouts_total{outcome=\"unknown_diagnosis\"}"
         ),
-        1.0
+        2.0
     );
 
     // A manifest update lost (two bridges writing at once): the restarted

@@ -29,8 +29,9 @@
 //! same HL7 message control id and the same FHIR identifiers, so a receiver
 //! can recognise the repeat, and the FHIR server updates rather than creates.
 //!
-//! With `--signout-mllp` the bridge also takes the LIS's signed-out results
-//! and keeps the training manifest ([`signout`]).
+//! With `--signout-mllp` (HL7 v2) or `--signout-fhir` (FHIR R4) the bridge
+//! also takes the LIS's signed-out results and keeps the training manifest
+//! ([`signout`]).
 
 pub mod fhir;
 pub mod hl7;
@@ -130,6 +131,11 @@ pub struct LisBridgeArgs {
     /// --signout-prefix.
     #[arg(long, env = "CINFLOW_LIS_SIGNOUT_MLLP", value_name = "ADDR")]
     pub signout_mllp: Option<String>,
+    /// Take signed-out results as FHIR R4 DiagnosticReports POSTed to
+    /// `http://ADDR/.../DiagnosticReport` (status final, corrected or
+    /// amended); needs --signout-prefix.
+    #[arg(long, env = "CINFLOW_LIS_SIGNOUT_FHIR", value_name = "ADDR")]
+    pub signout_fhir: Option<String>,
     /// Where sign-outs go: s3://bucket/prefix holding the order index, one
     /// object per signed-out case and the training manifest `labels.csv`.
     #[arg(long, env = "CINFLOW_LIS_SIGNOUT_PREFIX", value_name = "S3_PREFIX")]
@@ -507,14 +513,15 @@ pub fn subscription(a: &LisBridgeArgs) -> Subscription {
 impl LisBridgeArgs {
     /// The destinations, checked: at least one, and settings that can work.
     pub fn destinations(&self) -> Result<Destinations, LisError> {
-        if self.hl7_mllp.is_none() && self.fhir_base.is_none() && self.signout_mllp.is_none() {
+        let takes_signouts = self.signout_mllp.is_some() || self.signout_fhir.is_some();
+        if self.hl7_mllp.is_none() && self.fhir_base.is_none() && !takes_signouts {
             return Err(LisError::Usage(
-                "nothing to do: give --hl7-mllp HOST:PORT, --fhir-base URL and/or --signout-mllp ADDR".into(),
+                "nothing to do: give --hl7-mllp HOST:PORT, --fhir-base URL and/or --signout-mllp/--signout-fhir ADDR".into(),
             ));
         }
-        if self.signout_mllp.is_some() != self.signout_prefix.is_some() {
+        if takes_signouts != self.signout_prefix.is_some() {
             return Err(LisError::Usage(
-                "--signout-mllp and --signout-prefix go together".into(),
+                "--signout-prefix goes with --signout-mllp and/or --signout-fhir".into(),
             ));
         }
         if let Some(p) = &self.signout_prefix {
@@ -616,8 +623,8 @@ pub async fn run(a: LisBridgeArgs) -> anyhow::Result<()> {
         }
         None => s3.clone(),
     };
-    let signouts = match (&a.signout_prefix, &a.signout_mllp) {
-        (Some(p), Some(addr)) => {
+    let signouts = match &a.signout_prefix {
+        Some(p) => {
             let (bucket, prefix) = crate::storage::split_s3_prefix(p).expect("checked");
             let map = match &a.signout_map {
                 Some(f) => signout::GradeMap::with_file(f).map_err(LisError::Usage)?,
@@ -633,10 +640,15 @@ pub async fn run(a: LisBridgeArgs) -> anyhow::Result<()> {
             // Heals an update lost to two bridges writing at once.
             let rows = store.update_manifest(None).await?;
             tracing::info!(manifest = %store.manifest_uri(), rows, "training manifest rebuilt from the signed-out cases");
-            signout::serve_mllp(addr, store.clone()).await?;
+            if let Some(addr) = &a.signout_mllp {
+                signout::serve_mllp(addr, store.clone()).await?;
+            }
+            if let Some(addr) = &a.signout_fhir {
+                signout::serve_fhir(addr, store.clone()).await?;
+            }
             Some(store)
         }
-        _ => None,
+        None => None,
     };
     let bridge = Arc::new(Bridge {
         hl7,

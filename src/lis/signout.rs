@@ -1,7 +1,10 @@
 //! Signed-out diagnoses back into training.
 //!
 //! The LIS sends its final results for the slides cinflow graded as an
-//! inbound HL7 v2 `ORU^R01` over MLLP (`--signout-mllp`). The bridge then:
+//! inbound HL7 v2 `ORU^R01` over MLLP (`--signout-mllp`), or as a FHIR R4
+//! `DiagnosticReport` POSTed to `--signout-fhir` (the accession from an
+//! `ACSN` identifier or `basedOn`, the diagnoses from `conclusionCode`, the
+//! time from `issued`). The bridge then:
 //! 1. Takes only final (`F`) and corrected (`C`) results (OBR-25). Others are
 //!    acknowledged and ignored.
 //! 2. Finds the order among those cinflow graded. When the bridge delivers a
@@ -339,6 +342,81 @@ pub fn parse_oru(text: &str) -> (Header, Result<SignOut, String>) {
         })
     })();
     (header, parsed)
+}
+
+/// Parses a FHIR R4 `DiagnosticReport` sent as a sign-out: the accession
+/// from an identifier of type `ACSN` (or `basedOn` identifiers), the
+/// diagnoses from `conclusionCode`, the time from `issued` (else
+/// `effectiveDateTime`), the status `final` or `corrected`/`amended`.
+pub fn parse_fhir_report(v: &serde_json::Value) -> Result<SignOut, String> {
+    if v["resourceType"] != "DiagnosticReport" {
+        return Err(format!(
+            "resourceType is {}, expected DiagnosticReport",
+            v["resourceType"]
+        ));
+    }
+    let is_accession = |i: &serde_json::Value| {
+        i["type"]["coding"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["code"] == "ACSN"))
+    };
+    let mut order_numbers: Vec<String> = Vec::new();
+    let ids = v["identifier"].as_array().into_iter().flatten();
+    let based = v["basedOn"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| &b["identifier"]);
+    for i in ids.filter(|i| is_accession(i)).chain(based) {
+        if let Some(value) = i["value"].as_str().filter(|s| !s.is_empty()) {
+            order_numbers.push(value.to_string());
+        }
+    }
+    if order_numbers.is_empty() {
+        return Err(
+            "no accession: an identifier of type ACSN or a basedOn identifier is needed".into(),
+        );
+    }
+    let status = match v["status"].as_str().unwrap_or("") {
+        "final" => Ok(SignoutStatus::Final),
+        "corrected" | "amended" => Ok(SignoutStatus::Corrected),
+        other => Err(other.to_string()),
+    };
+    let signed_out_at = ["issued", "effectiveDateTime"]
+        .iter()
+        .filter_map(|k| v[*k].as_str())
+        .find_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        })
+        .ok_or("no sign-out time in issued or effectiveDateTime")?;
+    let diagnoses = v["conclusionCode"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["coding"].as_array().into_iter().flatten())
+        .filter_map(|c| {
+            Some(Diagnosis {
+                system: c["system"].as_str()?.to_string(),
+                code: c["code"].as_str()?.to_string(),
+                text: c["display"].as_str().unwrap_or_default().to_string(),
+            })
+        })
+        .collect();
+    Ok(SignOut {
+        order_numbers,
+        patient_id: v["subject"]["identifier"]["value"]
+            .as_str()
+            .map(str::to_string),
+        status,
+        signed_out_at,
+        diagnoses,
+        source: format!(
+            "fhir DiagnosticReport {}",
+            v["id"].as_str().unwrap_or("(no id)")
+        ),
+    })
 }
 
 /// An order cinflow graded, as the bridge found it in a delivered result.
@@ -790,30 +868,155 @@ pub fn ack(h: &Header, code: &str, text: &str) -> String {
     msh
 }
 
-/// Handles one inbound message: the ACK to send.
-pub async fn handle(store: &SignoutStore, text: &str) -> String {
-    let (header, parsed) = parse_oru(text);
+/// Takes a parsed sign-out (or why it could not be read), counts and logs
+/// what became of it.
+async fn take(
+    store: &SignoutStore,
+    parsed: Result<SignOut, String>,
+) -> Result<Outcome, StoreError> {
+    let source = parsed
+        .as_ref()
+        .map(|s| s.source.clone())
+        .unwrap_or_default();
     let outcome = match parsed {
         Err(why) => Ok(Outcome::Invalid(why)),
         Ok(s) => store.receive(&s).await,
     };
-    match outcome {
+    match &outcome {
         Ok(o) => {
-            let (code, why) = o.ack();
             metrics().lis_signout(o.label());
-            tracing::info!(control_id = %header.control_id, outcome = o.label(), "{why}");
-            ack(&header, code, &why)
+            tracing::info!(source = %source, outcome = o.label(), "{}", o.ack().1);
         }
         Err(e) => {
             metrics().lis_signout("failed");
-            tracing::warn!(control_id = %header.control_id, error = %e, "sign-out not recorded");
-            ack(
-                &header,
-                "AE",
-                &format!("not recorded, send it again later: {e}"),
-            )
+            tracing::warn!(source = %source, error = %e, "sign-out not recorded");
         }
     }
+    outcome
+}
+
+/// Handles one inbound HL7 message: the ACK to send.
+pub async fn handle(store: &SignoutStore, text: &str) -> String {
+    let (header, parsed) = parse_oru(text);
+    match take(store, parsed).await {
+        Ok(o) => {
+            let (code, why) = o.ack();
+            ack(&header, code, &why)
+        }
+        Err(e) => ack(
+            &header,
+            "AE",
+            &format!("not recorded, send it again later: {e}"),
+        ),
+    }
+}
+
+/// Handles one FHIR sign-out (a DiagnosticReport's JSON): HTTP status and
+/// OperationOutcome. 201 recorded; 200 nothing to record (not final, not
+/// graded by cinflow); 422 no diagnosis maps to a grade; 400 unreadable;
+/// 503 storage unavailable (send it again).
+pub async fn handle_fhir(store: &SignoutStore, body: &[u8]) -> (u16, serde_json::Value) {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body)
+        .map_err(|e| format!("not JSON: {e}"))
+        .and_then(|v| parse_fhir_report(&v));
+    let (status, severity, code, text) = match take(store, parsed).await {
+        Ok(o) => {
+            let text = o.ack().1;
+            match o {
+                Outcome::Recorded { .. } => (201, "information", "informational", text),
+                Outcome::NotFinal(_) | Outcome::NotGraded(_) => {
+                    (200, "information", "informational", text)
+                }
+                Outcome::UnknownDiagnosis(_) => (422, "error", "code-invalid", text),
+                Outcome::Invalid(_) => (400, "error", "invalid", text),
+            }
+        }
+        Err(e) => (
+            503,
+            "error",
+            "transient",
+            format!("not recorded, send it again later: {e}"),
+        ),
+    };
+    let outcome = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": severity, "code": code, "diagnostics": text }],
+    });
+    (status, outcome)
+}
+
+/// Serves `POST .../DiagnosticReport` on `addr` until the process ends (FHIR
+/// sign-outs); returns the bound address.
+pub async fn serve_fhir(addr: &str, store: Arc<SignoutStore>) -> anyhow::Result<SocketAddr> {
+    use http_body_util::{BodyExt, Full, Limited};
+    use hyper::body::Bytes;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--signout-fhir): {e}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "FHIR sign-out listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let (status, body) = if req.method() != hyper::Method::POST
+                                || !req.uri().path().ends_with("/DiagnosticReport")
+                            {
+                                (
+                                    405,
+                                    serde_json::json!({
+                                        "resourceType": "OperationOutcome",
+                                        "issue": [{ "severity": "error", "code": "not-supported",
+                                            "diagnostics": "sign-outs are POSTed to .../DiagnosticReport" }],
+                                    }),
+                                )
+                            } else {
+                                match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
+                                    .collect()
+                                    .await
+                                {
+                                    Ok(b) => handle_fhir(&store, &b.to_bytes()).await,
+                                    Err(e) => (
+                                        413,
+                                        serde_json::json!({
+                                            "resourceType": "OperationOutcome",
+                                            "issue": [{ "severity": "error", "code": "too-long",
+                                                "diagnostics": format!("body not read: {e}") }],
+                                        }),
+                                    ),
+                                }
+                            };
+                            let resp = hyper::Response::builder()
+                                .status(status)
+                                .header(hyper::header::CONTENT_TYPE, "application/fhir+json")
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .expect("a valid response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "FHIR sign-out connection ended");
+                }
+            });
+        }
+    });
+    tracing::info!(addr = %local, "taking sign-outs (FHIR DiagnosticReport)");
+    Ok(local)
 }
 
 /// Listens for MLLP connections on `addr` until the process ends; each
@@ -981,5 +1184,32 @@ OBX|3|TX|22637-3^Final diagnosis^LN||Cervix, biopsy: CIN 2||||||F";
         );
         assert!(a.starts_with("MSH|^~\\&|CINFLOW|LAB|LIS|PATH|"));
         assert!(a.contains("no grade for X\\F\\Y"));
+    }
+
+    #[test]
+    fn a_fhir_sign_out_is_read_from_its_identifiers_and_conclusion_codes() {
+        let v = serde_json::json!({
+            "resourceType": "DiagnosticReport", "id": "r1", "status": "amended",
+            "identifier": [
+                {"system": "urn:lab", "value": "X-1"},
+                {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}, "value": "S26-0050"}
+            ],
+            "subject": {"identifier": {"value": "PAT-7"}},
+            "issued": "2026-12-02T10:00:00+01:00",
+            "conclusionCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "285836003", "display": "CIN 1"}]}]
+        });
+        let s = parse_fhir_report(&v).unwrap();
+        assert_eq!(s.order_numbers, ["S26-0050"]);
+        assert_eq!(s.status, Ok(SignoutStatus::Corrected));
+        assert_eq!(s.signed_out_at, "2026-12-02T09:00:00Z");
+        assert_eq!(
+            GradeMap::defaults().worst(&s.diagnoses).as_deref(),
+            Some("CIN1")
+        );
+        let mut no_acc = v.clone();
+        no_acc["identifier"] = serde_json::json!([]);
+        assert!(parse_fhir_report(&no_acc)
+            .unwrap_err()
+            .contains("no accession"));
     }
 }

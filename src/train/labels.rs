@@ -177,7 +177,7 @@ pub fn write_labels(path: &Path, base: &Path, rows: &[LabelRow]) -> std::io::Res
 }
 
 /// How many signed-out cases (accessions) and images `rows` hold, in all and
-/// signed out after `since` (RFC 3339; the parent model's creation).
+/// signed out at or after `since` (RFC 3339, whole seconds: the parent model's creation).
 pub fn signed_out_counts(rows: &[&LabelRow], since: Option<&str>) -> serde_json::Value {
     let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
     let since = since.and_then(parse);
@@ -188,7 +188,7 @@ pub fn signed_out_counts(rows: &[&LabelRow], since: Option<&str>) -> serde_json:
         cases.insert(s.accession_id.as_str());
         images += 1;
         let newer = match (since, parse(&s.at)) {
-            (Some(since), Some(at)) => at > since,
+            (Some(since), Some(at)) => at >= since,
             (None, _) => true,
             (Some(_), None) => false,
         };

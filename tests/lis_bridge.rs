@@ -138,6 +138,20 @@ fn fetch(url: &str) -> (u16, Vec<u8>) {
     (status, raw[head_end + 4..].to_vec())
 }
 
+/// Deletes the bridge's queue with its delay and dead-letter queues.
+fn delete_bridge_queues(fx: &Fixture, queue: &str) {
+    fx.rt
+        .block_on(cinflow::queue::delete_subscription(
+            &fx.channel,
+            &cinflow::queue::Subscription {
+                queue: queue.to_string(),
+                exchange: fx.amqp.results_exchange.clone(),
+                keys: vec![],
+            },
+        ))
+        .unwrap();
+}
+
 fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
     loop {
@@ -512,16 +526,7 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
     );
     assert!(peer.fhir_of(&report_of("e")).is_empty());
 
-    fx.rt
-        .block_on(cinflow::queue::delete_subscription(
-            &fx.channel,
-            &cinflow::queue::Subscription {
-                queue: queue.clone(),
-                exchange: fx.amqp.results_exchange.clone(),
-                keys: vec![],
-            },
-        ))
-        .unwrap();
+    delete_bridge_queues(&fx, &queue);
 }
 
 /// Sends HL7 messages with python-hl7's MLLP client (tools/hl7_send.py); the ACKs.
@@ -818,14 +823,5 @@ fn signed_out_diagnoses_become_training_rows_once() {
     let (_bridge, _) = start(port);
     assert_eq!(fx.store.get(&manifest).unwrap(), before);
 
-    fx.rt
-        .block_on(cinflow::queue::delete_subscription(
-            &fx.channel,
-            &cinflow::queue::Subscription {
-                queue: queue.clone(),
-                exchange: fx.amqp.results_exchange.clone(),
-                keys: vec![],
-            },
-        ))
-        .unwrap();
+    delete_bridge_queues(&fx, &queue);
 }

@@ -303,12 +303,7 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
         (&cfg.infer_queue, INFER_KEY, cfg.infer_dlq()),
         (&cfg.train_queue, TRAIN_KEY, cfg.train_dlq()),
     ] {
-        let mut work = quorum_args(&cfg.dead_letter_exchange(), &dlq);
-        work.insert(
-            ShortString::from("x-delivery-limit"),
-            AMQPValue::LongInt(cfg.delivery_limit as i32),
-        );
-        declare_queue(ch, queue, work).await?;
+        declare_queue(ch, queue, work_queue_args(cfg, &dlq)).await?;
         ch.queue_bind(
             queue.as_str().into(),
             cfg.jobs_exchange.as_str().into(),
@@ -321,16 +316,7 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queu
         // Expired messages go back through the jobs exchange to the work queue.
         let delay = AmqpConfig::delay_queue(queue);
         declare_queue(ch, &delay, quorum_args(&cfg.jobs_exchange, key)).await?;
-        declare_queue(ch, &dlq, plain_quorum_args()).await?;
-        ch.queue_bind(
-            dlq.as_str().into(),
-            cfg.dead_letter_exchange().as_str().into(),
-            dlq.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp(format!("bind {dlq}")))?;
+        declare_dlq(ch, cfg, &dlq).await?;
     }
     Ok(())
 }
@@ -362,12 +348,7 @@ pub async fn declare_subscription(
     sub: &Subscription,
 ) -> Result<(), QueueError> {
     let dlq = sub.dlq();
-    let mut work = quorum_args(&cfg.dead_letter_exchange(), &dlq);
-    work.insert(
-        ShortString::from("x-delivery-limit"),
-        AMQPValue::LongInt(cfg.delivery_limit as i32),
-    );
-    declare_queue(ch, &sub.queue, work).await?;
+    declare_queue(ch, &sub.queue, work_queue_args(cfg, &dlq)).await?;
     for key in &sub.keys {
         ch.queue_bind(
             sub.queue.as_str().into(),
@@ -381,11 +362,28 @@ pub async fn declare_subscription(
     }
     let delay = AmqpConfig::delay_queue(&sub.queue);
     declare_queue(ch, &delay, quorum_args("", &sub.queue)).await?;
-    declare_queue(ch, &dlq, plain_quorum_args()).await?;
+    declare_dlq(ch, cfg, &dlq).await
+}
+
+/// Arguments of a work queue: quorum, dead-lettering at least once to `dlq`
+/// (through the dead-letter exchange) past the delivery limit.
+fn work_queue_args(cfg: &AmqpConfig, dlq: &str) -> FieldTable {
+    let mut work = quorum_args(&cfg.dead_letter_exchange(), dlq);
+    work.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongInt(cfg.delivery_limit as i32),
+    );
+    work
+}
+
+/// Declares a dead-letter queue and binds it to the dead-letter exchange
+/// under its own name.
+async fn declare_dlq(ch: &Channel, cfg: &AmqpConfig, dlq: &str) -> Result<(), QueueError> {
+    declare_queue(ch, dlq, plain_quorum_args()).await?;
     ch.queue_bind(
-        dlq.as_str().into(),
+        dlq.into(),
         cfg.dead_letter_exchange().as_str().into(),
-        dlq.as_str().into(),
+        dlq.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )

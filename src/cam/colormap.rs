@@ -1,6 +1,7 @@
 //! The "jet" colour map (MATLAB / OpenCV COLORMAP_JET), as used in Grad-CAM figures.
 
 /// Maps `t` in [0, 1] (clamped) to an RGB colour: blue -> cyan -> yellow -> red.
+#[inline(always)]
 pub fn jet(t: f32) -> [u8; 3] {
     let t = if t.is_finite() {
         t.clamp(0.0, 1.0)

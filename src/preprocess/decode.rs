@@ -127,9 +127,10 @@ fn decode_jpeg_libjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage
             return Ok(pixels.into_iter().flat_map(cmyk_to_rgb).collect());
         }
         let mut d = d.rgb()?;
-        let pixels: Vec<[u8; 3]> = d.read_scanlines()?;
+        // Straight into the image's buffer: one row of bytes per scanline, no copy.
+        let pixels: Vec<u8> = d.read_scanlines()?;
         d.finish()?;
-        Ok(pixels.into_iter().flatten().collect())
+        Ok(pixels)
     });
     let detail = match decoded {
         Ok(Ok(raw)) => match RgbImage::from_raw(width, height, raw) {

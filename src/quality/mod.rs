@@ -337,13 +337,38 @@ fn laplacian_variance(g: &[u8], w: usize, h: usize) -> f64 {
         }
     };
     let at = |x: isize, y: isize| i64::from(g[reflect(y, h) * w + reflect(x, w)]);
-    let (mut sum, mut sum_sq) = (0i64, 0i128);
-    for y in 0..h as isize {
-        for x in 0..w as isize {
-            let l = at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4 * at(x, y);
-            sum += l;
-            sum_sq += i128::from(l * l);
+    // |l| <= 1020, so even MAX_PIXELS squares sum far below i64::MAX.
+    let (mut sum, mut sum_sq) = (0i64, 0i64);
+    let mut add = |l: i64| {
+        sum += l;
+        sum_sq += l * l;
+    };
+    for y in 0..h {
+        let border_row = y == 0 || y == h - 1;
+        let edge = |x: usize| {
+            let (x, y) = (x as isize, y as isize);
+            at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4 * at(x, y)
+        };
+        if border_row {
+            (0..w).for_each(|x| add(edge(x)));
+            continue;
         }
+        add(edge(0));
+        // Inside the image no neighbour needs reflecting.
+        let (up, row, down) = (
+            &g[(y - 1) * w..y * w],
+            &g[y * w..(y + 1) * w],
+            &g[(y + 1) * w..(y + 2) * w],
+        );
+        for x in 1..w - 1 {
+            let l = i64::from(row[x - 1])
+                + i64::from(row[x + 1])
+                + i64::from(up[x])
+                + i64::from(down[x])
+                - 4 * i64::from(row[x]);
+            add(l);
+        }
+        add(edge(w - 1));
     }
     let n = (w * h) as f64;
     let mean = sum as f64 / n;
@@ -397,6 +422,33 @@ mod tests {
         g[4] = 3;
         let want = 288.0 / 9.0 - (12.0f64 / 9.0).powi(2);
         assert!((laplacian_variance(&g, 3, 3) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn laplacian_interior_fast_path_equals_reflecting_everywhere() {
+        let (w, h) = (37usize, 23usize);
+        let g: Vec<u8> = (0..w * h).map(|i| ((i * 7919) % 251) as u8).collect();
+        let reflect = |i: isize, n: usize| -> usize {
+            let n = n as isize;
+            (if i < 0 {
+                -i
+            } else if i >= n {
+                2 * (n - 1) - i
+            } else {
+                i
+            }) as usize
+        };
+        let at = |x: isize, y: isize| f64::from(g[reflect(y, h) * w + reflect(x, w)]);
+        let l: Vec<f64> = (0..h as isize)
+            .flat_map(|y| (0..w as isize).map(move |x| (x, y)))
+            .map(|(x, y)| {
+                at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4.0 * at(x, y)
+            })
+            .collect();
+        let n = l.len() as f64;
+        let mean = l.iter().sum::<f64>() / n;
+        let want = l.iter().map(|v| v * v).sum::<f64>() / n - mean * mean;
+        assert!((laplacian_variance(&g, w, h) - want).abs() < 1e-9 * want);
     }
 
     #[test]

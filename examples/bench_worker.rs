@@ -296,6 +296,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let t0 = Instant::now();
+    let (machine_cpu0, worker_cpu0) = (machine_cpu_seconds(), process_cpu_seconds(worker.id()));
     rt.block_on(async {
         for (i, uri) in uris.iter().enumerate() {
             let job = JobMessage {
@@ -335,7 +336,12 @@ fn main() -> anyhow::Result<()> {
     })?;
     results.sort_by(|a, b| a.job_id.cmp(&b.job_id));
     let wall = t0.elapsed().as_secs_f64();
-    let worker_cpu_s = process_cpu_seconds(worker.id());
+    let worker_cpu_s = process_cpu_seconds(worker.id())
+        .zip(worker_cpu0)
+        .map(|(end, start)| end - start);
+    let machine_cpu_s = machine_cpu_seconds()
+        .zip(machine_cpu0)
+        .map(|(end, start)| end - start);
     let _ = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status();
@@ -395,15 +401,26 @@ fn main() -> anyhow::Result<()> {
         "  of which render: {:.1} in the run; {render_alone_ms:.1} alone on one idle thread (target <= 20 with upload)",
         stage(&|r| img(r).render_ms).0
     );
+    let per_image = |s: f64| 1e3 * s / o.images as f64;
     if let Some(cpu) = worker_cpu_s {
         println!(
             "worker process CPU per image, everything: {:.1} ms",
-            1e3 * cpu / o.images as f64
+            per_image(cpu)
         );
+        if let Some(all) = machine_cpu_s {
+            println!(
+                "  machine CPU per image during the run: {:.1} ms, of which {:.1} outside the worker (S3 server, broker, publisher)",
+                per_image(all),
+                per_image(all - cpu)
+            );
+        }
     }
     println!(
-        "bytes written per image: {:.0} kB (target <= 500 kB)",
-        written / 1e3
+        "bytes written per image: {:.0} kB (target <= 500 kB): {:.0} kB of image artifacts, {:.0} kB of the job's documents (viewer page {:.0} kB, record, FHIR report)",
+        written.total() / 1e3,
+        written.artifacts / 1e3,
+        written.documents / 1e3,
+        written.viewer / 1e3
     );
     println!();
     println!(
@@ -438,19 +455,64 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Busy CPU seconds of the whole machine since boot (Linux /proc/stat: every
+/// state but idle and iowait).
+fn machine_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((ticks.iter().take(8).sum::<f64>() - idle) / 100.0)
+}
+
+/// Mean bytes stored per image by one-image jobs, split by what they are.
+struct Written {
+    /// The image's own artifacts (`images/NNN/...`).
+    artifacts: f64,
+    /// The job's documents: record, FHIR report, viewer page.
+    documents: f64,
+    /// Of the documents, the viewer page.
+    viewer: f64,
+}
+
+impl Written {
+    fn total(&self) -> f64 {
+        self.artifacts + self.documents
+    }
+}
+
 /// Mean bytes stored per image by the given one-image jobs (every object
 /// under each result's prefix).
-fn bytes_written(store: &S3Store, results: &[ResultRecord]) -> anyhow::Result<f64> {
-    let mut total = 0usize;
+fn bytes_written(store: &S3Store, results: &[ResultRecord]) -> anyhow::Result<Written> {
+    let (mut artifacts, mut documents, mut viewer) = (0usize, 0usize, 0usize);
     for r in results {
         let uri = r.result_uri.as_deref().context("result URI")?;
         let key = uri.split_once(&format!("{}/", store.bucket())).unwrap().1;
         let prefix = key.trim_end_matches("result.json");
         for k in store.list(prefix)? {
-            total += store.get(&k)?.len();
+            let len = store.get(&k)?.len();
+            let name = &k[prefix.len()..];
+            if name.starts_with("images/") {
+                artifacts += len;
+            } else {
+                documents += len;
+                if name == cinflow::viewer::VIEWER_NAME {
+                    viewer += len;
+                }
+            }
         }
     }
-    Ok(total as f64 / results.len().max(1) as f64)
+    let n = results.len().max(1) as f64;
+    Ok(Written {
+        artifacts: artifacts as f64 / n,
+        documents: documents as f64 / n,
+        viewer: viewer as f64 / n,
+    })
 }
 
 /// Runs tools/reference_worker.py on the same jobs (its own queue); images/s.

@@ -17,12 +17,13 @@ pub struct ClassifyArgs {
     /// Output folder for result JSONs, artifacts and summary.csv.
     #[arg(long)]
     pub out: PathBuf,
-    /// Most images per backbone call.
+    /// Most images per backbone call. 0: by device, 1 on the CPU (ONNX Runtime
+    /// grades one image at a time fastest there), 8 on a GPU.
     #[arg(
         long,
         visible_alias = "batch-size",
         env = "CINFLOW_MAX_BATCH",
-        default_value_t = 8
+        default_value_t = 0
     )]
     pub max_batch: usize,
     /// Longest an image waits for others to fill its backbone call, in milliseconds.
@@ -37,7 +38,8 @@ pub struct ClassifyArgs {
     /// page draws either for any class.
     #[arg(long, value_enum, default_value_t = MapKind::GradCam)]
     pub heatmap: MapKind,
-    /// Images being read, prepared, graded or written at once (0: twice the batch plus the cores).
+    /// Images being read, prepared, graded or written at once (0: twice the batch,
+    /// 8 when it is chosen by device, plus the cores).
     #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
     pub images_in_flight: usize,
     #[command(flatten)]
@@ -54,7 +56,7 @@ impl ClassifyArgs {
             out: self.out.clone(),
             infer: self.infer.clone(),
             grader: GraderConfig {
-                max_batch: self.max_batch.max(1),
+                max_batch: self.max_batch,
                 batch_wait: Duration::from_millis(self.batch_wait_ms),
             },
             drawing: Drawing {

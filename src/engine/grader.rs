@@ -26,17 +26,51 @@ use crate::pipeline::{BatchInfo, Graded, Model, Prepared};
 /// How the inference thread batches.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GraderConfig {
-    /// Most images per backbone call.
+    /// Most images per backbone call; [`AUTO_BATCH`] chooses by device
+    /// ([`GraderConfig::for_provider`]).
     pub max_batch: usize,
     /// Longest an image waits for others to join its batch.
     pub batch_wait: Duration,
 }
 
+/// `max_batch` value that lets the device decide: one image per call on the
+/// CPU, [`ACCELERATOR_BATCH`] on a GPU.
+pub const AUTO_BATCH: usize = 0;
+
+/// The automatic batch on a GPU (CUDA, TensorRT): large enough that the
+/// device is not idle between calls.
+pub const ACCELERATOR_BATCH: usize = 8;
+
 impl Default for GraderConfig {
     fn default() -> Self {
         GraderConfig {
-            max_batch: 8,
+            max_batch: AUTO_BATCH,
             batch_wait: Duration::from_millis(5),
+        }
+    }
+}
+
+impl GraderConfig {
+    /// The configuration a session on `provider` runs with: an automatic batch
+    /// becomes 1 on the CPU, where ONNX Runtime grades one image at a time
+    /// fastest (bigger batches only add activation memory: `scripts/bench-worker.sh`
+    /// measures DenseNet-161 and the tiny backbone 15-40% slower per image at
+    /// batch 8), and [`ACCELERATOR_BATCH`] on a GPU.
+    pub fn for_provider(self, provider: &str) -> GraderConfig {
+        let max_batch = match self.max_batch {
+            AUTO_BATCH if provider == crate::infer::CPU_PROVIDER => 1,
+            AUTO_BATCH => ACCELERATOR_BATCH,
+            n => n,
+        };
+        GraderConfig { max_batch, ..self }
+    }
+
+    /// The batch used to size queues before the device is known: the
+    /// configured one, or the larger automatic one.
+    pub fn sizing_batch(&self) -> usize {
+        match self.max_batch {
+            AUTO_BATCH => ACCELERATOR_BATCH,
+            n => n,
         }
     }
 }
@@ -71,10 +105,7 @@ impl std::fmt::Debug for Grader {
 impl Grader {
     /// Starts the inference thread of `model`.
     pub fn start(model: Arc<Model>, cfg: GraderConfig) -> Grader {
-        let cfg = GraderConfig {
-            max_batch: cfg.max_batch.max(1),
-            ..cfg
-        };
+        let cfg = cfg.for_provider(model.provider());
         let (queue, rx) = mpsc::channel();
         let m = model.clone();
         std::thread::Builder::new()
@@ -91,6 +122,11 @@ impl Grader {
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// How this grader batches (the automatic batch resolved for its device).
+    pub fn config(&self) -> GraderConfig {
+        self.cfg
     }
 
     /// Grades one prepared image of job `job` in the next batch.
@@ -167,5 +203,29 @@ fn grade_batch(model: &Model, batch: Vec<Request>) {
                 let _ = req.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_automatic_batch_is_one_on_the_cpu_and_larger_on_a_gpu() {
+        let auto = GraderConfig::default();
+        assert_eq!(auto.max_batch, AUTO_BATCH);
+        assert_eq!(auto.for_provider(crate::infer::CPU_PROVIDER).max_batch, 1);
+        assert_eq!(
+            auto.for_provider("CUDAExecutionProvider").max_batch,
+            ACCELERATOR_BATCH
+        );
+        assert_eq!(auto.sizing_batch(), ACCELERATOR_BATCH);
+        let set = GraderConfig {
+            max_batch: 3,
+            ..auto
+        };
+        assert_eq!(set.for_provider(crate::infer::CPU_PROVIDER).max_batch, 3);
+        assert_eq!(set.for_provider("TensorrtExecutionProvider").max_batch, 3);
+        assert_eq!(set.sizing_batch(), 3);
     }
 }

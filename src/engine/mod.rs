@@ -12,7 +12,7 @@
 
 mod grader;
 
-pub use grader::{Grader, GraderConfig};
+pub use grader::{Grader, GraderConfig, ACCELERATOR_BATCH, AUTO_BATCH};
 
 /// Runs `f` on the rayon pool and awaits its result (a panic there is
 /// re-raised here). Async code calls CPU-heavy stages through this, so the

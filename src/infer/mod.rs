@@ -5,6 +5,7 @@
 mod binding;
 mod config;
 mod providers;
+pub use providers::CPU_PROVIDER;
 mod runtime;
 
 pub use config::{ArenaStrategy, ConvAlgoSearch, Device, InferConfig, IoBindingMode};

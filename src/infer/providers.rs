@@ -7,7 +7,7 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 use super::config::{ArenaStrategy, ConvAlgoSearch, Device, InferConfig};
 use super::runtime::{default_ort_lib, environment, InferError};
 
-pub(crate) const CPU_PROVIDER: &str = "CPUExecutionProvider";
+pub const CPU_PROVIDER: &str = "CPUExecutionProvider";
 pub(crate) const CUDA_PROVIDER: &str = "CUDAExecutionProvider";
 pub(crate) const TENSORRT_PROVIDER: &str = "TensorrtExecutionProvider";
 

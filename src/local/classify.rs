@@ -88,7 +88,7 @@ pub fn classify(o: &ClassifyOptions) -> Result<ClassifyReport, ClassifyError> {
         .map(|p| (output_key(&p, &mut used), p))
         .collect();
     let in_flight = match o.in_flight {
-        0 => 2 * o.grader.max_batch + rayon::current_num_threads(),
+        0 => 2 * o.grader.sizing_batch() + rayon::current_num_threads(),
         n => n,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -194,8 +194,10 @@ impl WorkerConfig {
 /// How the inference worker's stages share the machine.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// Most images per backbone call, from one job or several.
-    #[arg(long, env = "CINFLOW_MAX_BATCH", default_value_t = 8)]
+    /// Most images per backbone call, from one job or several. 0: by device,
+    /// 1 on the CPU (ONNX Runtime grades one image at a time fastest there), 8 on
+    /// a GPU.
+    #[arg(long, env = "CINFLOW_MAX_BATCH", default_value_t = 0)]
     pub max_batch: usize,
     /// Longest an image waits for others to fill its backbone call, in milliseconds.
     #[arg(long, env = "CINFLOW_BATCH_WAIT_MS", default_value_t = 5)]
@@ -205,7 +207,7 @@ pub struct EngineArgs {
     pub fetch_concurrency: usize,
     /// Images between fetch and upload at once, over all jobs: bounds memory
     /// (each holds its bytes, decoded pixels and tensor). 0: twice the batch
-    /// plus the cores.
+    /// (8 when it is chosen by device) plus the cores.
     #[arg(long, env = "CINFLOW_IMAGES_IN_FLIGHT", default_value_t = 0)]
     pub images_in_flight: usize,
     /// Memory for decoding and preprocessing images, over all jobs, in MiB:
@@ -228,7 +230,7 @@ pub struct EngineArgs {
 impl EngineArgs {
     pub fn grader(&self) -> GraderConfig {
         GraderConfig {
-            max_batch: self.max_batch.max(1),
+            max_batch: self.max_batch,
             batch_wait: Duration::from_millis(self.batch_wait_ms),
         }
     }
@@ -243,7 +245,7 @@ impl EngineArgs {
 
     pub fn images_in_flight(&self) -> usize {
         match self.images_in_flight {
-            0 => 2 * self.max_batch.max(1) + rayon::current_num_threads(),
+            0 => 2 * self.grader().sizing_batch() + rayon::current_num_threads(),
             n => n,
         }
     }
@@ -347,7 +349,7 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     {
         let g = serving.current();
         let (m, provider) = (g.model().manifest(), g.model().provider());
-        tracing::info!(model = %m.name, version = %m.version, provider, max_batch = args.engine.max_batch, memory_budget_mib = args.engine.memory_budget_mib(), "model loaded");
+        tracing::info!(model = %m.name, version = %m.version, provider, max_batch = g.config().max_batch, memory_budget_mib = args.engine.memory_budget_mib(), "model loaded");
         crate::observe::metrics().serving(m, provider);
         // Serving::start warmed the model up.
         crate::observe::health().set_model_loaded(true);

@@ -257,10 +257,10 @@ fn load(
     let model = Model::load(&dir, infer).map_err(err)?;
     // A model that cannot run one inference is not served. On a GPU every batch
     // size is its own shape (cuDNN picks algorithms per shape): warm them all.
-    let sizes: Vec<usize> = if model.provider() == "CPUExecutionProvider" {
+    let sizes: Vec<usize> = if model.provider() == crate::infer::CPU_PROVIDER {
         vec![1]
     } else {
-        (1..=grader.max_batch.max(1)).collect()
+        (1..=grader.for_provider(model.provider()).max_batch).collect()
     };
     model.warm_up(&sizes).map_err(|e| err(e.into()))?;
     Ok(Grader::start(Arc::new(model), grader))

@@ -121,6 +121,8 @@ impl Peer {
 
 /// GET of an http:// URL with its own Host header (presigned URLs sign it): (status, body).
 fn fetch(url: &str) -> (u16, Vec<u8>) {
+    // The fragment stays in the browser.
+    let url = url.split_once('#').map_or(url, |(u, _)| u);
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (host, path) = rest.split_at(rest.find('/').unwrap());
     let mut s = std::net::TcpStream::connect(host).unwrap();
@@ -302,6 +304,32 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
     let (status, page) = fetch(&viewer);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&page));
     assert!(String::from_utf8_lossy(&page).contains("<html"));
+    // The page loads its image from beside it, with the signature its link
+    // carries (cinflow::viewer::presigned_link): opened in headless Chromium
+    // from the link alone, every image loads and is drawn exactly.
+    assert!(viewer.contains("#sig="), "{viewer}");
+    let opened: Value = serde_json::from_str(
+        common::run_python("tools/test_viewer.py", &["--load", &viewer])
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let expected: Vec<Value> = r
+        .images
+        .iter()
+        .map(|i| {
+            let shown = format!("{}/grad-cam", i.predicted_class.as_ref().unwrap());
+            serde_json::json!({"loaded": "true", "drawing": "exact", "shown": shown})
+        })
+        .collect();
+    assert_eq!(opened["figures"], Value::from(expected), "{opened}");
+    assert_eq!(
+        opened["external_requests"],
+        serde_json::json!([]),
+        "{opened}"
+    );
+    assert_eq!(opened["console_errors"], serde_json::json!([]), "{opened}");
     let (status, jpeg) = fetch(field(find("preprocessed-image", "1"), 5));
     assert_eq!((status, &jpeg[..2]), (200, &[0xFF, 0xD8][..]));
 

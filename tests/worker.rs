@@ -87,11 +87,12 @@ fn happy_path(classes: u32) {
         assert_eq!(g.image_uri, deciding.uri);
         assert_eq!(g.triage.is_some(), classes > 2, "{g:?}");
         check_against_local(&fx, &r);
-        // The viewer page beside the record embeds every image's stored
-        // preprocessed JPEG and raw maps, and the record's model.
+        // The viewer page beside the record links every image's stored
+        // preprocessed JPEG (relative to itself) and embeds its raw maps and
+        // the record.
         let viewer = r.viewer_uri.as_ref().expect("a viewer page");
         let key = viewer.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
-        assert!(key.ends_with("/viewer.html"), "{key}");
+        let folder = key.strip_suffix("viewer.html").expect(key);
         let page = String::from_utf8(
             cinflow::storage::ObjectStore::get(&*fx.store, key)
                 .unwrap()
@@ -107,14 +108,18 @@ fn happy_path(classes: u32) {
             use base64::Engine as _;
             let b64 = base64::engine::general_purpose::STANDARD;
             let uri = img.preprocessed_image.as_ref().unwrap();
-            let key = uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
-            let jpeg = cinflow::storage::ObjectStore::get(&*fx.store, key).unwrap();
+            let jpeg_key = uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
             assert_eq!(
-                b64.decode(emb["jpeg_base64"].as_str().unwrap()).unwrap(),
-                jpeg.to_vec()
+                format!("{folder}{}", emb["src"].as_str().unwrap()),
+                jpeg_key
             );
             let raw = img.raw_map.as_ref().unwrap();
             assert_eq!(emb["shape"], serde_json::json!(raw.shape));
+            let raw_key = raw.uri.split_once(&format!("{}/", fx.s3.bucket)).unwrap().1;
+            let npy = cinflow::storage::ObjectStore::get(&*fx.store, raw_key).unwrap();
+            let maps = b64.decode(emb["maps_base64"].as_str().unwrap()).unwrap();
+            assert_eq!(maps.len(), raw.shape.iter().product::<usize>() * 4);
+            assert!(npy.ends_with(&maps), "the page's maps are not cam.npy's");
         }
         assert_eq!(fx.result_objects(job).len(), result_set_objects(n));
     }

@@ -3,30 +3,45 @@
 W3C WebDriver protocol, standard library only) and checks what it draws against an
 independent NumPy/OpenCV drawing of the same overlay.
 
-Usage: test_viewer.py PAGE RECORD OUT_DIR [SCALE_JSON]
+Usage: test_viewer.py PAGE RECORD OUT_DIR VIA [SCALE_JSON]
+       test_viewer.py --load URL
+
+The second form opens a page by URL (a presigned link of the LIS bridge, say),
+waits until every image has loaded or failed, and prints how each figure drew
+and what was requested from outside the page's folder.
 
 PAGE is a viewer page (`K.html` of `cinflow classify`, or a worker's `viewer.html`
 downloaded with its objects), RECORD the matching result JSON whose `raw_map` and
 `preprocessed_image` paths are relative to RECORD's folder (classify's layout).
-SCALE_JSON, when given, is the bundle's `cam_scale` ({"grad_cam": .., "contrastive": ..});
-without it each overlay is scaled to its own map's maximum.
+VIA is how the browser opens the page: `http` (a local HTTP server serving the page's
+folder; the page may read the image's pixels and blends them itself, "exact") or
+`file` (a file:// URL; the browser keeps the page from reading the neighbouring
+image's pixels, so the page lays its heat colours over the image at 40% opacity,
+"composite"). SCALE_JSON, when given, is the bundle's `cam_scale`
+({"grad_cam": .., "contrastive": ..}); without it each overlay is scaled to its own
+map's maximum.
 
 For image 0 of the page it checks that the page loads with no script error and its
-image decodes, that the predicted class's Grad-CAM overlay is shown first, then
-clicks another class and the contrastive map, and "image only". For every state it
-reads the canvas pixels and compares them with the NumPy drawing: maps upsampled with
-cv2.resize (INTER_LINEAR, half-pixel centres), ReLU(map)/scale in the jet colour map
-(MATLAB's piecewise-linear formula), blended 40% over the JPEG decoded by OpenCV.
-Screenshots of each state go to OUT_DIR. Prints one JSON object with the differences;
-the caller asserts on them.
+image loads from beside the page, that the predicted class's Grad-CAM overlay is
+shown first, then clicks another class and the contrastive map, and "image only".
+For every state it compares what the page drew with the NumPy drawing: maps upsampled
+with cv2.resize (INTER_LINEAR, half-pixel centres), ReLU(map)/scale in the jet colour
+map (MATLAB's piecewise-linear formula), blended 40% over the JPEG decoded by OpenCV.
+"exact": the canvas pixels against the blend. "composite": the page's heat layer
+against the jet colours, and a screenshot of the canvas shown at its own size (what
+the browser composited) against the blend. Screenshots of each state go to OUT_DIR.
+Prints one JSON object with the differences; the caller asserts on them.
 """
 import base64
+import functools
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -93,6 +108,10 @@ class WebDriver:
     def screenshot(self, path):
         Path(path).write_bytes(base64.b64decode(self.s("GET", "/screenshot")))
 
+    def element_png(self, css):
+        el = self.s("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+        return base64.b64decode(self.s("GET", f"/element/{el}/screenshot"))
+
     def close(self):
         try:
             self.s("DELETE", "")
@@ -101,13 +120,33 @@ class WebDriver:
             self.proc.wait(timeout=30)
 
 
+# arguments[0]: which canvas of image 0 (the one shown, or the heat layer).
 READ_CANVAS = """
-const c = document.querySelector('figure[data-image="0"] canvas');
+const c = document.querySelector('figure[data-image="0"] ' + arguments[0]);
 const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
 let s = '';
 for (let i = 0; i < d.length; i += 8192) s += String.fromCharCode.apply(null, d.subarray(i, i + 8192));
 return [c.width, c.height, btoa(s), c.closest('figure').getAttribute('data-shown')];
 """
+# The shown canvas at one CSS pixel per canvas pixel, for an element screenshot.
+NATURAL_SIZE = """
+const c = document.querySelector('figure[data-image="0"] canvas');
+c.style.border = '0';
+c.style.width = c.width + 'px';
+c.style.height = c.height + 'px';
+return [c.width, c.height, c.closest('figure').getAttribute('data-shown')];
+"""
+
+
+def serve(folder):
+    """A local HTTP server of `folder` (a thread): returns (server, base URL)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 def jet(t):
@@ -116,23 +155,64 @@ def jet(t):
     return np.stack([ch(3.0), ch(2.0), ch(1.0)], axis=-1)
 
 
-def drawing(img, maps, cls, kind, scale):
+def heat_colours(shape, maps, cls, kind, scale):
     m = maps.astype(np.float64)
     if kind == "contrastive":
         m = m - m.mean(axis=0, keepdims=True)
     m = m[cls].astype(np.float32)
-    h, w = img.shape[:2]
+    h, w = shape
     up = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float64)
     if scale is None:
         scale = max(float(up.max()), 0.0)
     inv = 1.0 / scale if scale > 0 else 0.0
-    heat = jet(np.maximum(up, 0.0) * inv)
+    return jet(np.maximum(up, 0.0) * inv)
+
+
+def drawing(img, heat):
     return np.round(0.6 * img.astype(np.float64) + 0.4 * heat)
 
 
+def differences(got, want):
+    diff = np.abs(got - want)
+    return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max()),
+            "share_over_2": float((diff > 2).mean())}
+
+
+def load(url):
+    folder_url = url.split("#")[0].split("?")[0].rsplit("/", 1)[0] + "/"
+    wd = WebDriver()
+    try:
+        wd.s("POST", "/url", {"url": url})
+        deadline = time.time() + 30
+        figures = []
+        while time.time() < deadline:
+            figures = wd.script(
+                "return [...document.querySelectorAll('figure[data-image]')].map(f => "
+                "({loaded: f.getAttribute('data-loaded'), drawing: f.getAttribute('data-drawing'), "
+                "shown: f.getAttribute('data-shown')}))")
+            if figures and all(f["loaded"] != "false" for f in figures):
+                break
+            time.sleep(0.1)
+        report = {"figures": figures, "external_requests": wd.script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => !n.startsWith('data:') && !n.startsWith(arguments[0]))", folder_url)}
+        try:
+            logs = wd.s("POST", "/se/log", {"type": "browser"})
+        except Exception:  # noqa: BLE001 - not every chromedriver keeps the log endpoint
+            logs = []
+        report["console_errors"] = [e["message"] for e in logs if e.get("level") == "SEVERE"]
+    finally:
+        wd.close()
+    print(json.dumps(report))
+
+
 def main():
-    page, record_path, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    scales = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+    if sys.argv[1] == "--load":
+        return load(sys.argv[2])
+    page, record_path, out, via = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    if via not in ("http", "file"):
+        sys.exit(f"VIA must be http or file, not {via!r}")
+    scales = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads(record_path.read_text())
     r = record["images"][0]
@@ -144,48 +224,79 @@ def main():
     probs = r["probabilities"]
     other = min((c for c in range(len(classes)) if c != predicted), key=lambda c: probs[classes[c]])
 
+    server = None
+    if via == "http":
+        server, folder_url = serve(page.parent)
+        url = folder_url + page.name
+    else:
+        url = page.resolve().as_uri()
+        folder_url = page.parent.resolve().as_uri() + "/"
     wd = WebDriver()
-    report = {"states": [], "screenshots": []}
+    report = {"via": via, "states": [], "screenshots": []}
     try:
-        wd.s("POST", "/url", {"url": page.resolve().as_uri()})
+        wd.s("POST", "/url", {"url": url})
         deadline = time.time() + 30
-        while wd.script("return document.querySelector('figure[data-image=\"0\"]').getAttribute('data-loaded')") != "true":
-            if time.time() > deadline:
-                raise SystemExit("the page's image did not load")
+        loaded = None
+        while loaded != "true":
+            loaded = wd.script("return document.querySelector('figure[data-image=\"0\"]').getAttribute('data-loaded')")
+            if loaded == "error" or time.time() > deadline:
+                raise SystemExit(f"the page's image did not load: {loaded}")
             time.sleep(0.1)
+        report["drawing"] = wd.script("return document.querySelector('figure[data-image=\"0\"]').getAttribute('data-drawing')")
         report["title"] = wd.script("return document.title")
         report["slide_text"] = wd.script("return document.getElementById('summary').innerText")
         report["figure_text"] = wd.script("return document.querySelector('figure[data-image=\"0\"]').innerText")
+        # Anything loaded from outside the page's own folder.
         report["external_requests"] = wd.script(
-            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))")
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => !n.startsWith('data:') && !n.startsWith(arguments[0]))", folder_url)
+        # Where the image came from, relative to the page's folder (None: elsewhere).
+        image_url = wd.script("return document.querySelector('figure[data-image=\"0\"]').getAttribute('data-image-url')")
+        report["image_in_folder"] = image_url[len(folder_url):] if image_url.startswith(folder_url) else None
+        composite = report["drawing"] == "composite"
 
         def state(name, cls, kind):
-            w, h, b64, shown = wd.script(READ_CANVAS)
-            got = np.frombuffer(base64.b64decode(b64), np.uint8).reshape(h, w, 4)[..., :3].astype(np.float64)
             if cls is None:
+                heat = None
                 want = img.astype(np.float64)
                 expected_shown = "none"
             else:
                 scale = None if scales is None else scales["grad_cam" if kind == "grad-cam" else "contrastive"]
-                want = drawing(img, maps, cls, kind, scale)
+                heat = heat_colours(img.shape[:2], maps, cls, kind, scale)
+                want = drawing(img, heat)
                 expected_shown = f"{classes[cls]}/{kind}"
-            diff = np.abs(got - want)
-            shot = out / f"viewer-{name}.png"
-            wd.screenshot(shot)
-            report["screenshots"].append(str(shot))
-            report["states"].append({
-                "name": name, "shown": shown, "expected_shown": expected_shown,
-                "size": [w, h], "mean_abs": float(diff.mean()), "max_abs": float(diff.max()),
-                "share_over_2": float((diff > 2).mean()),
-                "heat_pixels": int((np.abs(want - img) > 8).any(axis=-1).sum()),
-            })
+            entry = {"name": name, "expected_shown": expected_shown,
+                     "heat_pixels": int((np.abs(want - img) > 8).any(axis=-1).sum())}
+            if composite:
+                # The heat layer: the jet colours, opaque; cleared for the image alone.
+                w, h, b64, shown = wd.script(READ_CANVAS, "canvas.heat")
+                layer = np.frombuffer(base64.b64decode(b64), np.uint8).reshape(h, w, 4).astype(np.float64)
+                want_layer = np.zeros((h, w, 4)) if heat is None else np.dstack([heat, np.full(heat.shape[:2], 255.0)])
+                entry.update(differences(layer, want_layer))
+                # What the browser composited, as shown at one CSS pixel per canvas pixel.
+                w, h, shown = wd.script(NATURAL_SIZE)
+                png = wd.element_png('figure[data-image="0"] canvas')
+                shot = cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                entry["screenshot_size"] = [shot.shape[1], shot.shape[0]]
+                if shot.shape[:2] == want.shape[:2]:
+                    entry["composited"] = differences(shot.astype(np.float64), want)
+                got = shot.astype(np.float64)
+            else:
+                w, h, b64, shown = wd.script(READ_CANVAS, "canvas:not(.heat)")
+                got = np.frombuffer(base64.b64decode(b64), np.uint8).reshape(h, w, 4)[..., :3].astype(np.float64)
+                entry.update(differences(got, want))
+            entry.update({"shown": shown, "size": [w, h]})
+            path = out / f"viewer-{via}-{name}.png"
+            wd.screenshot(path)
+            report["screenshots"].append(str(path))
+            report["states"].append(entry)
             return got
 
         first = state("predicted-grad-cam", predicted, "grad-cam")
         # The worker's/classify's own pre-drawn overlay of the predicted class
         # (JPEG, legend band below the image) agrees with the page's drawing.
         drawn = [hm for hm in r.get("heatmaps", []) if hm["class"] == r["predicted_class"]]
-        if drawn:
+        if drawn and first.shape[:2] == img.shape[:2]:
             rust = cv2.cvtColor(cv2.imread(str(base / drawn[0]["overlay"]), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             # Above the legend band burned into its bottom (cinflow::cam::legend::band_height).
             h = first.shape[0] - min(max(first.shape[0] // 14, 20), 64)
@@ -203,6 +314,8 @@ def main():
         report["console_errors"] = [entry["message"] for entry in logs if entry.get("level") == "SEVERE"]
     finally:
         wd.close()
+        if server is not None:
+            server.shutdown()
     print(json.dumps(report))
 
 

@@ -259,8 +259,12 @@ impl Bridge {
         d
     }
 
-    /// Every `s3://` URI of the record mapped to a presigned URL.
+    /// Every `s3://` URI of the record mapped to a presigned URL, all signed
+    /// at one instant; the viewer page's link also carries its images'
+    /// signatures ([`crate::viewer::presigned_link`]), as the page loads them
+    /// from beside it.
     async fn links(&self, r: &ResultRecord) -> Result<BTreeMap<String, String>, StoreError> {
+        let signed_at = std::time::SystemTime::now();
         let mut uris: Vec<&str> = Vec::new();
         uris.extend(r.viewer_uri.as_deref());
         uris.extend(r.result_uri.as_deref());
@@ -277,9 +281,21 @@ impl Bridge {
             };
             let url = self
                 .presigner
-                .presign_get(bucket, key, self.link_lifetime)
+                .presign_get(bucket, key, signed_at, self.link_lifetime)
                 .await?;
             out.insert(uri.to_string(), url);
+        }
+        if let Some(page) = r.viewer_uri.as_deref().and_then(|u| out.get(u)) {
+            let images: Vec<Option<&str>> = r
+                .images
+                .iter()
+                .map(|i| {
+                    let uri = i.preprocessed_image.as_deref()?;
+                    out.get(uri).map(String::as_str)
+                })
+                .collect();
+            let link = crate::viewer::presigned_link(page, &images);
+            out.insert(r.viewer_uri.clone().expect("checked above"), link);
         }
         Ok(out)
     }

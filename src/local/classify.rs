@@ -242,11 +242,11 @@ async fn write_graded(
         write_file(dir.join(&a.name), a.bytes.clone()).await?;
     }
     graded.timings.upload_ms = t.elapsed().as_secs_f64() * 1e3;
-    let viewer = rendered.viewer_image(&graded);
+    // The record's paths and the page's links are both relative to `out`.
+    let locate = |name: &str| format!("{key}/{name}");
+    let viewer = rendered.viewer_image(&graded, locate);
     Ok((
-        rendered.image_result(uri, &prepared, &graded, model.manifest(), |name| {
-            format!("{key}/{name}")
-        }),
+        rendered.image_result(uri, &prepared, &graded, model.manifest(), locate),
         Some(viewer),
     ))
 }

@@ -164,17 +164,17 @@ pub fn render(
 }
 
 impl Rendered {
-    /// What the result viewer page embeds of the image: the stored
-    /// preprocessed JPEG and the raw maps.
-    pub fn viewer_image(&self, graded: &Graded) -> crate::viewer::ViewerImage {
-        let jpeg = self
-            .artifacts
-            .iter()
-            .find(|a| a.name == PREPROCESSED_NAME)
-            .map(|a| a.bytes.clone())
-            .expect("every rendered image stores its preprocessed JPEG");
+    /// What the result viewer page needs of the image: where its stored
+    /// preprocessed JPEG is, with `locate` turning an artifact name into a
+    /// link relative to the page, and the raw maps (which the page embeds).
+    pub fn viewer_image(
+        &self,
+        graded: &Graded,
+        locate: impl Fn(&str) -> String,
+    ) -> crate::viewer::ViewerImage {
+        debug_assert!(self.artifacts.iter().any(|a| a.name == PREPROCESSED_NAME));
         crate::viewer::ViewerImage {
-            jpeg,
+            src: locate(PREPROCESSED_NAME),
             maps: graded.maps.clone(),
         }
     }

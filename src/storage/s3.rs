@@ -252,22 +252,26 @@ impl S3Client {
         Ok(bytes)
     }
 
-    /// A URL that reads the object without credentials until `lifetime` has
-    /// passed (SigV4 query signing; at most 7 days). Made locally, no request.
+    /// A URL that reads the object without credentials from `signed_at` until
+    /// `lifetime` has passed (SigV4 query signing; at most 7 days). Made
+    /// locally, no request. URLs signed at the same instant for the same
+    /// lifetime differ only in their path and `X-Amz-Signature`.
     pub async fn presign_get(
         &self,
         bucket: &str,
         key: &str,
+        signed_at: std::time::SystemTime,
         lifetime: Duration,
     ) -> Result<String, StoreError> {
         check_key(key)?;
         let uri = s3_uri(bucket, key);
-        let config =
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(lifetime).map_err(|e| {
-                StoreError::Backend {
-                    uri: uri.clone(),
-                    detail: format!("cannot presign: {e}"),
-                }
+        let config = aws_sdk_s3::presigning::PresigningConfig::builder()
+            .start_time(signed_at)
+            .expires_in(lifetime)
+            .build()
+            .map_err(|e| StoreError::Backend {
+                uri: uri.clone(),
+                detail: format!("cannot presign: {e}"),
             })?;
         let req = self
             .client

@@ -306,7 +306,7 @@ impl InferWorker {
             .map_err(|e| JobError::from(e).during("upload"))?;
         graded.timings.upload_ms = ms(t);
         let stores = &self.putter.stores;
-        let viewer = rendered.viewer_image(&graded);
+        let viewer = rendered.viewer_image(&graded, |name| Keys::artifact_in_job(i, name));
         Ok((
             rendered.image_result(uri, &prepared, &graded, model.manifest(), |name| {
                 stores.uri(&keys.artifact(i, name))
@@ -315,7 +315,7 @@ impl InferWorker {
         ))
     }
 
-    /// Writes `record`, its viewer page (`viewer[i]` embeds the record's
+    /// Writes `record`, its viewer page (`viewer[i]` is what it shows of the record's
     /// image `i`) and its FHIR DiagnosticReport (the record last, as the LIS
     /// reads it first) and announces it.
     async fn write_and_announce(

@@ -50,6 +50,12 @@ impl Keys {
 
     /// An artifact of the job's image `image` (its index in the job).
     pub fn artifact(&self, image: usize, name: &str) -> String {
-        join_key(&[&self.prefix, &format!("images/{image:03}"), name])
+        join_key(&[&self.prefix, &Self::artifact_in_job(image, name)])
+    }
+
+    /// [`Keys::artifact`] relative to the job's prefix: how the viewer page,
+    /// beside `result.json`, links it.
+    pub fn artifact_in_job(image: usize, name: &str) -> String {
+        format!("images/{image:03}/{name}")
     }
 }

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod hashing;
 pub mod infer;
 pub mod lis;
+pub mod listen;
 pub mod local;
 pub mod model;
 pub mod observe;

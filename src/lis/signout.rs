@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::model::ClassScheme;
@@ -948,102 +948,85 @@ pub async fn handle_fhir(store: &SignoutStore, body: &[u8]) -> (u16, serde_json:
 /// Serves `POST .../DiagnosticReport` on `addr` until the process ends (FHIR
 /// sign-outs); returns the bound address.
 pub async fn serve_fhir(addr: &str, store: Arc<SignoutStore>) -> anyhow::Result<SocketAddr> {
-    use http_body_util::{BodyExt, Full, Limited};
-    use hyper::body::Bytes;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--signout-fhir): {e}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "FHIR sign-out listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+    let local = crate::listen::serve(
+        addr,
+        "--signout-fhir",
+        "FHIR sign-outs",
+        move |stream, _| {
             let store = store.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let store = store.clone();
-                        async move {
-                            let (status, body) = if req.method() != hyper::Method::POST
-                                || !req.uri().path().ends_with("/DiagnosticReport")
-                            {
-                                (
-                                    405,
-                                    serde_json::json!({
-                                        "resourceType": "OperationOutcome",
-                                        "issue": [{ "severity": "error", "code": "not-supported",
-                                            "diagnostics": "sign-outs are POSTed to .../DiagnosticReport" }],
-                                    }),
-                                )
-                            } else {
-                                match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
-                                    .collect()
-                                    .await
-                                {
-                                    Ok(b) => handle_fhir(&store, &b.to_bytes()).await,
-                                    Err(e) => (
-                                        413,
-                                        serde_json::json!({
-                                            "resourceType": "OperationOutcome",
-                                            "issue": [{ "severity": "error", "code": "too-long",
-                                                "diagnostics": format!("body not read: {e}") }],
-                                        }),
-                                    ),
-                                }
-                            };
-                            let resp = hyper::Response::builder()
-                                .status(status)
-                                .header(hyper::header::CONTENT_TYPE, "application/fhir+json")
-                                .body(Full::new(Bytes::from(body.to_string())))
-                                .expect("a valid response");
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
+            async move {
+                let svc = hyper::service::service_fn(move |req| fhir_request(store.clone(), req));
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await
                 {
                     tracing::debug!(error = %e, "FHIR sign-out connection ended");
                 }
-            });
-        }
-    });
+            }
+        },
+    )
+    .await?;
     tracing::info!(addr = %local, "taking sign-outs (FHIR DiagnosticReport)");
     Ok(local)
+}
+
+/// One request to the FHIR sign-out endpoint: `POST .../DiagnosticReport`.
+async fn fhir_request(
+    store: Arc<SignoutStore>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>, std::convert::Infallible> {
+    use http_body_util::{BodyExt, Full, Limited};
+    let (status, body) = if req.method() != hyper::Method::POST
+        || !req.uri().path().ends_with("/DiagnosticReport")
+    {
+        (
+            405,
+            serde_json::json!({
+                "resourceType": "OperationOutcome",
+                "issue": [{ "severity": "error", "code": "not-supported",
+                    "diagnostics": "sign-outs are POSTed to .../DiagnosticReport" }],
+            }),
+        )
+    } else {
+        match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => handle_fhir(&store, &b.to_bytes()).await,
+            Err(e) => (
+                413,
+                serde_json::json!({
+                    "resourceType": "OperationOutcome",
+                    "issue": [{ "severity": "error", "code": "too-long",
+                        "diagnostics": format!("body not read: {e}") }],
+                }),
+            ),
+        }
+    };
+    Ok(hyper::Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/fhir+json")
+        .body(Full::new(body.to_string().into()))
+        .expect("a valid response"))
 }
 
 /// Listens for MLLP connections on `addr` until the process ends; each
 /// message is answered with its ACK. Returns the bound address.
 pub async fn serve_mllp(addr: &str, store: Arc<SignoutStore>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--signout-mllp): {e}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let store = store.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = connection(stream, &store).await {
-                            tracing::debug!(peer = %peer, error = %e, "sign-out connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "sign-out listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let local = crate::listen::serve(
+        addr,
+        "--signout-mllp",
+        "MLLP sign-outs",
+        move |stream, peer| {
+            let store = store.clone();
+            async move {
+                if let Err(e) = connection(stream, &store).await {
+                    tracing::debug!(peer = %peer, error = %e, "sign-out connection ended");
                 }
             }
-        }
-    });
+        },
+    )
+    .await?;
     tracing::info!(addr = %local, "taking sign-outs (HL7 v2 ORU^R01 over MLLP)");
     Ok(local)
 }

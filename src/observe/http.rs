@@ -11,7 +11,6 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 use super::{health, metrics};
 
@@ -20,34 +19,16 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Binds `addr` and serves until the process ends; returns the bound address
 /// (`127.0.0.1:0` picks a free port).
 pub async fn serve(addr: &str) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-addr): {e}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics server: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(
-                        |req| async move { Ok::<_, Infallible>(route(&req)) },
-                    );
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(error = %e, "metrics server: connection ended");
-                }
-            });
+    let local = crate::listen::serve(addr, "--metrics-addr", "metrics", |stream, _| async move {
+        let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(route(&req)) });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            tracing::debug!(error = %e, "metrics server: connection ended");
         }
-    });
+    })
+    .await?;
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
     Ok(local)
 }

@@ -285,7 +285,8 @@ impl Bridge {
                 .await?;
             out.insert(uri.to_string(), url);
         }
-        if let Some(page) = r.viewer_uri.as_deref().and_then(|u| out.get(u)) {
+        let viewer = r.viewer_uri.as_deref();
+        if let Some((viewer, page)) = viewer.and_then(|v| Some((v, out.get(v)?))) {
             let images: Vec<Option<&str>> = r
                 .images
                 .iter()
@@ -295,7 +296,7 @@ impl Bridge {
                 })
                 .collect();
             let link = crate::viewer::presigned_link(page, &images);
-            out.insert(r.viewer_uri.clone().expect("checked above"), link);
+            out.insert(viewer.to_string(), link);
         }
         Ok(out)
     }

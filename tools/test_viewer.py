@@ -65,18 +65,27 @@ class WebDriver:
         for p in (driver, browser):
             if not os.path.exists(p):
                 sys.exit(f"{p} not found: scripts/setup.sh installs chromium and chromium-driver (Debian)")
-        self.port = free_port()
-        self.proc = subprocess.Popen([driver, f"--port={self.port}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while True:
-            try:
-                self.call("GET", "/status")
+        # The port is free when picked but may be taken before chromedriver
+        # binds it (the tests run concurrently): a driver that exits at once
+        # is started again on another port.
+        for attempt in range(3):
+            self.port = free_port()
+            self.proc = subprocess.Popen([driver, f"--port={self.port}"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 30
+            while True:
+                try:
+                    self.call("GET", "/status")
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.time() > deadline:
+                        break
+                    time.sleep(0.2)
+            if self.proc.poll() is None:
                 break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
+            if attempt == 2:
+                sys.exit(f"chromedriver exited with {self.proc.returncode} (port {self.port})")
+        self.call("GET", "/status")
         caps = {"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {

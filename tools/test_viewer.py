@@ -121,6 +121,20 @@ class WebDriver:
         el = self.s("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
         return base64.b64decode(self.s("GET", f"/element/{el}/screenshot"))
 
+    def requests_outside(self, folder_url):
+        """What the page loaded from outside its own folder (data: URLs aside)."""
+        return self.script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => !n.startsWith('data:') && !n.startsWith(arguments[0]))", folder_url)
+
+    def console_errors(self):
+        """The browser's SEVERE log entries (script errors, failed loads)."""
+        try:
+            logs = self.s("POST", "/se/log", {"type": "browser"})
+        except Exception:  # noqa: BLE001 - not every chromedriver keeps the log endpoint
+            logs = []
+        return [e["message"] for e in logs if e.get("level") == "SEVERE"]
+
     def close(self):
         try:
             self.s("DELETE", "")
@@ -202,14 +216,8 @@ def load(url):
             if figures and all(f["loaded"] != "false" for f in figures):
                 break
             time.sleep(0.1)
-        report = {"figures": figures, "external_requests": wd.script(
-            "return performance.getEntriesByType('resource').map(e => e.name)"
-            ".filter(n => !n.startsWith('data:') && !n.startsWith(arguments[0]))", folder_url)}
-        try:
-            logs = wd.s("POST", "/se/log", {"type": "browser"})
-        except Exception:  # noqa: BLE001 - not every chromedriver keeps the log endpoint
-            logs = []
-        report["console_errors"] = [e["message"] for e in logs if e.get("level") == "SEVERE"]
+        report = {"figures": figures, "external_requests": wd.requests_outside(folder_url)}
+        report["console_errors"] = wd.console_errors()
     finally:
         wd.close()
     print(json.dumps(report))
@@ -255,10 +263,7 @@ def main():
         report["title"] = wd.script("return document.title")
         report["slide_text"] = wd.script("return document.getElementById('summary').innerText")
         report["figure_text"] = wd.script("return document.querySelector('figure[data-image=\"0\"]').innerText")
-        # Anything loaded from outside the page's own folder.
-        report["external_requests"] = wd.script(
-            "return performance.getEntriesByType('resource').map(e => e.name)"
-            ".filter(n => !n.startsWith('data:') && !n.startsWith(arguments[0]))", folder_url)
+        report["external_requests"] = wd.requests_outside(folder_url)
         # Where the image came from, relative to the page's folder (None: elsewhere).
         image_url = wd.script("return document.querySelector('figure[data-image=\"0\"]').getAttribute('data-image-url')")
         report["image_in_folder"] = image_url[len(folder_url):] if image_url.startswith(folder_url) else None
@@ -316,11 +321,7 @@ def main():
         state("other-contrastive", other, "contrastive")
         wd.click('figure[data-image="0"] button[data-class="none"]')
         state("image-only", None, None)
-        try:
-            logs = wd.s("POST", "/se/log", {"type": "browser"})
-        except Exception:  # noqa: BLE001 - not every chromedriver keeps the log endpoint
-            logs = []
-        report["console_errors"] = [entry["message"] for entry in logs if entry.get("level") == "SEVERE"]
+        report["console_errors"] = wd.console_errors()
     finally:
         wd.close()
         if server is not None:

@@ -938,11 +938,15 @@ pub async fn handle_fhir(store: &SignoutStore, body: &[u8]) -> (u16, serde_json:
             format!("not recorded, send it again later: {e}"),
         ),
     };
-    let outcome = serde_json::json!({
+    (status, operation_outcome(severity, code, &text))
+}
+
+/// A FHIR OperationOutcome with one issue.
+fn operation_outcome(severity: &str, code: &str, diagnostics: &str) -> serde_json::Value {
+    serde_json::json!({
         "resourceType": "OperationOutcome",
-        "issue": [{ "severity": severity, "code": code, "diagnostics": text }],
-    });
-    (status, outcome)
+        "issue": [{ "severity": severity, "code": code, "diagnostics": diagnostics }],
+    })
 }
 
 /// Serves `POST .../DiagnosticReport` on `addr` until the process ends (FHIR
@@ -981,11 +985,11 @@ async fn fhir_request(
     {
         (
             405,
-            serde_json::json!({
-                "resourceType": "OperationOutcome",
-                "issue": [{ "severity": "error", "code": "not-supported",
-                    "diagnostics": "sign-outs are POSTed to .../DiagnosticReport" }],
-            }),
+            operation_outcome(
+                "error",
+                "not-supported",
+                "sign-outs are POSTed to .../DiagnosticReport",
+            ),
         )
     } else {
         match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
@@ -995,11 +999,7 @@ async fn fhir_request(
             Ok(b) => handle_fhir(&store, &b.to_bytes()).await,
             Err(e) => (
                 413,
-                serde_json::json!({
-                    "resourceType": "OperationOutcome",
-                    "issue": [{ "severity": "error", "code": "too-long",
-                        "diagnostics": format!("body not read: {e}") }],
-                }),
+                operation_outcome("error", "too-long", &format!("body not read: {e}")),
             ),
         }
     };

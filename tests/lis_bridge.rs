@@ -15,109 +15,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use cinflow::result::codes::snomed_grade;
 use cinflow::result::ResultRecord;
 use cinflow::storage::ObjectStore;
-use common::worker::{Fixture, Worker};
+use common::lis::{delete_bridge_queues, start_bridge, wait_for, Peer};
+use common::worker::Fixture;
 use serde_json::Value;
-
-/// The stand-in LIS; killed when dropped.
-struct Peer {
-    child: Child,
-    log: PathBuf,
-    mllp: u16,
-    http: u16,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Peer {
-    fn start(dir: &Path, token_file: &Path) -> Peer {
-        let (mllp, http) = (common::http::free_port(), common::http::free_port());
-        let log = dir.join("lis-peer.jsonl");
-        let mut child = Command::new(common::python())
-            .arg(common::root().join("tools/lis_peer.py"))
-            .args(["--mllp-port", &mllp.to_string()])
-            .args(["--http-port", &http.to_string()])
-            .arg("--log")
-            .arg(&log)
-            .arg("--token-file")
-            .arg(token_file)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start tools/lis_peer.py");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        assert_eq!(line.trim(), "ready", "lis_peer.py did not start");
-        Peer {
-            child,
-            log,
-            mllp,
-            http,
-        }
-    }
-
-    fn entries(&self, kind: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|e| e["kind"] == kind)
-            .collect()
-    }
-
-    /// HL7 messages received for the order `accession`.
-    fn hl7_of(&self, accession: &str) -> Vec<Value> {
-        self.entries("hl7")
-            .into_iter()
-            .filter(|e| {
-                e["text"]
-                    .as_str()
-                    .unwrap()
-                    .contains(&format!("|{accession}|"))
-            })
-            .collect()
-    }
-
-    /// FHIR Bundles received for the report whose identifier is `report_id`.
-    fn fhir_of(&self, report_id: &str) -> Vec<Value> {
-        self.entries("fhir")
-            .into_iter()
-            .filter(|e| {
-                e["bundle"]
-                    .to_string()
-                    .contains(&format!("\"{report_id}\""))
-            })
-            .collect()
-    }
-
-    fn control(&self, query: &str) {
-        let (status, _) = common::http::get(self.http, &format!("/_control?{query}")).unwrap();
-        assert_eq!(status, 200);
-    }
-
-    fn store(&self) -> Value {
-        let (status, body) = common::http::get(self.http, "/_store").unwrap();
-        assert_eq!(status, 200);
-        serde_json::from_str(&body).unwrap()
-    }
-}
 
 /// GET of an http:// URL with its own Host header (presigned URLs sign it): (status, body).
 fn fetch(url: &str) -> (u16, Vec<u8>) {
@@ -138,64 +46,6 @@ fn fetch(url: &str) -> (u16, Vec<u8>) {
     let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, raw[head_end + 4..].to_vec())
-}
-
-/// Deletes the bridge's queue with its delay and dead-letter queues.
-fn delete_bridge_queues(fx: &Fixture, queue: &str) {
-    fx.rt
-        .block_on(cinflow::queue::delete_subscription(
-            &fx.channel,
-            &cinflow::queue::Subscription {
-                queue: queue.to_string(),
-                exchange: fx.amqp.results_exchange.clone(),
-                keys: vec![],
-            },
-        ))
-        .unwrap();
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn start_bridge(fx: &Fixture, peer: &Peer, queue: &str, token: &Path, metrics: u16) -> Worker {
-    let w = fx.spawn_command(
-        &[
-            "lis-bridge",
-            "--lis-queue",
-            queue,
-            "--hl7-mllp",
-            &format!("127.0.0.1:{}", peer.mllp),
-            "--hl7-patient-authority",
-            "LAB",
-            "--hl7-ack-timeout-s",
-            "60",
-            "--fhir-base",
-            &format!("http://127.0.0.1:{}/fhir", peer.http),
-            "--fhir-token-file",
-            token.to_str().unwrap(),
-            "--link-lifetime-s",
-            "3600",
-        ],
-        &[
-            ("CINFLOW_METRICS_ADDR", &format!("127.0.0.1:{metrics}")),
-            ("CINFLOW_RETRY_FOR_S", "20"),
-            ("CINFLOW_RETRY_BACKOFF_MS", "100"),
-            ("CINFLOW_RETRY_BACKOFF_MAX_MS", "500"),
-            ("CINFLOW_RETRY_DELAY_S", "1"),
-        ],
-    );
-    wait_for("the bridge to be ready", Duration::from_secs(60), || {
-        (common::http::get(metrics, "/readyz").map(|r| r.0) == Some(200)).then_some(())
-    });
-    w
 }
 
 /// An HL7 field (python-hl7 indexes MSH from MSH-1, the separator, like the rest).
@@ -234,7 +84,7 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
     let queue = format!("{}.lis", fx.prefix);
     let metrics = common::http::free_port();
     let worker = fx.spawn("infer", &[]);
-    let mut bridge = start_bridge(&fx, &peer, &queue, &token, metrics);
+    let mut bridge = start_bridge(&fx, &peer, &queue, &token, metrics, &[]);
     let images = fx.images(2, 640, 480);
     let job = |id: &str, patient: Option<&str>| {
         let mut j = fx.job(id, &images);
@@ -247,7 +97,7 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
     fx.publish(&job("a", Some("PAT-1")));
     // Not wait_graded: the bridge adds its receipts to the result set.
     let r = fx.wait_result("a", "v1", &worker);
-    let report_of = |job: &str| format!("{job}:{}:v1", fx.model);
+    let report_of = |job: &str| format!("{job}:{}:v1", r.model.name);
     let hl7 = wait_for("the ORU of job a", Duration::from_secs(60), || {
         let m = peer.hl7_of("ACC-a");
         (!m.is_empty()).then(|| m[0].clone())
@@ -514,7 +364,7 @@ fn results_reach_the_lis_in_hl7_and_fhir_once_and_refusals_are_dead_lettered() {
     bridge.signal("KILL");
     bridge.wait_exit(Duration::from_secs(10)).expect("killed");
     peer.control("hl7_delay_s=0");
-    let bridge2 = start_bridge(&fx, &peer, &queue, &token, common::http::free_port());
+    let bridge2 = start_bridge(&fx, &peer, &queue, &token, common::http::free_port(), &[]);
     wait_for(
         "job d delivered after the restart",
         Duration::from_secs(90),

@@ -47,7 +47,7 @@ pub(super) fn run(a: &DeadLettersArgs) -> anyhow::Result<Exit> {
         let route = a.queue.route(&a.amqp, &a.lis_queue);
         match &a.action {
             Action::List => {
-                for d in list(&ch, &route, a.limit).await? {
+                for d in list(&ch, &a.amqp, &route, a.limit).await? {
                     println!("{}\t{}\t{}", d.message_id, d.dead_lettered_at, d.reason);
                 }
             }

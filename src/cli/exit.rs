@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use crate::infer::InferError;
 use crate::lis::LisError;
 use crate::local::classify::ClassifyError;
+use crate::model::signing::SigningError;
 use crate::model::{BundleError, HeadError, RegistryError};
 use crate::pipeline::ModelError;
 use crate::preprocess::PreprocessError;
@@ -127,6 +128,7 @@ impl Exit {
                     StoreError,
                     QueueError,
                     RegistryError,
+                    SigningError,
                     ClassifyError,
                     PreprocessError,
                     ServingError,
@@ -275,6 +277,19 @@ impl Classify for RegistryError {
             | RegistryError::NoVersion { .. }
             | RegistryError::Corrupt { .. } => Exit::Input,
             RegistryError::Local { source, .. } => io_exit(source),
+            RegistryError::Signing(s) => s.exit(),
+            RegistryError::Untrusted { .. } => Exit::Input,
+        }
+    }
+}
+
+impl Classify for SigningError {
+    /// A key file that cannot be read is a bad flag; a signature that does
+    /// not hold is bad input.
+    fn exit(&self) -> Exit {
+        match self {
+            SigningError::Key { .. } => Exit::Usage,
+            _ => Exit::Input,
         }
     }
 }

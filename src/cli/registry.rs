@@ -136,6 +136,11 @@ pub struct PublishModelArgs {
         default_value = "current"
     )]
     pub alias: String,
+    /// Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`)
+    /// that signs the version; workers with --trusted-keys serve only
+    /// versions signed by a key they trust.
+    #[arg(long, env = "CINFLOW_SIGNING_KEY_FILE", value_name = "PEM")]
+    pub signing_key: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub s3: crate::storage::S3Config,
 }
@@ -146,7 +151,12 @@ pub struct PublishModelArgs {
 /// undoing a promotion); a different bundle under an existing version is refused.
 pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<Exit> {
     let store = Arc::new(crate::storage::S3Store::new(&a.s3)?);
-    let r = Registry::new(store, &a.name)?;
+    let mut r = Registry::new(store, &a.name)?;
+    if let Some(path) = &a.signing_key {
+        let key = crate::model::signing::SigningKey::from_pem_file(path)?;
+        eprintln!("signing with key {}", key.key_id());
+        r = r.signing_with(Arc::new(key));
+    }
     // Registry::publish verifies the bundle (every file's sha256) first.
     let bar = crate::progress::transfer_bar("upload");
     let version = match r.publish_showing(&a.bundle, &bar) {

@@ -46,15 +46,16 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::observe::metrics;
+use crate::queue::consumer::settle::Outcome;
+use crate::queue::consumer::ConsumerConfig;
+use crate::queue::consumer::{Broker, Handler, Incoming};
 use crate::queue::{AmqpConfig, Subscription};
 use crate::result::fhir::Systems;
 use crate::result::{ResultRecord, RESULT_SCHEMA};
 use crate::retry::{RetryPolicy, Transient};
 use crate::storage::{S3Client, S3Config, StoreError};
-use crate::worker::consume::{Broker, Handler, Incoming};
 use crate::worker::keys::Keys;
 use crate::worker::stores::split_s3_uri;
-use crate::worker::{ConsumerConfig, Outcome};
 
 /// Default `--job-timeout-s` of the bridge: one result's deliveries.
 pub const LIS_JOB_TIMEOUT_S: u64 = 600;
@@ -508,14 +509,33 @@ fn parse_result(bytes: &[u8]) -> Result<ResultRecord, String> {
 }
 
 impl Handler for Bridge {
-    async fn handle(self: Arc<Self>, msg: Incoming, _broker: Broker) -> Outcome {
-        self.handle_result(&msg).await
+    async fn handle(self: Arc<Self>, msg: Incoming, broker: Broker) -> Outcome {
+        // One delivery of a result at a time over every bridge and every
+        // concurrent event: two events for one result cannot both miss the
+        // receipt and both send. Unparseable events need no lease.
+        let Some(id) = lease_id(&msg.data) else {
+            return self.handle_result(&msg).await;
+        };
+        let what = format!("the result {id}");
+        broker.leased(&id, &what, self.handle_result(&msg)).await
     }
 
     async fn poison(self: Arc<Self>, _msg: Incoming, reason: String, _broker: Broker) -> Outcome {
         // Nothing to write: the result itself is in S3; the dead letter keeps the event.
         Outcome::Rejected { reason }
     }
+}
+
+/// What a result event's lease is named after: the result record it
+/// announces (its S3 URI), else its job and model version.
+fn lease_id(event: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(event).ok()?;
+    if let Some(uri) = v.get("result_uri").and_then(|u| u.as_str()) {
+        return Some(uri.to_string());
+    }
+    let job = v.get("job_id")?.as_str()?;
+    let version = v.get("model")?.get("version")?.as_str()?;
+    Some(format!("{job}:{version}"))
 }
 
 /// The bridge's queue on the results exchange.
@@ -687,7 +707,7 @@ pub async fn run(a: LisBridgeArgs) -> anyhow::Result<()> {
         LIS_JOB_TIMEOUT_S,
     );
     opts.subscribe = Some(sub);
-    crate::worker::consume::run(bridge, opts, shutdown).await
+    crate::queue::consumer::run(bridge, opts, shutdown).await
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub use manifest::{
     Calibration, ClassScheme, FeatureSpec, InputSpec, Manifest, PreprocessSpec, Task, BUNDLE_SCHEMA,
 };
 pub mod registry;
+pub mod signing;
 
 pub use ood::{OodModel, OodSpec, OOD_FILE};
 pub use triage::{OperatingPoint, ReferBand, Triage, CIN2_PLUS};

@@ -5,7 +5,9 @@
 //! Layout under `models/<name>/`:
 //! - `versions/<version>/manifest.json`, `backbone.onnx`, `head.safetensors` and the
 //!   training report (`report/...`); `manifest.json` is written last, so a version
-//!   without it is incomplete and invisible.
+//!   without it is incomplete and invisible. A signed version has
+//!   `manifest.sig.json` too, written just before the manifest
+//!   ([`super::signing`]).
 //! - `aliases/<alias>.json`: the version an alias points at, when and why.
 //! - `decisions/<version>.json`: the promotion decision for every trained version.
 
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
+use super::signing::{SigningError, SigningKey, TrustedKeys, SIGNATURE_FILE};
 use super::{Bundle, BundleError, BACKBONE_FILE, HEAD_FILE, MANIFEST_FILE};
 use crate::storage::{join_key, ObjectStore, StoreError};
 
@@ -33,6 +36,15 @@ pub enum RegistryError {
     BadName { what: &'static str, value: String },
     #[error("{uri}: {detail}")]
     Corrupt { uri: String, detail: String },
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+    #[error("model {name:?} version {version:?} is refused: {source}")]
+    Untrusted {
+        name: String,
+        version: String,
+        #[source]
+        source: SigningError,
+    },
     #[error("cannot write {path}: {source}")]
     Local {
         path: String,
@@ -257,6 +269,10 @@ impl PromotionPolicy {
 pub struct Registry {
     store: Arc<dyn ObjectStore>,
     name: String,
+    /// Signs what [`Registry::publish`] uploads.
+    signing: Option<Arc<SigningKey>>,
+    /// Versions [`Registry::fetch`] accepts must be signed by one of these.
+    trust: Option<Arc<TrustedKeys>>,
 }
 
 fn check_name(what: &'static str, value: &str) -> Result<(), RegistryError> {
@@ -281,7 +297,34 @@ impl Registry {
         Ok(Registry {
             store,
             name: name.to_string(),
+            signing: None,
+            trust: None,
         })
+    }
+
+    /// This registry signing every version it publishes with `key`.
+    pub fn signing_with(mut self, key: Arc<SigningKey>) -> Registry {
+        self.signing = Some(key);
+        self
+    }
+
+    /// This registry fetching only versions signed by one of `keys`.
+    pub fn trusting(mut self, keys: Arc<TrustedKeys>) -> Registry {
+        self.trust = Some(keys);
+        self
+    }
+
+    /// Whether fetched versions must be signed.
+    pub fn verifies(&self) -> bool {
+        self.trust.is_some()
+    }
+
+    fn untrusted(&self, version: &str, source: SigningError) -> RegistryError {
+        RegistryError::Untrusted {
+            name: self.name.clone(),
+            version: version.to_string(),
+            source,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -345,7 +388,11 @@ impl Registry {
             let bar = bar.clone();
             move |n| bar.inc(n)
         };
-        for rel in files.iter().filter(|r| r.as_str() != MANIFEST_FILE) {
+        // A signature left in the folder by an earlier publish is not this one's.
+        for rel in files
+            .iter()
+            .filter(|r| r.as_str() != MANIFEST_FILE && r.as_str() != SIGNATURE_FILE)
+        {
             let path = dir.join(rel);
             let bytes = std::fs::read(&path).map_err(|source| RegistryError::Local {
                 path: path.display().to_string(),
@@ -363,6 +410,13 @@ impl Registry {
                 path: dir.display().to_string(),
                 source,
             })?;
+        if let Some(key) = &self.signing {
+            self.store.put(
+                &self.key(&["versions", &version, SIGNATURE_FILE]),
+                &key.sign(&manifest),
+                "application/json",
+            )?;
+        }
         self.store
             .put_reporting(&manifest_key, &manifest, "application/json", &advance)?;
         bar.finish_and_clear();
@@ -486,7 +540,9 @@ impl Registry {
     ) -> Result<Bundle, RegistryError> {
         check_name("version", version)?;
         if let Ok(b) = Bundle::load(dest) {
-            if b.manifest.version == version {
+            // A cached copy is checked as a download is: a cache is a folder
+            // anyone on the node may have written.
+            if b.manifest.version == version && self.check_local(version, dest).is_ok() {
                 return Ok(b);
             }
         }
@@ -517,6 +573,23 @@ impl Registry {
             })
         };
         let manifest = get(MANIFEST_FILE)?;
+        if let Some(trust) = &self.trust {
+            let sig = match self
+                .store
+                .get(&self.key(&["versions", version, SIGNATURE_FILE]))
+            {
+                Ok(sig) => Some(sig),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            };
+            let key_id = trust
+                .verify(&manifest, sig.as_deref())
+                .map_err(|e| self.untrusted(version, e))?;
+            tracing::info!(model = %self.name, version, key_id, "signature verified");
+            if let Some(sig) = sig {
+                std::fs::write(dest.join(SIGNATURE_FILE), sig).map_err(local)?;
+            }
+        }
         std::fs::write(dest.join(MANIFEST_FILE), &manifest).map_err(local)?;
         let listed: Vec<String> = serde_json::from_slice::<crate::model::Manifest>(&manifest)
             .map(|m| m.files.into_keys().collect())
@@ -529,6 +602,22 @@ impl Registry {
             std::fs::write(dest.join(f), get(f)?).map_err(local)?;
         }
         Ok(Bundle::load(dest)?)
+    }
+}
+
+impl Registry {
+    /// Checks a local copy of `version` in `dir` against the trusted keys
+    /// (nothing to check without them).
+    fn check_local(&self, version: &str, dir: &Path) -> Result<(), RegistryError> {
+        let Some(trust) = &self.trust else {
+            return Ok(());
+        };
+        let read = |f: &str| std::fs::read(dir.join(f)).ok();
+        let manifest = read(MANIFEST_FILE).unwrap_or_default();
+        trust
+            .verify(&manifest, read(SIGNATURE_FILE).as_deref())
+            .map(|_| ())
+            .map_err(|e| self.untrusted(version, e))
     }
 }
 

@@ -68,6 +68,11 @@ pub struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: String,
 }
@@ -96,7 +101,8 @@ pub struct Metrics {
     registry: Registry,
     /// Jobs settled, by outcome: `done`, `rejected` (dead-lettered as bad
     /// input), `poison` (dead-lettered after too many failed deliveries),
-    /// `gave_up`, `failed`, `delayed`, `returned`, `requeued`, `abandoned`
+    /// `gave_up`, `failed`, `delayed`, `waiting` (another copy of the job
+    /// ran), `quarantined`, `returned`, `requeued`, `abandoned`
     /// (docs/delivery.md).
     pub jobs: Family<OutcomeLabel, Counter>,
     pub job_seconds: Histogram,
@@ -127,6 +133,9 @@ pub struct Metrics {
     pub model_info: Family<ModelLabels, Gauge>,
     /// Alias changes followed, by outcome (`switched`, `refused`).
     pub model_switches: Family<OutcomeLabel, Counter>,
+    /// Model versions refused because their signature does not verify, by
+    /// reason (`unsigned`, `unknown_key`, `mismatch`, `malformed`).
+    pub model_refusals: Family<ReasonLabel, Counter>,
     pub broker_connected: Gauge,
     pub broker_reconnects: Counter,
     pub ready: Gauge,
@@ -184,6 +193,7 @@ impl Metrics {
             slide_triage: Family::default(),
             model_info: Family::default(),
             model_switches: Family::default(),
+            model_refusals: Family::default(),
             broker_connected: Gauge::default(),
             broker_reconnects: Counter::default(),
             ready: Gauge::default(),
@@ -277,6 +287,11 @@ impl Metrics {
             "model_switches",
             "Alias changes followed, by outcome (switched, refused)",
             m.model_switches.clone(),
+        );
+        m.registry.register(
+            "model_refusals",
+            "Model versions refused because their signature does not verify, by reason",
+            m.model_refusals.clone(),
         );
         m.registry.register(
             "broker_connected",
@@ -436,6 +451,14 @@ impl Metrics {
                 provider: provider.into(),
             })
             .set(1);
+    }
+
+    pub fn model_refused(&self, reason: &str) {
+        self.model_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn model_switch(&self, outcome: &str) {

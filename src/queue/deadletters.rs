@@ -2,7 +2,7 @@
 //! there with its reasons, and send messages back to their work queue once the
 //! cause is fixed (an image uploaded late, a model alias set).
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 
@@ -12,6 +12,9 @@ use super::{publish_json, republished_headers, AmqpConfig, QueueError, INFER_KEY
 pub const REASON_HEADER: &str = "x-cinflow-reason";
 /// Header set on a message sent back from a dead-letter queue: its last reason.
 pub const REQUEUED_HEADER: &str = "x-cinflow-requeued-after";
+/// Header set on a message sent back from a dead-letter queue: when (RFC 3339).
+/// A worker grades such a job again unless its stored result is newer.
+pub const REQUEUED_AT_HEADER: &str = "x-cinflow-requeued-at";
 
 /// Which work queue's dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,7 +72,8 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
-fn header_text(headers: Option<&FieldTable>, name: &str) -> String {
+/// A text header's value (empty when absent).
+pub fn header_text(headers: Option<&FieldTable>, name: &str) -> String {
     match headers.and_then(|h| h.inner().get(name)) {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         Some(AMQPValue::ShortString(s)) => s.to_string(),
@@ -116,28 +120,63 @@ fn describe(m: &lapin::message::BasicGetMessage) -> DeadLetter {
     }
 }
 
-async fn give_back(messages: Vec<lapin::message::BasicGetMessage>) -> Result<(), QueueError> {
+/// Puts messages taken off `dlq` back into it: each as a confirmed copy
+/// (headers kept, but for the broker's delivery counts), then the original
+/// acked. Returning them with `nack` would count a delivery each time, and
+/// quorum queues on RabbitMQ 4.0-4.2 drop a message after 20 (their default
+/// delivery limit): listing would lose dead letters. The copies go to the
+/// back of the queue, in the order they were taken. `ch` must have
+/// publisher confirms on.
+async fn give_back(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    dlq: &str,
+    messages: Vec<lapin::message::BasicGetMessage>,
+) -> Result<(), QueueError> {
     for m in messages {
-        m.delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(amqp("return a message to the dead-letter queue"))?;
+        let d = &m.delivery;
+        let mut headers = FieldTable::default();
+        for (k, v) in d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().iter())
+            .into_iter()
+            .flatten()
+        {
+            if k.as_str() != "x-delivery-count" && k.as_str() != "x-acquired-count" {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        let id = super::message_id(&d.properties);
+        let p = super::Publish {
+            exchange: "",
+            routing_key: dlq,
+            message_id: &id,
+            payload: &d.data,
+            mandatory: true,
+            expiration_ms: None,
+        };
+        super::publish(ch, cfg, p, Some(headers)).await?;
+        d.acker.ack(BasicAckOptions::default()).await.map_err(amqp(
+            "remove a message copied back to the dead-letter queue",
+        ))?;
     }
     Ok(())
 }
 
-/// The first `limit` dead letters, left in the queue.
+/// The first `limit` dead letters, left in the queue (moved to its back,
+/// see [`give_back`]; listing every message keeps their order). `ch` must
+/// have publisher confirms on.
 pub async fn list(
     ch: &Channel,
+    cfg: &AmqpConfig,
     route: &DeadLetterRoute,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, QueueError> {
     let taken = take(ch, &route.dlq, limit).await?;
     let out = taken.iter().map(describe).collect();
-    give_back(taken).await?;
+    give_back(ch, cfg, &route.dlq, taken).await?;
     Ok(out)
 }
 
@@ -167,6 +206,12 @@ pub async fn requeue(
             ShortString::from(REQUEUED_HEADER),
             AMQPValue::LongString(LongString::from(d.reason.as_str())),
         );
+        headers.insert(
+            ShortString::from(REQUEUED_AT_HEADER),
+            AMQPValue::LongString(LongString::from(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )),
+        );
         publish_json(
             ch,
             cfg,
@@ -183,6 +228,6 @@ pub async fn requeue(
             .map_err(amqp("remove a requeued message from the dead-letter queue"))?;
         sent.push(d.message_id);
     }
-    give_back(keep).await?;
+    give_back(ch, cfg, &route.dlq, keep).await?;
     Ok(sent)
 }

@@ -19,8 +19,10 @@
 //! [`declare_topology`] says so with the way out (docs/storage-and-broker.md,
 //! "Upgrading the queues").
 
+pub mod consumer;
 pub mod deadletters;
 pub mod enqueue;
+pub mod lease;
 pub mod messages;
 pub mod migrate;
 
@@ -130,6 +132,12 @@ impl AmqpConfig {
     /// The delay queue of a work queue.
     pub fn delay_queue(queue: &str) -> String {
         format!("{queue}.delay")
+    }
+
+    /// The quarantine queue of a work queue: deliveries that were in flight
+    /// when a worker died, graded one at a time per worker.
+    pub fn quarantine_queue(queue: &str) -> String {
+        format!("{queue}.quarantine")
     }
 
     fn confirm_timeout(&self) -> std::time::Duration {
@@ -376,6 +384,23 @@ fn work_queue_args(cfg: &AmqpConfig, dlq: &str) -> FieldTable {
     work
 }
 
+/// Declares the quarantine queue of `queue` (no binding: copies reach it
+/// through the default exchange), with the work queue's delivery limit and
+/// dead-lettering into `dlq`.
+pub async fn declare_quarantine(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    queue: &str,
+    dlq: &str,
+) -> Result<(), QueueError> {
+    declare_queue(
+        ch,
+        &AmqpConfig::quarantine_queue(queue),
+        work_queue_args(cfg, dlq),
+    )
+    .await
+}
+
 /// Declares a dead-letter queue and binds it to the dead-letter exchange
 /// under its own name.
 async fn declare_dlq(ch: &Channel, cfg: &AmqpConfig, dlq: &str) -> Result<(), QueueError> {
@@ -396,6 +421,7 @@ pub async fn delete_subscription(ch: &Channel, sub: &Subscription) -> Result<(),
     for q in [
         sub.queue.clone(),
         AmqpConfig::delay_queue(&sub.queue),
+        AmqpConfig::quarantine_queue(&sub.queue),
         sub.dlq(),
     ] {
         ch.queue_delete(q.as_str().into(), Default::default())
@@ -414,6 +440,8 @@ pub async fn delete_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Queue
         cfg.train_queue.clone(),
         AmqpConfig::delay_queue(&cfg.infer_queue),
         AmqpConfig::delay_queue(&cfg.train_queue),
+        AmqpConfig::quarantine_queue(&cfg.infer_queue),
+        AmqpConfig::quarantine_queue(&cfg.train_queue),
         cfg.infer_dlq(),
         cfg.train_dlq(),
     ] {

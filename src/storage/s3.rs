@@ -309,6 +309,66 @@ impl S3Client {
             .map_err(|e| classify(&uri, &e))
     }
 
+    /// Creates an object only if no object has its key (`If-None-Match: *`):
+    /// true when this call created it, false when one existed (412). A store
+    /// that ignores the header overwrites and answers true: see
+    /// [`S3Client::conditional_writes`]. A concurrent conditional write
+    /// (409) is transient.
+    pub async fn put_if_absent(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let uri = s3_uri(bucket, key);
+        let sha = crate::hashing::sha256_hex(&bytes);
+        let sent = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .metadata("sha256", &sha)
+            .if_none_match("*")
+            .body(ByteStream::from(bytes))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(412) => Ok(false),
+                Some(409) => Err(StoreError::Unavailable {
+                    uri,
+                    detail: "a concurrent conditional write to the same key (409)".into(),
+                }),
+                _ => Err(classify(&uri, &e)),
+            },
+        }
+    }
+
+    /// Whether the store honours `If-None-Match: *` on PutObject (AWS S3
+    /// since 2024, MinIO, Cloudflare R2, Ceph RGW; Garage 2.5 ignores it):
+    /// writes `probe_key` twice with the header and expects the second to be
+    /// refused with 412, then deletes it. `probe_key` must be unique to the
+    /// caller (a worker's name and start time).
+    pub async fn conditional_writes(
+        &self,
+        bucket: &str,
+        probe_key: &str,
+    ) -> Result<bool, StoreError> {
+        let body = bytes::Bytes::from_static(b"cinflow conditional-write probe\n");
+        let first = self
+            .put_if_absent(bucket, probe_key, body.clone(), "text/plain")
+            .await?;
+        let second = self
+            .put_if_absent(bucket, probe_key, body, "text/plain")
+            .await;
+        let _ = self.delete(bucket, probe_key).await;
+        Ok(first && !second?)
+    }
+
     /// Starts a multipart upload (objects over [`MULTIPART_OVER`] bytes) and
     /// returns its id; the whole object's sha256 goes into the metadata.
     pub async fn create_multipart(

@@ -100,7 +100,13 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     let registry = match registry_store {
         Some(store) => {
             let name = o.name.clone().unwrap_or_else(|| base.name.clone());
-            Some(Registry::new(store, &name)?)
+            let mut r = Registry::new(store, &name)?;
+            if let Some(path) = &o.signing_key {
+                let key = crate::model::signing::SigningKey::from_pem_file(path)
+                    .map_err(crate::model::RegistryError::from)?;
+                r = r.signing_with(Arc::new(key));
+            }
+            Some(r)
         }
         None => None,
     };

@@ -34,8 +34,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 
 use crate::queue::messages::{JobMessage, JOB_SCHEMA};
@@ -417,35 +415,6 @@ pub fn leader_queue(rules: &Rules) -> String {
     format!("cinflow.watch.{}", &h[..16])
 }
 
-/// Tries to become the active watcher on `conn`: true when this connection
-/// now holds the leader queue.
-async fn lead(conn: &lapin::Connection, queue: &str) -> Result<bool, WatchError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(crate::queue::amqp("open channel"))?;
-    let opts = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    match ch
-        .queue_declare(queue.into(), opts, FieldTable::default())
-        .await
-    {
-        Ok(_) => Ok(true),
-        // RESOURCE_LOCKED: another connection holds it.
-        Err(e)
-            if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
-                if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED))) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(crate::queue::amqp(format!("declare {queue}"))(e).into()),
-    }
-}
-
 /// Runs the watcher: one poll with `--once`, else until the process is stopped,
 /// reconnecting after broker or S3 failures.
 pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
@@ -482,10 +451,13 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
                 report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
                 return Ok::<bool, WatchError>(true);
             }
-            let mut leading = false;
+            // The active watcher holds the leader lease as long as its
+            // connection lives.
+            let mut lease = None;
             loop {
-                if !leading {
-                    leading = lead(&conn, &leader).await?;
+                if lease.is_none() {
+                    lease = crate::queue::lease::try_take(&conn, &leader).await?;
+                    let leading = lease.is_some();
                     metrics.watch_active.set(i64::from(leading));
                     if leading {
                         tracing::info!(queue = %leader, "active watcher of s3://{}/{}", rules.bucket, rules.prefix);
@@ -501,7 +473,7 @@ pub async fn run(a: &WatchArgs) -> Result<(), WatchError> {
                     if let Some(l) = local.as_mut() {
                         l.sync(&rules, &s3).await?;
                     }
-                    if leading {
+                    if lease.is_some() {
                         report(&poll(&rules, &s3, &ch, &a.amqp, a.model_version.as_deref()).await?);
                     }
                 }

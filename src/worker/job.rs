@@ -2,11 +2,13 @@
 //!
 //! 1. Check the message against the worker's limits and parse it (a bad one
 //!    is refused: error result and dead-letter).
-//! 2. Pin the model version through the job's [claim](super::claim): an
-//!    earlier delivery's version, else the served one or the alias/version
-//!    the job names, claimed now. Another content under the same job id is
-//!    refused without touching the stored result; a job whose result is
-//!    already complete is announced again, not graded again.
+//! 2. Take the job's lease (one copy of a job at a time, on every worker;
+//!    a copy that finds it taken waits in the delay queue), then pin the
+//!    model version through the job's [claim](super::claim): an earlier
+//!    delivery's version, else the served one or the alias/version the job
+//!    names, claimed now. Another content under the same job id is refused
+//!    without touching the stored result; a job whose result is already
+//!    complete is announced again (the stored bytes), not graded again.
 //! 3. Per image, concurrently (at most `--images-in-flight` over all jobs):
 //!    [`fetch`](super::fetch) -> [`prepare`](super::prepare) (admitted
 //!    against the memory budget) -> [`grade`](super::grade) (batched across
@@ -16,7 +18,7 @@
 //!    job.
 //! 4. The FHIR report, then the result record, then the `cinflow.result/v2`
 //!    event (publisher confirms).
-//! 5. The outcome goes to [`settle`](super::settle): ack only now, so any
+//! 5. The outcome goes to [`settle`](crate::queue::consumer::settle): ack only now, so any
 //!    earlier crash means redelivery, never loss; a redelivered job rewrites
 //!    the same objects under the same version.
 
@@ -27,18 +29,18 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::claim::{content_sha256, duplicate_reason, Claim, Claims};
-use super::consume::{Broker, Handler, Incoming};
+use super::claim::{content_sha256, duplicate_reason, legacy_content_sha256, Claim, Claims};
 use super::error::JobError;
 use super::fetch::Fetcher;
 use super::keys::Keys;
 use super::prepare::Preparer;
 use super::put::Putter;
 use super::serving::{Serving, ServingError};
-use super::settle::Outcome;
 use crate::engine::Grader;
 use crate::model::Manifest;
 use crate::pipeline::Drawing;
+use crate::queue::consumer::settle::Outcome;
+use crate::queue::consumer::{Broker, Handler, Incoming};
 use crate::queue::messages::{check_id, Admission, JobMessage};
 use crate::result::fhir::{diagnostic_report, Systems};
 use crate::result::{ImageResult, ImageStatus, JobIds, JobTimings, ResultRecord};
@@ -65,6 +67,8 @@ pub struct InferWorker {
     pub worker_name: String,
     /// Tags jobs for the grader's count of jobs per backbone call.
     pub next_tag: AtomicU64,
+    /// The results store honours `If-None-Match: *` (probed at start).
+    pub conditional_claims: bool,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -73,28 +77,35 @@ fn ms(t: Instant) -> f64 {
 
 /// The model version a delivery grades with.
 enum Pin {
-    /// `earlier`: a previous delivery of the job claimed this version.
-    Model { grader: Arc<Grader>, earlier: bool },
+    /// Grade with this version.
+    Model(Arc<Grader>),
+    /// The claimed version's result is stored and final: nothing to grade.
+    Stored(Outcome),
     /// The job id was claimed for other content: the reason to refuse it.
+    Duplicate(String),
+}
+
+/// What a job's claim says before any model is loaded.
+enum Claimed {
+    /// No delivery claimed the job yet.
+    Nobody,
+    /// Claimed for this content, by this registry model and version.
+    Version(Claim),
+    /// Claimed for other content.
     Duplicate(String),
 }
 
 impl InferWorker {
     async fn grade_job(&self, msg: Incoming, job: JobMessage, broker: Broker) -> Outcome {
         let received = msg.received;
-        let content = content_sha256(Some(&job), &msg.data);
-        let (grader, earlier) = match self.pin(&job.job_id, &content, job.model.as_deref()).await {
-            Ok(Pin::Model { grader, earlier }) => (grader, earlier),
+        let grader = match self.pin(&msg, &job.job_id, Some(&job), &broker).await {
+            Ok(Pin::Model(grader)) => grader,
+            Ok(Pin::Stored(outcome)) => return outcome,
             Ok(Pin::Duplicate(reason)) => return Outcome::Rejected { reason },
             Err(e) => return self.fail(&msg, Some(&job), None, &e, &broker).await,
         };
         let m = grader.model().manifest().clone();
-        let keys = Keys::new(&self.results_prefix, &job.job_id, &m);
-        if earlier {
-            if let Some(outcome) = self.announce_complete(&keys, &broker).await {
-                return outcome;
-            }
-        }
+        let keys = self.keys(&job.job_id, &m.version);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
 
         let images = futures_util::future::try_join_all(
@@ -134,6 +145,8 @@ impl InferWorker {
             .write_and_announce(record, &viewer, &m, &keys, &broker)
             .await
         {
+            // Nothing more can be written (a results prefix that refuses
+            // writes): dead-lettered with the reason, or delayed if transient.
             return Outcome::of_failure(&e);
         }
         match error {
@@ -145,55 +158,81 @@ impl InferWorker {
         }
     }
 
+    /// The keys of a job's results under one version of the served model.
+    fn keys(&self, job_id: &str, version: &str) -> Keys {
+        Keys::new(&self.results_prefix, job_id, self.serving.name(), version)
+    }
+
     fn claims(&self) -> Claims<'_> {
         Claims {
             stores: &self.putter.stores,
             retry: self.retry,
             results_prefix: &self.results_prefix,
+            conditional: self.conditional_claims,
         }
     }
 
-    /// The one model version of the job `job_id` with content `content`: the
-    /// one an earlier delivery claimed, else the served one or the one the job
-    /// names (`want`), claimed now.
-    async fn pin(&self, job_id: &str, content: &str, want: Option<&str>) -> Result<Pin, JobError> {
-        let claims = self.claims();
-        if let Some(earlier) = claims.read(job_id).await? {
-            return self.follow(earlier, content, true).await;
-        }
-        let grader = self.choose_model(want).await?;
-        let m = grader.model().manifest();
-        let mine = Claim::new(
-            job_id,
-            content.to_string(),
-            &m.name,
-            &m.version,
-            &self.worker_name,
-        );
-        let stored = claims.write(&mine).await?;
-        if (&stored.content_sha256, &stored.version) == (&mine.content_sha256, &mine.version) {
-            return Ok(Pin::Model {
-                grader,
-                earlier: false,
-            });
-        }
-        tracing::warn!(other = %stored.worker, "another worker claimed the job at the same moment; following its claim");
-        self.follow(stored, content, false).await
+    /// What the claim on `job_id` says about a message with `msg`'s content.
+    async fn claimed(
+        &self,
+        msg: &Incoming,
+        job_id: &str,
+        job: Option<&JobMessage>,
+    ) -> Result<Claimed, JobError> {
+        let Some(claim) = self.claims().read(job_id).await? else {
+            return Ok(Claimed::Nobody);
+        };
+        Ok(self.judge(claim, msg, job))
     }
 
-    /// The version a stored claim names, if it was made for this content.
-    async fn follow(&self, claim: Claim, content: &str, earlier: bool) -> Result<Pin, JobError> {
-        if claim.content_sha256 != content {
-            return Ok(Pin::Duplicate(duplicate_reason(&claim.job_id, &claim)));
+    fn judge(&self, claim: Claim, msg: &Incoming, job: Option<&JobMessage>) -> Claimed {
+        let legacy = job.map(legacy_content_sha256);
+        if !Claims::same_content(&claim, &content_sha256(&msg.data), legacy.as_deref()) {
+            return Claimed::Duplicate(duplicate_reason(&claim.job_id, &claim));
         }
-        if claim.model != self.serving.name() {
-            return Err(JobError::Invalid(format!(
-                "job {} is graded by model {} {} (its claim); this worker serves model {}",
-                claim.job_id,
-                claim.model,
-                claim.version,
-                self.serving.name()
-            )));
+        Claimed::Version(claim)
+    }
+
+    /// The one model version of the job `job_id`: the one an earlier
+    /// delivery claimed (unless its result is stored and final), else the
+    /// served one or the one the job names, claimed now. The caller holds
+    /// the job's lease.
+    async fn pin(
+        &self,
+        msg: &Incoming,
+        job_id: &str,
+        job: Option<&JobMessage>,
+        broker: &Broker,
+    ) -> Result<Pin, JobError> {
+        let claim = match self.claimed(msg, job_id, job).await? {
+            Claimed::Duplicate(reason) => return Ok(Pin::Duplicate(reason)),
+            Claimed::Version(claim) => claim,
+            Claimed::Nobody => {
+                let grader = self
+                    .choose_model(job.and_then(|j| j.model.as_deref()))
+                    .await?;
+                let mine = Claim::new(
+                    job_id,
+                    content_sha256(&msg.data),
+                    self.serving.name(),
+                    &grader.model().manifest().version,
+                    &self.worker_name,
+                );
+                let stored = self.claims().write(&mine).await?;
+                if stored.version == mine.version && stored.worker == mine.worker {
+                    return Ok(Pin::Model(grader));
+                }
+                // Only where the lease does not reach: a worker on another broker.
+                tracing::warn!(other = %stored.worker, "another worker claimed the job first; following its claim");
+                match self.judge(stored, msg, job) {
+                    Claimed::Version(claim) => claim,
+                    Claimed::Duplicate(reason) => return Ok(Pin::Duplicate(reason)),
+                    Claimed::Nobody => unreachable!("judge never answers Nobody"),
+                }
+            }
+        };
+        if let Some(outcome) = self.stored(msg, &claim, broker).await {
+            return Ok(Pin::Stored(outcome));
         }
         let version = claim.version;
         let grader = self
@@ -201,14 +240,24 @@ impl InferWorker {
                 s.version(&version, &version)
             })
             .await?;
-        Ok(Pin::Model { grader, earlier })
+        Ok(Pin::Model(grader))
     }
 
-    /// If an earlier delivery completed the job, announces its result again
-    /// (the crash or lost connection came between the write and the ack).
-    async fn announce_complete(&self, keys: &Keys, broker: &Broker) -> Option<Outcome> {
+    /// If an earlier delivery or another copy stored a final result under
+    /// the claimed version, announces its stored bytes again (so every event
+    /// of a job is the same) and says how to settle this delivery. A stored
+    /// OK result is final. A stored error result is final too, unless this
+    /// message was sent back by `cinflow dead-letters requeue` after the
+    /// error was written (its cause may be fixed): then it is graded again.
+    async fn stored(&self, msg: &Incoming, claim: &Claim, broker: &Broker) -> Option<Outcome> {
         let stores = &self.putter.stores;
-        let key = keys.result();
+        let key = Keys::new(
+            &self.results_prefix,
+            &claim.job_id,
+            &claim.model,
+            &claim.version,
+        )
+        .result();
         let found = self
             .retry
             .run("read an earlier result", || stores.find(&key))
@@ -223,12 +272,33 @@ impl InferWorker {
             }
         };
         let record: ResultRecord = serde_json::from_slice(&json).ok()?;
-        if record.error.is_some() {
-            return None; // graded again: its cause may be fixed (a re-sent dead letter)
+        if let Some(error) = &record.error {
+            let written = chrono::DateTime::parse_from_rfc3339(&record.created_at).ok();
+            let regrade = match (msg.requeued_at, written) {
+                (Some(requeued), Some(written)) => requeued > written,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if regrade {
+                tracing::info!("requeued after its error result; grading it again");
+                return None;
+            }
+            tracing::info!(error = %error, "an earlier delivery or another copy stored an error result; announcing it again");
+            let announced = broker
+                .publish_event("result.error", &event_id(&record), &json)
+                .await;
+            return Some(match announced {
+                Err(e) => Outcome::of_failure(&JobError::from(e).during("result event")),
+                // The copy that wrote it has dead-lettered the job.
+                Ok(()) if msg.deliveries.waits > 0 => Outcome::Done,
+                Ok(()) => Outcome::Rejected {
+                    reason: error.clone(),
+                },
+            });
         }
         tracing::info!(
             attempt = ?record.attempt,
-            "already graded by an earlier delivery; announcing its result again"
+            "already graded by an earlier delivery or another copy; announcing its result again"
         );
         let id = event_id(&record);
         Some(match broker.publish_event("result.ok", &id, &json).await {
@@ -383,37 +453,25 @@ impl InferWorker {
             .unwrap_or_else(|| fallback_job_id(msg));
         let grader = match pinned {
             Some(g) => g.clone(),
-            None => {
-                let content = content_sha256(job, &msg.data);
-                let want = job.and_then(|j| j.model.as_deref());
-                match self.pin(&job_id, &content, want).await {
-                    Ok(Pin::Model { grader, earlier }) => {
-                        // A job completed by an earlier delivery (poison only
-                        // because its ack never reached the broker) keeps its
-                        // result: announced again, never overwritten.
-                        if earlier {
-                            let keys =
-                                Keys::new(&self.results_prefix, &job_id, grader.model().manifest());
-                            if let Some(outcome) = self.announce_complete(&keys, broker).await {
-                                return outcome;
-                            }
-                        }
-                        grader
+            None => match self.pin(msg, &job_id, job, broker).await {
+                // A job completed by an earlier delivery or another copy
+                // (poison only because its ack never reached the broker)
+                // keeps its result: announced again, never overwritten.
+                Ok(Pin::Stored(outcome)) => return outcome,
+                Ok(Pin::Model(grader)) => grader,
+                Ok(Pin::Duplicate(dup)) => {
+                    return Outcome::Rejected {
+                        reason: format!("{reason}; {dup}"),
                     }
-                    Ok(Pin::Duplicate(dup)) => {
-                        return Outcome::Rejected {
-                            reason: format!("{reason}; {dup}"),
-                        }
-                    }
-                    Err(e) if e.is_transient() => {
-                        return Outcome::Retry {
-                            reason: format!("cannot record the rejection ({reason}): {e}"),
-                        }
-                    }
-                    // The model the job names does not exist: recorded under the served one.
-                    Err(_) => self.serving.current(),
                 }
-            }
+                Err(e) if e.is_transient() => {
+                    return Outcome::Retry {
+                        reason: format!("cannot record the rejection ({reason}): {e}"),
+                    }
+                }
+                // The model the job names does not exist: recorded under the served one.
+                Err(_) => self.serving.current(),
+            },
         };
         let model = grader.model();
         let m = model.manifest();
@@ -429,15 +487,19 @@ impl InferWorker {
             record.ids = ids(j);
         }
         record.attempt = Some(msg.deliveries.earlier + 1);
-        let keys = Keys::new(&self.results_prefix, &job_id, m);
+        let keys = self.keys(&job_id, &m.version);
         let viewer = vec![None; record.images.len()];
         match self
             .write_and_announce(record, &viewer, m, &keys, broker)
             .await
         {
             Ok(()) => Outcome::Rejected { reason },
-            Err(e) => Outcome::Retry {
+            Err(e) if e.is_transient() => Outcome::Retry {
                 reason: format!("cannot record the rejection ({reason}): {e}"),
+            },
+            // A results prefix that refuses writes will not take it later.
+            Err(e) => Outcome::Rejected {
+                reason: format!("{reason} (its error result could not be written: {e})"),
             },
         }
     }
@@ -452,8 +514,16 @@ fn event_id(record: &ResultRecord) -> String {
     )
 }
 
-/// A usable job id for a message that could not be parsed.
+/// A usable job id for a message that was refused: its `job_id` if it has a
+/// valid one, else its AMQP message id, else a hash of its bytes.
 fn fallback_job_id(msg: &Incoming) -> String {
+    let from_json = serde_json::from_slice::<serde_json::Value>(&msg.data)
+        .ok()
+        .and_then(|v| v.get("job_id")?.as_str().map(str::to_string))
+        .filter(|id| check_id("job_id", id).is_ok());
+    if let Some(id) = from_json {
+        return id;
+    }
     match &msg.message_id {
         Some(id) if check_id("message_id", id).is_ok() => id.clone(),
         _ => format!(
@@ -501,14 +571,20 @@ impl Handler for InferWorker {
             Err(e) => {
                 let id = fallback_job_id(&msg);
                 let span = tracing::info_span!("job", job_id = %id);
-                return self
-                    .refuse(&msg, None, None, e.to_string(), &broker)
+                let refuse = self.refuse(&msg, None, None, e.to_string(), &broker);
+                return broker
+                    .leased(&id, &format!("job {id}"), refuse)
                     .instrument(span)
                     .await;
             }
         };
         let span = tracing::info_span!("job", job_id = %job.job_id, slide_id = %job.slide_id);
-        self.grade_job(msg, job, broker).instrument(span).await
+        let id = job.job_id.clone();
+        let grade = self.grade_job(msg, job, broker.clone());
+        broker
+            .leased(&id, &format!("job {id}"), grade)
+            .instrument(span)
+            .await
     }
 
     async fn poison(self: Arc<Self>, msg: Incoming, reason: String, broker: Broker) -> Outcome {
@@ -519,7 +595,9 @@ impl Handler for InferWorker {
             .map(|j| j.job_id.clone())
             .unwrap_or_else(|| fallback_job_id(&msg));
         let span = tracing::info_span!("job", job_id = %id);
-        self.refuse(&msg, job.as_ref(), None, reason, &broker)
+        let refuse = self.refuse(&msg, job.as_ref(), None, reason, &broker);
+        broker
+            .leased(&id, &format!("job {id}"), refuse)
             .instrument(span)
             .await
     }

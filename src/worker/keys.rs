@@ -1,12 +1,12 @@
 //! Where a job's results live: deterministic keys from the job id and the
 //! model version, so a redelivered job rewrites the same objects.
 //!
-//! `results/<job_id>/<model>/<version>/`:
+//! `results/<job_id>/<model>/<version>/`, the model named as the registry
+//! names it (the bundle manifest's own name may differ):
 //! `result.json` (written last), `diagnostic-report.json`, `viewer.html`, and per image
 //! `images/NNN/<artifact>` (see [`crate::pipeline::artifacts`]); the LIS
 //! bridge adds `lis/<destination>.json`, what the LIS answered.
 
-use crate::model::Manifest;
 use crate::storage::join_key;
 
 /// Keys of one job's results under one model version.
@@ -16,9 +16,10 @@ pub struct Keys {
 }
 
 impl Keys {
-    pub fn new(results_prefix: &str, job_id: &str, m: &Manifest) -> Keys {
+    /// `model`: the registry's model name; `version`: the version's name there.
+    pub fn new(results_prefix: &str, job_id: &str, model: &str, version: &str) -> Keys {
         Keys {
-            prefix: join_key(&[results_prefix, job_id, &m.name, &m.version]),
+            prefix: join_key(&[results_prefix, job_id, model, version]),
         }
     }
 

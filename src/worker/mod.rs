@@ -1,18 +1,17 @@
 //! Queue workers: `cinflow worker infer` grades slides from `cinflow.infer`,
 //! `cinflow worker train` retrains the head from `cinflow.train`. Both share the
-//! consumer loop in [`consume`] (manual acks, reconnects, graceful shutdown)
-//! and [`settle`] (ack, requeue, dead-letter with a reason).
+//! consumer loop in [`crate::queue::consumer`] (manual acks, reconnects,
+//! graceful shutdown, settling: ack, requeue, dead-letter with a reason).
 //!
 //! The inference worker is a staged pipeline, one file per stage:
 //! [`fetch`] (async S3 GETs) -> [`prepare`] (decode, CLAHE, resize on rayon)
 //! -> [`grade`] (one inference thread per model version, batching across
 //! jobs) -> [`render`] (artifacts on rayon) -> [`put`] (async S3 PUTs) ->
-//! [`settle`]; [`job`] reads a job top to bottom through them. Whether a
+//! settling; [`job`] reads a job top to bottom through them. Whether a
 //! failure is retried is a property of its error type ([`error`],
 //! [`crate::retry`]), and each object is retried by itself.
 
 pub mod claim;
-pub mod consume;
 pub mod error;
 pub mod fetch;
 pub mod grade;
@@ -22,7 +21,6 @@ pub mod prepare;
 pub mod put;
 pub mod render;
 pub mod serving;
-pub mod settle;
 pub mod stores;
 #[cfg(feature = "train")]
 pub mod train;
@@ -40,107 +38,12 @@ use crate::model::Registry;
 use crate::pipeline::{Drawing, Overlays};
 use crate::queue::messages::Admission;
 use crate::queue::AmqpConfig;
-use crate::retry::{Limit, RetryPolicy};
+use crate::retry::RetryPolicy;
 use crate::storage::S3Config;
 
+pub use crate::queue::consumer::settle::{Outcome, REASON_HEADER};
+pub use crate::queue::consumer::ConsumerConfig;
 pub use error::JobError;
-pub use settle::{Outcome, REASON_HEADER};
-
-/// How a consumer (a worker, the LIS bridge) takes messages, retries and stops.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConsumerConfig {
-    /// Jobs processed at once; also the AMQP prefetch (training workers always take 1).
-    #[arg(long, env = "CINFLOW_CONCURRENCY", default_value_t = 2)]
-    pub concurrency: u16,
-    /// Seconds in-flight jobs get to finish after SIGTERM/SIGINT; unfinished
-    /// ones then go back to the queue. Keep it below the pod's grace period.
-    #[arg(long, env = "CINFLOW_DRAIN_TIMEOUT_S", default_value_t = 60)]
-    pub drain_timeout_s: u64,
-    /// How long a job keeps retrying transient failures (S3 outage, throttling)
-    /// before it is returned to the queue.
-    #[arg(long, env = "CINFLOW_RETRY_FOR_S", default_value_t = 300)]
-    pub retry_for_s: u64,
-    /// Seconds a job whose transient failures outlasted --retry-for-s waits in
-    /// the delay queue before it is handed out again.
-    #[arg(long, env = "CINFLOW_RETRY_DELAY_S", default_value_t = 60)]
-    pub retry_delay_s: u64,
-    /// Rounds through the delay queue before a job is given up (error result,
-    /// dead-letter with the last reason); 0: never.
-    #[arg(long, env = "CINFLOW_RETRY_ROUNDS", default_value_t = 24)]
-    pub retry_rounds: u32,
-    /// Longest a job may run, in seconds; then it counts as a failed delivery.
-    /// Keep it below the broker's `consumer_timeout`. Default: 1500 (25
-    /// minutes) for inference, 18000 (5 hours) for training, 600 for the LIS
-    /// bridge.
-    #[arg(long, env = "CINFLOW_JOB_TIMEOUT_S")]
-    pub job_timeout_s: Option<u64>,
-    /// /healthz fails when jobs are in flight and none has made progress (an
-    /// object fetched or written, a batch graded, an epoch trained) for this
-    /// many seconds: a wedged inference call or S3 request gets the pod
-    /// restarted. 0: never.
-    #[arg(long, env = "CINFLOW_STALL_LIMIT_S", default_value_t = 600)]
-    pub stall_limit_s: u64,
-    /// First backoff between retries and broker reconnects, in milliseconds (doubled each time).
-    #[arg(long, env = "CINFLOW_RETRY_BACKOFF_MS", default_value_t = 500)]
-    pub retry_backoff_ms: u64,
-    /// Longest backoff, in milliseconds.
-    #[arg(long, env = "CINFLOW_RETRY_BACKOFF_MAX_MS", default_value_t = 30_000)]
-    pub retry_backoff_max_ms: u64,
-    /// Address of the HTTP server with /metrics, /healthz and /readyz (`off`: none).
-    #[arg(long, env = "CINFLOW_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-    pub metrics_addr: String,
-}
-
-impl ConsumerConfig {
-    /// How long a step retries transient failures (`--retry-for-s`, backoff flags).
-    pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            first: Duration::from_millis(self.retry_backoff_ms.max(1)),
-            max: Duration::from_millis(self.retry_backoff_max_ms.max(self.retry_backoff_ms)),
-            limit: Limit::For(Duration::from_secs(self.retry_for_s)),
-        }
-    }
-
-    /// Starts the metrics and health server unless `--metrics-addr off`.
-    pub async fn serve_http(&self) -> anyhow::Result<()> {
-        if self.metrics_addr != "off" {
-            crate::observe::http::serve(&self.metrics_addr).await?;
-        }
-        Ok(())
-    }
-
-    /// The consumer loop's options for `queue` (dead letters to `dlq`).
-    pub fn consume_options(
-        &self,
-        amqp: &AmqpConfig,
-        queue: String,
-        dlq: String,
-        prefetch: u16,
-        name: &str,
-        default_job_timeout_s: u64,
-    ) -> consume::ConsumeOptions {
-        crate::observe::health().set_stall_limit(Duration::from_secs(self.stall_limit_s));
-        consume::ConsumeOptions {
-            amqp: amqp.clone(),
-            queue,
-            dlq,
-            subscribe: None,
-            prefetch,
-            drain: Duration::from_secs(self.drain_timeout_s),
-            job_timeout: Duration::from_secs(
-                self.job_timeout_s.unwrap_or(default_job_timeout_s).max(1),
-            ),
-            retry_delay: Duration::from_secs(self.retry_delay_s),
-            retry_rounds: self.retry_rounds,
-            settle_retry: self.retry_policy(),
-            backoff_min: Duration::from_millis(self.retry_backoff_ms.max(1)),
-            backoff_max: Duration::from_millis(
-                self.retry_backoff_max_ms.max(self.retry_backoff_ms),
-            ),
-            connection_name: name.to_string(),
-        }
-    }
-}
 
 /// How a worker runs jobs.
 #[derive(Debug, Clone, clap::Args)]
@@ -279,6 +182,8 @@ pub struct ModelSource {
         default_value = "/tmp/cinflow-models"
     )]
     pub cache: PathBuf,
+    #[command(flatten)]
+    pub trust: crate::model::signing::ModelTrust,
 }
 
 /// `cinflow worker infer`.
@@ -345,6 +250,8 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
     // Up before the model loads: live at once, ready only once it is served.
     args.worker.consumer.serve_http().await?;
     let stores = Arc::new(stores::Stores::connect(args.s3.clone()).await?);
+    let conditional_claims =
+        probe_conditional_writes(&stores, &args.worker.results_prefix, &name).await;
     let serving = Arc::new(load_served_model(&args, &stores, &shutdown).await?);
     {
         let g = serving.current();
@@ -380,6 +287,7 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         fhir: crate::result::fhir::Systems::new(&args.worker.fhir_system),
         worker_name: name.clone(),
         next_tag: Default::default(),
+        conditional_claims,
     });
     let opts = args.worker.consumer.consume_options(
         &args.amqp,
@@ -389,10 +297,48 @@ pub async fn run_infer(args: InferWorkerArgs) -> anyhow::Result<()> {
         &name,
         INFER_JOB_TIMEOUT_S,
     );
-    let r = consume::run(handler, opts, shutdown).await;
+    let r = crate::queue::consumer::run(handler, opts, shutdown).await;
     follow.abort();
     tracing::info!("stopped");
     r
+}
+
+/// Whether the results store honours conditional creates, said in the log:
+/// which mechanism keeps two copies of a job from both grading it.
+async fn probe_conditional_writes(
+    stores: &stores::Stores,
+    results_prefix: &str,
+    worker: &str,
+) -> bool {
+    let me: String = worker
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let probe = crate::storage::join_key(&[
+        results_prefix,
+        ".probes",
+        &format!("{me}-{}.txt", chrono::Utc::now().timestamp_micros()),
+    ]);
+    match stores.conditional_writes(&probe).await {
+        Ok(true) => {
+            tracing::info!(probe = %stores.uri(&probe), "one grading per job: the store honours If-None-Match, so claims are created only if absent; a broker lease per job keeps copies from running at once");
+            true
+        }
+        Ok(false) => {
+            tracing::info!(probe = %stores.uri(&probe), "one grading per job: the store ignores If-None-Match (a second conditional PUT was not refused with 412); a broker lease per job keeps copies from running at once and guards the claim");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot probe the store for conditional writes; claims are written under the job's broker lease alone");
+            false
+        }
+    }
 }
 
 /// The model first: nothing is consumed before it is loaded and warm. An
@@ -403,12 +349,14 @@ async fn load_served_model(
     stores: &Arc<stores::Stores>,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<serving::Serving> {
+    let trust = args.model.trust.load()?;
     let load = || {
-        let (stores, src, infer, grader) = (
+        let (stores, src, infer, grader, trust) = (
             stores.clone(),
             args.model.clone(),
             args.infer.clone(),
             args.engine.grader(),
+            trust.clone(),
         );
         async move {
             if *shutdown.borrow() {
@@ -418,7 +366,10 @@ async fn load_served_model(
                 });
             }
             blocking(move || {
-                let registry = Registry::new(stores.home(), &src.name)?;
+                let mut registry = Registry::new(stores.home(), &src.name)?;
+                if let Some(keys) = trust.clone() {
+                    registry = registry.trusting(keys);
+                }
                 serving::Serving::start(registry, &src.alias, src.cache.clone(), infer, grader)
             })
             .await

@@ -238,7 +238,13 @@ fn load(
     let dir = cache.join(registry.name()).join(version);
     let started = std::time::Instant::now();
     let bar = crate::progress::download_bar("model");
-    registry.fetch_showing(version, &dir, &bar)?;
+    if let Err(e) = registry.fetch_showing(version, &dir, &bar) {
+        if let RegistryError::Untrusted { source, .. } = &e {
+            crate::observe::metrics().model_refused(source.label());
+            tracing::error!(model = registry.name(), version, error = %e, "model version refused: its signature does not verify against --trusted-keys");
+        }
+        return Err(e.into());
+    }
     bar.finish_and_clear();
     if bar.position() > 0 {
         tracing::info!(

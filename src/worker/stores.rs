@@ -90,6 +90,27 @@ impl Stores {
             .await
     }
 
+    /// Creates an object in the worker's own bucket only if absent
+    /// ([`S3Client::put_if_absent`]); one attempt (async).
+    pub async fn put_if_absent(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<bool, StoreError> {
+        self.client
+            .put_if_absent(&self.cfg.bucket, key, bytes, content_type)
+            .await
+    }
+
+    /// Whether the worker's own bucket honours conditional creates, probed
+    /// under `probe_key` ([`S3Client::conditional_writes`]).
+    pub async fn conditional_writes(&self, probe_key: &str) -> Result<bool, StoreError> {
+        self.client
+            .conditional_writes(&self.cfg.bucket, probe_key)
+            .await
+    }
+
     /// Reads an object of the worker's own bucket; one attempt (async).
     pub async fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         self.client.get(&self.cfg.bucket, key, u64::MAX).await

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use super::consume::{Broker, Handler, Incoming};
 use super::error::JobError;
-use super::settle::Outcome;
 use super::stores::{split_s3_uri, Stores};
 use super::{blocking, WorkerConfig};
 use crate::infer::InferConfig;
 use crate::model::{Decision, PromotionPolicy, Registry};
+use crate::queue::consumer::settle::Outcome;
+use crate::queue::consumer::{Broker, Handler, Incoming};
 use crate::queue::messages::TrainMessage;
 use crate::queue::AmqpConfig;
 use crate::retry::Transient;
@@ -47,6 +47,13 @@ pub struct TrainWorkerArgs {
         default_value = "current"
     )]
     pub alias: String,
+    /// Ed25519 private key (PKCS#8 PEM) that signs every version this worker
+    /// publishes.
+    #[arg(long, env = "CINFLOW_SIGNING_KEY_FILE", value_name = "PEM")]
+    pub signing_key: Option<PathBuf>,
+    /// The keys the base version it trains from must be signed with.
+    #[command(flatten)]
+    pub trust: crate::model::signing::ModelTrust,
     /// Key prefix of the feature cache in the bucket.
     #[arg(long, env = "CINFLOW_FEATURE_PREFIX", default_value = "features")]
     pub feature_prefix: String,
@@ -108,6 +115,8 @@ pub struct TrainWorker {
     pub stores: Arc<Stores>,
     pub args: TrainWorkerArgs,
     pub worker_name: String,
+    /// The keys base versions must be signed with (`--trusted-keys`).
+    pub trusted: Option<Arc<crate::model::signing::TrustedKeys>>,
 }
 
 impl TrainWorker {
@@ -158,8 +167,12 @@ impl TrainWorker {
         r.error = Some(reason.clone());
         match self.record(&r, broker).await {
             Ok(()) => Outcome::Rejected { reason },
-            Err(e) => Outcome::Retry {
+            Err(e) if e.is_transient() => Outcome::Retry {
                 reason: format!("cannot record the failure ({reason}): {e}"),
+            },
+            // A prefix that refuses writes will not take it later.
+            Err(e) => Outcome::Rejected {
+                reason: format!("{reason} (its outcome could not be written: {e})"),
             },
         }
     }
@@ -203,8 +216,13 @@ impl TrainWorker {
             Err(e) => return self.fail(&msg, &job, &e, &broker).await,
         }
         let mut r = self.result(&job.job_id, &job.model, &msg);
-        let (stores, args, j) = (self.stores.clone(), self.args.clone(), job.clone());
-        let outcome = blocking(move || train_from_s3(&stores, &args, &j)).await;
+        let (stores, args, j, trusted) = (
+            self.stores.clone(),
+            self.args.clone(),
+            job.clone(),
+            self.trusted.clone(),
+        );
+        let outcome = blocking(move || train_from_s3(&stores, &args, &j, trusted.as_ref())).await;
         match outcome {
             Ok(done) => {
                 r.status = crate::result::ImageStatus::Ok;
@@ -265,9 +283,14 @@ fn train_from_s3(
     stores: &Stores,
     a: &TrainWorkerArgs,
     job: &TrainMessage,
+    trusted: Option<&Arc<crate::model::signing::TrustedKeys>>,
 ) -> Result<Trained, JobError> {
     let home = stores.home();
-    let registry = Registry::new(home.clone(), &job.model)?;
+    let mut registry = Registry::new(home.clone(), &job.model)?;
+    if let Some(keys) = trusted {
+        // A swapped base backbone would otherwise be signed into the new version.
+        registry = registry.trusting(keys.clone());
+    }
     let scratch = tempfile::tempdir()?;
 
     // The backbone: the base version's bundle (by default the alias's).
@@ -346,6 +369,7 @@ fn train_from_s3(
         gallery: a.gallery,
         hyper,
         infer: a.infer.clone(),
+        signing_key: a.signing_key.clone(),
         registry_store: Some(home.clone()),
         feature_store: Some((home.clone(), a.feature_prefix.clone())),
         labels_uri: Some(job.labels.clone()),
@@ -428,7 +452,14 @@ impl Handler for TrainWorker {
             let r = self.result(&job.job_id, &job.model, &msg);
             return self.refuse(r, reason, &broker).instrument(span).await;
         }
-        self.run_job(msg, job, broker).instrument(span).await
+        // Two copies of one training job never train at once: the second
+        // waits, then finds the first's outcome and announces it again.
+        let id = job.job_id.clone();
+        let run = self.run_job(msg, job, broker.clone());
+        broker
+            .leased(&id, &format!("training job {id}"), run)
+            .instrument(span)
+            .await
     }
 
     async fn poison(self: Arc<Self>, msg: Incoming, reason: String, broker: Broker) -> Outcome {
@@ -480,6 +511,7 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
         stores: Arc::new(Stores::connect(args.s3.clone()).await?),
         args: args.clone(),
         worker_name: name.clone(),
+        trusted: args.trust.load()?,
     });
     let opts = args.worker.consumer.consume_options(
         &args.amqp,
@@ -489,7 +521,7 @@ pub async fn run(args: TrainWorkerArgs) -> anyhow::Result<()> {
         &name,
         super::TRAIN_JOB_TIMEOUT_S,
     );
-    super::consume::run(handler, opts, shutdown).await
+    crate::queue::consumer::run(handler, opts, shutdown).await
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 pub mod faulty_s3;
 pub mod http;
+pub mod lis;
 pub mod sklearn;
 pub mod tls;
 pub mod worker;

@@ -146,10 +146,13 @@ impl Fixture {
         let store = Arc::new(S3Store::new(&s3).unwrap());
         let tmp = tempfile::tempdir().unwrap();
         let model = format!("{prefix}-cin{classes}");
+        // The bundle's own name differs from the registry's, as when a lab
+        // publishes an exported bundle under a name of its choosing: results
+        // and claims must go by the registry's.
         let bundle = bundle_as_version(
             &super::tiny_bundle(classes),
             &tmp.path().join("v1"),
-            &model,
+            &format!("bundle-{classes}class"),
             "v1",
         );
         let registry = Registry::new(store.clone(), &model).unwrap();

@@ -5,9 +5,9 @@
 //! - **Rejected** (the job can never succeed; its error result is written):
 //!   republished to the dead-letter queue with the reason, then acked.
 //! - **Failed** (this delivery failed in a way that may be the message's
-//!   fault: it ran past `--job-timeout-s`, or panicked): `basic.reject` with
-//!   requeue, which the broker counts as a failed delivery on every version;
-//!   past the delivery limit the next delivery is dead-lettered as poison.
+//!   fault: it ran past `--job-timeout-s`, or panicked): a copy with one more
+//!   failure counted goes back to its queue, then the original is acked; past
+//!   the delivery limit the next delivery is dead-lettered as poison.
 //! - **Retry** (transient trouble, an S3 or broker outage, outlasted the retry
 //!   budget): a copy goes to the delay queue and comes back to the work queue
 //!   when its TTL (`--retry-delay-s`) ends; the original is acked. The job
@@ -15,26 +15,32 @@
 //!   the message's failure: it does not count towards poison. After
 //!   `--retry-rounds` such rounds the job is given up (error result,
 //!   dead-letter with the reason).
+//! - **Wait** (another copy of the job is running): a copy goes to the delay
+//!   queue, counted neither as a failure nor as a retry round.
 //! - **Given back** (shutdown, drain limit: nothing failed): a copy goes back
-//!   to the work queue with the counts unchanged, then the original is acked.
+//!   to its queue with the counts unchanged, then the original is acked.
+//! - **Quarantine** (the message was in flight when a worker died or lost its
+//!   connection): a copy goes to the quarantine queue, where each worker
+//!   grades one such job at a time, alone in its lane; see the consumer loop.
 //! - **Abandoned** (the broker connection is gone): nothing; the broker has
 //!   put the message back already.
 //!
 //! When a copy cannot be published, the original is settled with
-//! `basic.reject(requeue)` (a retry) or `basic.nack(requeue)` (a give-back).
-//! Nothing is lost: the original is acked only once its copy is confirmed.
+//! `basic.reject(requeue)` (a failure, a retry) or `basic.nack(requeue)` (a
+//! give-back). Nothing is lost: the original is acked only once its copy is
+//! confirmed.
 //!
 //! **Counting failed deliveries the same way on every broker.** RabbitMQ 4.3
 //! changed `x-delivery-count`: it counts failed deliveries only
 //! (`basic.reject`, a consumer whose channel closed), while `basic.nack` with
 //! requeue does not count and `x-acquired-count` counts every hand-out. Before
-//! 4.3, every return counted. So the worker returns messages without failure
-//! by republishing copies, never by nack (which 3.x would count), and settles
-//! real failures with reject (which every version counts). The copies carry
-//! the worker's own counts ([`FAILURES_HEADER`], [`RETRIES_HEADER`],
-//! [`DELIVERIES_HEADER`]); [`Deliveries::of`] adds the broker's counts since
-//! the copy was made. A drain never adds a failure, so a job returned by
-//! drains is never taken for poison, on 3.x as on 4.3.
+//! 4.3, every return counted. So the worker never returns a message through
+//! the broker on purpose: every return is a confirmed copy carrying the
+//! worker's own counts ([`FAILURES_HEADER`], [`DEATHS_HEADER`],
+//! [`RETRIES_HEADER`], [`WAITS_HEADER`], [`DELIVERIES_HEADER`]), and the
+//! broker's `x-delivery-count` since the copy was made counts only the
+//! deliveries whose consumer vanished (a worker killed, a connection lost),
+//! on 3.x as on 4.3. [`Deliveries::of`] adds the two.
 
 use std::time::Duration;
 
@@ -42,7 +48,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use super::consume::Broker;
+use super::Broker;
 use crate::observe::metrics;
 use crate::queue::{publish, republished_headers, Publish, QueueError};
 use crate::retry::{RetryPolicy, Transient};
@@ -57,6 +63,11 @@ pub const RETRIES_HEADER: &str = "x-cinflow-retries";
 pub const DELIVERIES_HEADER: &str = "x-cinflow-deliveries";
 /// Why the last delivery failed (on copies in the delay queue).
 pub const LAST_FAILURE_HEADER: &str = "x-cinflow-last-failure";
+/// Rounds through the delay queue waiting for another copy of the job.
+pub const WAITS_HEADER: &str = "x-cinflow-waits";
+/// Of the failures counted, how many were deliveries whose worker died (or
+/// lost its connection) while the job ran alone in the quarantine lane.
+pub const DEATHS_HEADER: &str = "x-cinflow-deaths";
 
 /// How a job ended; it decides how the message is settled.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +81,14 @@ pub enum Outcome {
     Failed { reason: String },
     /// Transient trouble outlasted the retry budget: to the delay queue.
     Retry { reason: String },
+    /// Another copy of the same job holds its lease (it is running now): to
+    /// the delay queue, counted neither as a failure nor as a retry round.
+    /// When the copy comes back, the other's result is complete and is
+    /// announced again, or the other died and this one takes over.
+    Wait { reason: String },
+    /// The delivery came back from a worker that died or lost its
+    /// connection: to the quarantine queue, where it runs alone.
+    Quarantine,
     /// Not finished for a reason that is not the job's (shutdown, drain
     /// limit): back to the work queue, no failure counted.
     GiveBack,
@@ -101,6 +120,29 @@ pub struct Deliveries {
     pub retries: u32,
     /// Deliveries before this one.
     pub earlier: u32,
+    /// Rounds through the delay queue waiting for another copy of the job.
+    pub waits: u32,
+    /// Of `failed`, deliveries whose worker died or lost its connection.
+    pub deaths: u32,
+    /// Of `deaths`, those since the last copy: the broker's count.
+    pub fresh_deaths: u32,
+}
+
+/// Why a copy of a message is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyFor {
+    /// To the delay queue after transient failures: one more retry round.
+    Retry,
+    /// To the delay queue while another copy runs: one more wait.
+    Wait,
+    /// Back to its queue (drain): nothing added but the delivery.
+    GiveBack,
+    /// Back to its queue after a failed delivery: one more failure.
+    Failed,
+    /// To the quarantine queue: the deaths since the last copy are not held
+    /// against the job (it may have been innocent, beside the real culprit);
+    /// from now on it runs alone, and what happens there counts.
+    Quarantine,
 }
 
 impl Deliveries {
@@ -115,16 +157,50 @@ impl Deliveries {
             failed: get(FAILURES_HEADER).unwrap_or(0) + broker_failed,
             retries: get(RETRIES_HEADER).unwrap_or(0),
             earlier: get(DELIVERIES_HEADER).unwrap_or(0) + broker_handed,
+            waits: get(WAITS_HEADER).unwrap_or(0),
+            deaths: get(DEATHS_HEADER).unwrap_or(0) + broker_failed,
+            fresh_deaths: broker_failed,
         }
     }
 
-    /// The headers of a copy made now; `retry`: it goes to the delay queue.
-    fn stamp(self, headers: &mut FieldTable, retry: bool) {
+    /// Why a message is poison, in words: all its failures were the worker
+    /// dying while it ran alone, or a mix with deadlines and panics.
+    pub fn poison_reason(self) -> String {
+        if self.deaths >= self.failed {
+            format!(
+                "the worker died while grading this job {} times (killed, out of memory or its connection lost, each time with the job alone in the quarantine lane); not tried again",
+                self.deaths
+            )
+        } else {
+            format!(
+                "poison message: {} failed deliveries ({} times the worker died while grading it, {} times it ran past --job-timeout-s or panicked); not tried again",
+                self.failed,
+                self.deaths,
+                self.failed - self.deaths
+            )
+        }
+    }
+
+    /// The headers of a copy made now.
+    fn stamp(self, headers: &mut FieldTable, why: CopyFor) {
         let n = |v: u32| AMQPValue::LongLongInt(i64::from(v));
-        headers.insert(ShortString::from(FAILURES_HEADER), n(self.failed));
+        let (failed, deaths) = match why {
+            CopyFor::Failed => (self.failed + 1, self.deaths),
+            CopyFor::Quarantine => (
+                self.failed - self.fresh_deaths.min(self.failed),
+                self.deaths - self.fresh_deaths.min(self.deaths),
+            ),
+            _ => (self.failed, self.deaths),
+        };
+        headers.insert(ShortString::from(FAILURES_HEADER), n(failed));
+        headers.insert(ShortString::from(DEATHS_HEADER), n(deaths));
         headers.insert(
             ShortString::from(RETRIES_HEADER),
-            n(self.retries + u32::from(retry)),
+            n(self.retries + u32::from(why == CopyFor::Retry)),
+        );
+        headers.insert(
+            ShortString::from(WAITS_HEADER),
+            n(self.waits + u32::from(why == CopyFor::Wait)),
         );
         headers.insert(ShortString::from(DELIVERIES_HEADER), n(self.earlier + 1));
     }
@@ -148,7 +224,15 @@ fn count(v: &AMQPValue) -> Option<u32> {
 /// The queues a consumer settles into.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The work queue (dead letters name it; the delay queue returns to it).
     pub queue: String,
+    /// Where failed and given-back copies go: the queue the delivery came
+    /// from (the work queue, or its quarantine queue).
+    pub home: String,
+    /// The quarantine queue, where deliveries that were in flight when a
+    /// worker died go (None: this consumer takes one job at a time, so such
+    /// a delivery was alone already).
+    pub quarantine: Option<String>,
     pub dlq: String,
     pub delay: String,
     /// How long a job waits in the delay queue.
@@ -211,45 +295,60 @@ pub async fn settle(
             }
         }
         Outcome::Failed { reason } => {
-            tracing::warn!(message_id = id, reason = %reason, failures = counts.failed + 1, "job failed: returned to the queue as a failed delivery");
-            (reject(delivery).await, "failed")
-        }
-        Outcome::Retry { reason } => {
+            tracing::warn!(message_id = id, reason = %reason, failures = counts.failed + 1, "job failed: returned to its queue as a failed delivery");
             let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
-            counts.stamp(&mut headers, true);
+            counts.stamp(&mut headers, CopyFor::Failed);
             headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(&reason));
-            let delay = route.retry_delay.as_millis() as u64;
             match copy(
                 delivery,
                 broker,
-                &route.delay,
+                &route.home,
                 id,
                 headers,
-                Some(delay),
+                None,
                 route.retry,
             )
             .await
             {
-                Ok(()) => {
-                    tracing::warn!(message_id = id, reason = %reason, retry_in_s = delay / 1000, round = counts.retries + 1, "job delayed: it comes back after the retry delay");
-                    (
-                        delivery.acker.ack(BasicAckOptions::default()).await,
-                        "delayed",
-                    )
-                }
+                Ok(()) => (
+                    delivery.acker.ack(BasicAckOptions::default()).await,
+                    "failed",
+                ),
                 Err(e) => {
-                    tracing::warn!(message_id = id, reason = %reason, error = %e, "job failed; the delay queue cannot take it: returned to the queue");
-                    (reject(delivery).await, "requeued")
+                    tracing::warn!(message_id = id, error = %e, "cannot copy the failed job back; returning it with reject");
+                    (reject(delivery).await, "failed")
                 }
             }
         }
+        Outcome::Quarantine => {
+            let quarantine = route.quarantine.as_deref().unwrap_or(&route.home);
+            tracing::warn!(message_id = id, deaths = counts.fresh_deaths, "the job was in flight when a worker died or lost its connection: to the quarantine lane, where it runs alone");
+            let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
+            counts.stamp(&mut headers, CopyFor::Quarantine);
+            match copy(delivery, broker, quarantine, id, headers, None, route.retry).await {
+                Ok(()) => (
+                    delivery.acker.ack(BasicAckOptions::default()).await,
+                    "quarantined",
+                ),
+                Err(e) => {
+                    tracing::warn!(message_id = id, error = %e, "cannot move the job to the quarantine queue; returning it with nack");
+                    (delivery.acker.nack(requeue_nack()).await, "requeued")
+                }
+            }
+        }
+        Outcome::Retry { reason } => {
+            delay(delivery, counts, broker, route, id, &reason, CopyFor::Retry).await
+        }
+        Outcome::Wait { reason } => {
+            delay(delivery, counts, broker, route, id, &reason, CopyFor::Wait).await
+        }
         Outcome::GiveBack => {
             let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
-            counts.stamp(&mut headers, false);
+            counts.stamp(&mut headers, CopyFor::GiveBack);
             match copy(
                 delivery,
                 broker,
-                &route.queue,
+                &route.home,
                 id,
                 headers,
                 None,
@@ -263,11 +362,7 @@ pub async fn settle(
                 ),
                 Err(e) => {
                     tracing::warn!(message_id = id, error = %e, "cannot copy the job back to its queue; returning it with nack");
-                    let nack = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    (delivery.acker.nack(nack).await, "returned")
+                    (delivery.acker.nack(requeue_nack()).await, "returned")
                 }
             }
         }
@@ -280,11 +375,71 @@ pub async fn settle(
     settled
 }
 
+/// A copy to the delay queue (a retry round, or a wait for another copy),
+/// then the original acked; if the delay queue cannot take it, the original
+/// is returned with reject.
+async fn delay(
+    delivery: &Delivery,
+    counts: Deliveries,
+    broker: &Broker,
+    route: &Route,
+    id: &str,
+    reason: &str,
+    why: CopyFor,
+) -> (lapin::Result<bool>, &'static str) {
+    let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
+    counts.stamp(&mut headers, why);
+    if why == CopyFor::Retry {
+        headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(reason));
+    }
+    let delay = route.retry_delay.as_millis() as u64;
+    match copy(
+        delivery,
+        broker,
+        &route.delay,
+        id,
+        headers,
+        Some(delay),
+        route.retry,
+    )
+    .await
+    {
+        Ok(()) => {
+            let settled = match why {
+                CopyFor::Wait => {
+                    tracing::info!(message_id = id, reason = %reason, retry_in_s = delay / 1000, wait = counts.waits + 1, "job waits: another copy of it is running");
+                    "waiting"
+                }
+                _ => {
+                    tracing::warn!(message_id = id, reason = %reason, retry_in_s = delay / 1000, round = counts.retries + 1, "job delayed: it comes back after the retry delay");
+                    "delayed"
+                }
+            };
+            (
+                delivery.acker.ack(BasicAckOptions::default()).await,
+                settled,
+            )
+        }
+        Err(e) => {
+            tracing::warn!(message_id = id, reason = %reason, error = %e, "job returned to the queue: the delay queue cannot take it");
+            (reject(delivery).await, "requeued")
+        }
+    }
+}
+
+fn requeue_nack() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// A delivery returned at once as failed: counted on every broker version.
+/// A delivery returned through the broker when its copy cannot be made:
+/// counted on every broker version.
 async fn reject(delivery: &Delivery) -> lapin::Result<bool> {
     delivery
         .acker
@@ -310,9 +465,10 @@ async fn copy(
         mandatory: true,
         expiration_ms,
     };
-    retry
-        .run("publish a copy", || {
-            publish(&broker.channel, &broker.cfg, p, Some(headers.clone()))
+    broker
+        .publish_with("publish a copy", retry, |ch| {
+            let headers = headers.clone();
+            async move { publish(&ch, &broker.cfg, p, Some(headers)).await }
         })
         .await
 }
@@ -334,18 +490,22 @@ async fn dead_letter(
     );
     let id = crate::queue::message_id(&delivery.properties);
     let dlx = broker.cfg.dead_letter_exchange();
-    route
-        .retry
-        .run("dead-letter", || {
-            crate::queue::publish_json(
-                &broker.channel,
-                &broker.cfg,
-                &dlx,
-                &route.dlq,
-                &id,
-                &delivery.data,
-                Some(headers.clone()),
-            )
+    broker
+        .publish_with("dead-letter", route.retry, |ch| {
+            let headers = headers.clone();
+            let (dlx, id) = (&dlx, &id);
+            async move {
+                crate::queue::publish_json(
+                    &ch,
+                    &broker.cfg,
+                    dlx,
+                    &route.dlq,
+                    id,
+                    &delivery.data,
+                    Some(headers),
+                )
+                .await
+            }
         })
         .await
 }
@@ -363,6 +523,9 @@ mod tests {
             failed: 2,
             retries: 0,
             earlier: 2,
+            waits: 0,
+            deaths: 2,
+            fresh_deaths: 2,
         };
         assert_eq!(Deliveries::of(Some(&h)), two);
         // RabbitMQ 4.3: nacked hand-outs show in x-acquired-count only.
@@ -376,25 +539,58 @@ mod tests {
             Deliveries {
                 failed: 3,
                 retries: 4,
-                earlier: 8
+                earlier: 8,
+                waits: 0,
+                deaths: 2,
+                fresh_deaths: 2,
             }
         );
         h.insert("x-delivery-count".into(), AMQPValue::LongInt(-1));
         assert_eq!(Deliveries::of(Some(&h)).failed, 1);
         // A copy to the delay queue: one more round, failures carried over.
         let mut copy = FieldTable::default();
-        counts.stamp(&mut copy, true);
+        counts.stamp(&mut copy, CopyFor::Retry);
         assert_eq!(
             Deliveries::of(Some(&copy)),
             Deliveries {
                 failed: 3,
                 retries: 5,
-                earlier: 9
+                earlier: 9,
+                waits: 0,
+                deaths: 2,
+                fresh_deaths: 0,
             }
         );
+        // A copy waiting for another copy of the job: neither a failure
+        // nor a retry round.
+        let mut copy = FieldTable::default();
+        counts.stamp(&mut copy, CopyFor::Wait);
+        let waited = Deliveries::of(Some(&copy));
+        assert_eq!((waited.failed, waited.retries, waited.waits), (3, 4, 1));
         // A copy given back: nothing added but the delivery.
         let mut copy = FieldTable::default();
-        counts.stamp(&mut copy, false);
+        counts.stamp(&mut copy, CopyFor::GiveBack);
         assert_eq!(Deliveries::of(Some(&copy)).retries, 4);
+        // A failed delivery settled by a copy: one more failure, no death.
+        let mut copy = FieldTable::default();
+        counts.stamp(&mut copy, CopyFor::Failed);
+        let failed = Deliveries::of(Some(&copy));
+        assert_eq!((failed.failed, failed.deaths), (4, 2));
+        assert!(failed.poison_reason().contains("2 times the worker died"));
+        // Into quarantine: the deaths since the last copy are forgiven.
+        let mut copy = FieldTable::default();
+        counts.stamp(&mut copy, CopyFor::Quarantine);
+        let q = Deliveries::of(Some(&copy));
+        assert_eq!((q.failed, q.deaths, q.fresh_deaths), (1, 0, 0));
+        // Deaths in quarantine are counted by the broker, and carried.
+        let mut back = copy.clone();
+        back.insert("x-delivery-count".into(), AMQPValue::LongInt(4));
+        let q = Deliveries::of(Some(&back));
+        assert_eq!((q.failed, q.deaths), (5, 4));
+        let mut only_deaths = FieldTable::default();
+        only_deaths.insert("x-delivery-count".into(), AMQPValue::LongInt(5));
+        assert!(Deliveries::of(Some(&only_deaths))
+            .poison_reason()
+            .starts_with("the worker died while grading this job 5 times"));
     }
 }

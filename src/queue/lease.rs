@@ -16,8 +16,15 @@
 //!   cannot both miss the receipt and both send;
 //! - the active `cinflow watch` of a prefix (leader election).
 //!
+//! A connection may declare its own exclusive queue again, so two holders
+//! on one connection (two copies of a job on one worker) are kept apart by
+//! [`Leases`], which remembers the leases its connection holds.
+//!
 //! Queue names are at most 255 bytes; a longer lease name is shortened to a
 //! hash of itself.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -32,6 +39,45 @@ use super::{amqp, QueueError};
 pub struct Lease {
     name: String,
     channel: Option<Channel>,
+    /// The holding connection's set of held leases, which this one leaves.
+    held: Option<Arc<Mutex<HashSet<String>>>>,
+}
+
+/// The leases of one connection: taken from the broker, and remembered so
+/// that a second taker on the same connection is refused too.
+#[derive(Debug, Clone)]
+pub struct Leases {
+    conn: Arc<Connection>,
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Leases {
+    pub fn new(conn: Arc<Connection>) -> Leases {
+        Leases {
+            conn,
+            held: Arc::default(),
+        }
+    }
+
+    /// Tries to take the lease `name`: `None` when another connection, or
+    /// another holder on this one, has it.
+    pub async fn try_take(&self, name: &str) -> Result<Option<Lease>, QueueError> {
+        let queue = lease_queue(name);
+        if !self.held.lock().expect("leases lock").insert(queue.clone()) {
+            return Ok(None);
+        }
+        let taken = try_take(&self.conn, name).await;
+        match taken {
+            Ok(Some(mut lease)) => {
+                lease.held = Some(self.held.clone());
+                Ok(Some(lease))
+            }
+            other => {
+                self.held.lock().expect("leases lock").remove(&queue);
+                other
+            }
+        }
+    }
 }
 
 /// The queue name of a lease: `name` itself, or `<first 200 bytes>.<hash>`
@@ -72,6 +118,7 @@ pub async fn try_take(conn: &Connection, name: &str) -> Result<Option<Lease>, Qu
         Ok(_) => Ok(Some(Lease {
             name: queue,
             channel: Some(ch),
+            held: None,
         })),
         Err(e) if locked(&e) => Ok(None),
         Err(e) => {
@@ -92,6 +139,14 @@ impl Lease {
         if let Some(ch) = self.channel.take() {
             release(&self.name, ch).await;
         }
+        self.leave();
+    }
+
+    /// Leaves the holding connection's set, after the broker's queue is gone.
+    fn leave(&mut self) {
+        if let Some(held) = self.held.take() {
+            held.lock().expect("leases lock").remove(&self.name);
+        }
     }
 }
 
@@ -109,10 +164,18 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(ch) = self.channel.take() {
             let name = self.name.clone();
+            let held = self.held.take();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { release(&name, ch).await });
+                rt.spawn(async move {
+                    release(&name, ch).await;
+                    if let Some(held) = held {
+                        held.lock().expect("leases lock").remove(&name);
+                    }
+                });
+                return;
             }
         }
+        self.leave();
     }
 }
 

@@ -69,9 +69,9 @@ pub struct Broker {
     publishing: Arc<Publishing>,
     /// How long one publish keeps retrying while the broker is reachable.
     retry: RetryPolicy,
-    /// The consuming connection: leases live and die with it, as the
-    /// deliveries they guard do.
-    consuming: Arc<Connection>,
+    /// Leases on the consuming connection: they live and die with it, as
+    /// the deliveries they guard do.
+    leases: super::lease::Leases,
     /// The queue consumed, which names its leases.
     queue: Arc<str>,
 }
@@ -100,7 +100,7 @@ impl Broker {
     /// [`super::lease`].
     pub async fn lease(&self, id: &str) -> Result<Option<super::lease::Lease>, QueueError> {
         let name = format!("{}.lease.{id}", self.queue);
-        super::lease::try_take(&self.consuming, &name).await
+        self.leases.try_take(&name).await
     }
 
     /// Runs `work` holding the lease on `id`. A copy that finds the lease
@@ -580,7 +580,7 @@ async fn open(opts: &ConsumeOptions) -> Result<Session, QueueError> {
         cfg: Arc::new(opts.amqp.clone()),
         publishing,
         retry: opts.settle_retry,
-        consuming: consuming.clone(),
+        leases: super::lease::Leases::new(consuming.clone()),
         queue: opts.queue.as_str().into(),
     };
     Ok(Session {

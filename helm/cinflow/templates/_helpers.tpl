@@ -265,15 +265,24 @@ include "cinflow.device" (dict "value" .Values.inference.device "gpu" .Values.in
 {{- end }}
 
 {{/*
+Annotations for annotation-based Prometheus discovery (metrics.podAnnotations), or nothing.
+*/}}
+{{- define "cinflow.scrapeAnnotations" -}}
+{{- if .Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.worker.httpPort | quote }}
+prometheus.io/path: {{ .Values.metrics.path | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 Pod annotations shared by the workers: config checksums, Prometheus annotations.
 */}}
 {{- define "cinflow.workerPodAnnotations" -}}
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
 checksum/secret: {{ include (print .ctx.Template.BasePath "/secret.yaml") .ctx | sha256sum }}
-{{- if .ctx.Values.metrics.podAnnotations }}
-prometheus.io/scrape: "true"
-prometheus.io/port: {{ .ctx.Values.worker.httpPort | quote }}
-prometheus.io/path: {{ .ctx.Values.metrics.path | quote }}
+{{- with include "cinflow.scrapeAnnotations" .ctx | trim }}
+{{ . }}
 {{- end }}
 {{- with .extra }}
 {{ toYaml . }}
@@ -419,4 +428,26 @@ CINFLOW_RESULTS_PREFIX: {{ .Values.worker.resultsPrefix | quote }}
 CINFLOW_MAX_IMAGE_BYTES: {{ .Values.worker.maxImageBytes | int64 | quote }}
 CINFLOW_METRICS_ADDR: {{ printf "0.0.0.0:%d" (.Values.worker.httpPort | int) | quote }}
 CINFLOW_MODEL_ALIAS: {{ .Values.model.alias | quote }}
+{{- end }}
+
+{{/*
+Labels of an alert: include "cinflow.alertLabels" (dict "pr" .Values.metrics.prometheusRule "severity" "warning")
+*/}}
+{{- define "cinflow.alertLabels" -}}
+labels:
+  severity: {{ .severity }}
+  {{- with .pr.alertLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+An alert's runbook_url annotation (its section of docs/metrics.md), when
+metrics.prometheusRule.runbookUrl is set, on a line of its own indented by
+`indent`: include "cinflow.runbook" (dict "pr" ... "alert" "Name" "indent" 12)
+*/}}
+{{- define "cinflow.runbook" -}}
+{{- with .pr.runbookUrl }}
+{{- printf "runbook_url: %q" (printf "%s#%s" (trimSuffix "/" .) (lower $.alert)) | nindent $.indent }}
+{{- end }}
 {{- end }}

@@ -59,6 +59,18 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 
+# promtool (Debian's prometheus package) loads and unit-tests the Helm chart's
+# alerting rules in tests/deploy.rs. The package's service is not started.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing promtool (apt-get install prometheus)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 \
+      || log "could not install prometheus: tests/deploy.rs (the alert tests) will fail"
+  else
+    log "promtool not found: tests/deploy.rs needs it (apt-get install prometheus)"
+  fi
+fi
+
 # --- Python virtual environment -------------------------------------------
 req="tools/requirements.txt"
 key="$(cat "$req" | sha256sum | cut -c1-16)"

@@ -1,8 +1,9 @@
 //! The broker misbehaving as a whole: RabbitMQ restarted (`rabbitmqctl
 //! stop_app` / `start_app`) while a worker grades jobs (it reconnects within
-//! seconds of the broker and every job finishes once), and a memory alarm
-//! that blocks publishers (a publish gives up after `--confirm-timeout-s`
-//! instead of hanging). Its own test binary, because it takes the shared
+//! seconds of the broker and every job finishes once), a memory alarm that
+//! blocks publishers (a bare publish gives up after `--confirm-timeout-s`
+//! instead of hanging; a worker waits it out without counting it against
+//! its jobs), and a dropped publishing connection. Its own test binary, because it takes the shared
 //! broker away from everything else; the tests here take turns.
 
 mod common;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cinflow::result::ImageStatus;
 use cinflow::storage::ObjectStore;
-use common::http::{free_port, get};
+use common::http::{free_port, get, sample};
 use common::worker::Fixture;
 
 static BROKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -191,60 +192,112 @@ fn a_publish_to_a_blocked_broker_gives_up_after_the_confirm_timeout() {
     });
 }
 
+/// The worker's job counters: (done, failed, quarantined).
+fn settled(port: u16) -> (f64, f64, f64) {
+    let m = get(port, "/metrics").map(|(_, m)| m).unwrap_or_default();
+    let n = |o: &str| sample(&m, &format!("cinflow_jobs_total{{outcome=\"{o}\"}}"));
+    (n("done"), n("failed"), n("quarantined"))
+}
+
 #[test]
-fn acks_reach_the_broker_while_it_blocks_publishers() {
+fn a_long_memory_alarm_costs_no_job_a_delivery() {
     let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let fx = Fixture::new("blocked", 4);
     let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
     let img = fx.images(1, 640, 480);
-    // The job is in its GET when the alarm goes up.
-    proxy.delay("GET", "/slides/", 1, Duration::from_secs(3));
+    // The jobs are in their GETs when the alarm goes up.
+    proxy.delay("GET", "/slides/", 3, Duration::from_secs(3));
     let endpoint = proxy.endpoint();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
     let w = fx.spawn(
         "infer",
         &[
             ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
-            ("CINFLOW_CONCURRENCY", "1"),
+            ("CINFLOW_METRICS_ADDR", addr.as_str()),
+            ("CINFLOW_CONCURRENCY", "3"),
             ("CINFLOW_CONFIRM_TIMEOUT_S", "2"),
             ("CINFLOW_RETRY_FOR_S", "2"),
+            ("CINFLOW_RETRY_ROUNDS", "2"),
+            ("CINFLOW_JOB_TIMEOUT_S", "6"),
         ],
     );
-    fx.publish(&fx.job("blocked", &img));
+    let jobs = ["blocked-1", "blocked-2", "blocked-3"];
+    for id in jobs {
+        fx.publish(&fx.job(id, &img));
+    }
     fx.wait_taken(&fx.amqp.infer_queue);
     let alarm = Alarm::raise();
-    // Its result is written but cannot be announced, nor copied to the delay
-    // queue: the job is returned with reject on the consuming connection,
-    // which the broker still reads, and delivered again.
-    let t = Instant::now();
-    let mut redelivered = false;
-    while t.elapsed() < Duration::from_secs(40) && !redelivered {
-        redelivered = w.log().contains("already graded by an earlier delivery");
-        std::thread::sleep(Duration::from_millis(200));
+    // Far longer than a confirm, the retries of a publish, the retry rounds
+    // and the job deadline: before, each of these would have counted
+    // against the jobs or given them up.
+    std::thread::sleep(Duration::from_secs(25));
+    // The results are written; their events wait for the broker.
+    for id in jobs {
+        assert!(fx.result(id, "v1").is_some(), "{id}:\n{}", w.log());
     }
+    assert_eq!(settled(port), (0.0, 0.0, 0.0), "{}", w.log());
     drop(alarm);
-    assert!(
-        redelivered,
-        "the return never reached the broker:\n{}",
-        w.log()
-    );
-    // Once the alarm is gone the stored result is announced and the job acked.
-    let r = fx.wait_result("blocked", "v1", &w);
-    assert_eq!(r.status, ImageStatus::Ok);
+    for id in jobs {
+        let r = fx.wait_graded(id, 1, &w);
+        assert_eq!(r.attempt, Some(1), "{id} was delivered again");
+    }
     let t = Instant::now();
-    while fx.ready(&fx.amqp.infer_queue) > 0 && t.elapsed() < Duration::from_secs(30) {
+    while settled(port).0 < 3.0 && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(settled(port), (3.0, 0.0, 0.0), "{}", w.log());
+    assert!(w.log().contains("held up"), "{}", w.log());
     let events = fx.events();
+    for id in jobs {
+        assert!(
+            events
+                .iter()
+                .any(|(k, e)| k == "result.ok" && e["job_id"] == id),
+            "{id}: {events:?}"
+        );
+    }
+    assert_eq!(fx.ready(&fx.amqp.infer_dlq()), 0);
+}
+
+#[test]
+fn a_dropped_publishing_connection_costs_no_job_a_delivery() {
+    let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("droppub", 4);
+    let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    proxy.delay("GET", "/slides/", 2, Duration::from_secs(3));
+    let endpoint = proxy.endpoint();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = fx.spawn(
+        "infer",
+        &[
+            ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
+            ("CINFLOW_METRICS_ADDR", addr.as_str()),
+            ("CINFLOW_CONCURRENCY", "2"),
+        ],
+    );
+    let jobs = ["droppub-1", "droppub-2"];
+    for id in jobs {
+        fx.publish(&fx.job(id, &img));
+    }
+    fx.wait_taken(&fx.amqp.infer_queue);
+    // Only the publishing connection goes: the consuming one keeps the jobs.
+    common::worker::close_broker_connection_named(w.pid(), " (publishing)");
+    for id in jobs {
+        let r = fx.wait_graded(id, 1, &w);
+        assert_eq!(r.attempt, Some(1), "{id} was delivered again");
+    }
+    let t = Instant::now();
+    while settled(port).0 < 2.0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(settled(port), (2.0, 0.0, 0.0), "{}", w.log());
     assert!(
-        events
-            .iter()
-            .any(|(k, e)| k == "result.ok" && e["job_id"] == "blocked"),
-        "{events:?}\n{}",
+        w.log().contains("publishing connection open again"),
+        "{}",
         w.log()
     );
-    assert_eq!(
-        fx.result("blocked", "v1").unwrap().status,
-        ImageStatus::Ok,
-        "the result was overwritten"
-    );
+    assert_eq!(fx.ready(&fx.amqp.infer_dlq()), 0);
 }

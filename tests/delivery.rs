@@ -461,3 +461,101 @@ fn a_refused_read_is_never_retried() {
     assert!(dl[0].1.contains("AccessDenied"), "{}", dl[0].1);
     assert_eq!(proxy.count("GET", "/slides/"), 1, "retried:\n{}", w.log());
 }
+
+#[test]
+fn a_refused_job_is_graded_once_requeued_whatever_serialised_it() {
+    let fx = Fixture::new("requeue-py", 4);
+    let img = fx.images(1, 640, 480);
+    // Serialised by Python's json.dumps (", " and ": " separators, its own
+    // key order) and published as pika publishes by default: no message id.
+    let body = common::output_ok(std::process::Command::new(common::python()).args([
+        "-c",
+        "import json, sys; print(json.dumps({'slide_id': 's-py', 'job_id': 'from-python', 'images': [sys.argv[1]], 'schema': 'cinflow.job/v1', 'accession_id': 'ACC-py'}), end='')",
+        &img[0],
+    ]));
+    assert!(body.contains("\", \""), "{body}");
+    fx.rt.block_on(async {
+        fx.channel
+            .basic_publish(
+                fx.amqp.jobs_exchange.as_str().into(),
+                cinflow::queue::INFER_KEY.into(),
+                Default::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    // A worker that may not read the images' bucket refuses the job.
+    let mut w = fx.spawn("infer", &[("CINFLOW_ALLOWED_BUCKETS", "some-other-bucket")]);
+    let refused = fx.wait_result("from-python", "v1", &w);
+    assert_eq!(refused.status, ImageStatus::Error);
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("--allowed-buckets"),
+        "{:?}",
+        refused.error
+    );
+    assert!(wait_until(Duration::from_secs(30), || fx
+        .ready(&fx.amqp.infer_dlq())
+        == 1));
+    w.signal("TERM");
+    w.wait_exit(Duration::from_secs(30)).expect("stopped");
+
+    // The operator fixes the configuration and sends the job back.
+    let w = fx.spawn("infer", &[]);
+    let out = fx
+        .command(&["dead-letters", "requeue", "--all"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || fx
+            .result("from-python", "v1")
+            .is_some_and(|r| r.status == ImageStatus::Ok)),
+        "not graded after the requeue:\n{}",
+        w.log()
+    );
+    let r = fx.wait_graded("from-python", 1, &w);
+    assert_eq!(r.ids.accession_id.as_deref(), Some("ACC-py"));
+    assert!(fx
+        .get(&fx.amqp.infer_dlq(), Duration::from_secs(1))
+        .is_none());
+}
+
+#[test]
+fn a_results_prefix_that_refuses_writes_dead_letters_the_job_without_a_loop() {
+    let fx = Fixture::new("noperm", 4);
+    let proxy = FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    // Every write under the results prefix is refused, as a bucket policy
+    // or a quota would.
+    proxy.fail("PUT", "/results/", 10_000, 403);
+    let w = spawn_via(
+        &fx,
+        &proxy,
+        &[
+            ("CINFLOW_RETRY_DELAY_S", "1"),
+            ("CINFLOW_RETRY_ROUNDS", "3"),
+        ],
+    );
+    fx.publish(&fx.job("noperm", &img));
+    let dl = fx.dead_letters(1);
+    assert_eq!(dl.len(), 1, "{}", w.log());
+    assert!(dl[0].1.contains("AccessDenied"), "{}", dl[0].1);
+    assert!(dl[0].1.contains("could not be written"), "{}", dl[0].1);
+    // Dead-lettered at once: never a round through the delay queue.
+    assert!(!w.log().contains("job delayed"), "{}", w.log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
+    assert!(fx.get(&fx.amqp.infer_dlq(), Duration::ZERO).is_none());
+}

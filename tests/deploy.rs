@@ -644,6 +644,60 @@ fn the_chart_runs_the_scanner_watcher_when_enabled() {
 }
 
 #[test]
+fn the_chart_gives_the_workers_their_model_signing_keys() {
+    // Unset by default: nothing mounted, the workers warn at start.
+    for w in workloads(&render(&[])) {
+        assert!(!w.env.contains_key("CINFLOW_TRUSTED_KEYS"));
+        assert!(!w.env.contains_key("CINFLOW_SIGNING_KEY_FILE"));
+    }
+    let objs = render(&[
+        "--set",
+        "model.trustedKeys.configMapName=lab-model-keys",
+        "--set",
+        "model.signingKey.secretName=lab-signing-key",
+    ]);
+    check_worker_pods(&objs);
+    let w = workloads(&objs);
+    let mut seen = BTreeSet::new();
+    for wl in &w {
+        let kind = wl.subcommand.join(" ");
+        let file_in = |var: &str, volume: &str| {
+            let path = wl.env[var].clone().unwrap_or_default();
+            let mount = wl.container["volumeMounts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == volume)
+                .unwrap_or_else(|| panic!("{kind}: no {volume} mount"));
+            let dir = mount["mountPath"].as_str().unwrap();
+            assert!(path.starts_with(&format!("{dir}/")), "{kind}: {var}={path}");
+            let volumes = pod_spec(wl.obj)["volumes"].as_sequence().unwrap();
+            volumes
+                .iter()
+                .find(|v| v["name"] == volume)
+                .unwrap_or_else(|| panic!("{kind}: no {volume} volume"))
+                .clone()
+        };
+        match kind.as_str() {
+            "worker infer" | "worker train" => {
+                let v = file_in("CINFLOW_TRUSTED_KEYS", "trusted-keys");
+                assert_eq!(v["configMap"]["name"], "lab-model-keys");
+                seen.insert(kind.clone());
+            }
+            _ => assert!(!wl.env.contains_key("CINFLOW_TRUSTED_KEYS"), "{kind}"),
+        }
+        if kind == "worker train" {
+            let v = file_in("CINFLOW_SIGNING_KEY_FILE", "signing-key");
+            assert_eq!(v["secret"]["secretName"], "lab-signing-key");
+        } else {
+            // Only the training worker may sign.
+            assert!(!wl.env.contains_key("CINFLOW_SIGNING_KEY_FILE"), "{kind}");
+        }
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
 fn the_chart_runs_the_lis_bridge_when_enabled() {
     assert!(
         workloads(&render(&[]))

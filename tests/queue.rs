@@ -259,3 +259,178 @@ async fn queues_dead_letter_at_least_once_and_old_queues_are_named() {
     assert!(again.iter().all(|m| m.messages.is_none()), "{again:?}");
     delete_topology(&ch3, &old).await.unwrap();
 }
+
+#[tokio::test]
+async fn listing_dead_letters_counts_no_delivery_however_often() {
+    use cinflow::queue::deadletters::{list, WorkQueue, REASON_HEADER};
+    let cfg = config();
+    let conn = connect(&cfg, "cinflow-test").await.unwrap();
+    let ch = confirm_channel(&conn).await.unwrap();
+    declare_topology(&ch, &cfg).await.unwrap();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        REASON_HEADER.into(),
+        lapin::types::AMQPValue::LongString("test: why".into()),
+    );
+    for id in ["dead-1", "dead-2"] {
+        publish_json(
+            &ch,
+            &cfg,
+            "",
+            &cfg.infer_dlq(),
+            id,
+            b"{}",
+            Some(headers.clone()),
+        )
+        .await
+        .unwrap();
+    }
+    let route = WorkQueue::Infer.route(&cfg, "unused");
+    // More than the 20 counted returns after which RabbitMQ 4.0-4.2 drop a
+    // quorum queue's message.
+    for _ in 0..25 {
+        let listed = list(&ch, &cfg, &route, 100).await.unwrap();
+        let ids: Vec<&str> = listed.iter().map(|d| d.message_id.as_str()).collect();
+        assert_eq!(ids, ["dead-1", "dead-2"]);
+        assert!(listed.iter().all(|d| d.reason == "test: why"));
+    }
+    for id in ["dead-1", "dead-2"] {
+        let m = get(&ch, &cfg.infer_dlq())
+            .await
+            .expect("still dead-lettered");
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert_eq!(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            id
+        );
+        // Never returned through the broker: no delivery counted (the
+        // header is absent, or 0 on brokers that always set it).
+        let counted = match h.inner().get("x-delivery-count") {
+            None => 0,
+            Some(lapin::types::AMQPValue::LongLongInt(n)) => *n,
+            Some(lapin::types::AMQPValue::LongInt(n)) => i64::from(*n),
+            Some(other) => panic!("{other:?}"),
+        };
+        assert_eq!(counted, 0, "{:?}", h.inner());
+        assert!(h.inner().contains_key(REASON_HEADER));
+        m.delivery.ack(Default::default()).await.unwrap();
+    }
+    delete_topology(&ch, &cfg).await.unwrap();
+}
+
+#[tokio::test]
+async fn migrating_while_a_publisher_sends_loses_no_message() {
+    let old = config();
+    let conn = connect(&old, "cinflow-test").await.unwrap();
+    let ch = confirm_channel(&conn).await.unwrap();
+    // The work queue as an earlier release declared and bound it.
+    ch.exchange_declare(
+        old.jobs_exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        old.infer_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        old.infer_queue.as_str().into(),
+        old.jobs_exchange.as_str().into(),
+        cinflow::queue::INFER_KEY.into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let publish = |ch: lapin::Channel, old: AmqpConfig, id: String| async move {
+        publish_json(
+            &ch,
+            &old,
+            &old.jobs_exchange,
+            cinflow::queue::INFER_KEY,
+            &id,
+            b"{}",
+            None,
+        )
+        .await
+        .map(|()| id)
+    };
+    let mut sent = std::collections::BTreeSet::new();
+    for i in 0..200 {
+        sent.insert(
+            publish(ch.clone(), old.clone(), format!("before-{i:03}"))
+                .await
+                .unwrap(),
+        );
+    }
+    // A publisher that goes on sending through the exchange while the queue
+    // is moved, as `cinflow enqueue` and `cinflow watch` would.
+    let publisher = {
+        let old = old.clone();
+        tokio::spawn(async move {
+            let conn = connect(&old, "cinflow-test-publisher").await.unwrap();
+            let ch = confirm_channel(&conn).await.unwrap();
+            let mut sent = Vec::new();
+            let t = std::time::Instant::now();
+            let mut i = 0;
+            while t.elapsed() < std::time::Duration::from_secs(4) {
+                let id = format!("during-{i:05}");
+                // Mandatory: a moment with no queue bound would be an error.
+                sent.push(publish(ch.clone(), old.clone(), id).await.unwrap());
+                i += 1;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let migrated = cinflow::queue::migrate::migrate(&conn, &old).await.unwrap();
+    assert!(migrated[0].messages.is_some(), "{migrated:?}");
+    sent.extend(publisher.await.unwrap());
+    let ch2 = confirm_channel(&conn).await.unwrap();
+    let mut found = std::collections::BTreeSet::new();
+    while let Some(m) = ch2
+        .basic_get(
+            old.infer_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        found.insert(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let lost: Vec<&String> = sent.difference(&found).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} messages lost: {:?}",
+        lost.len(),
+        sent.len(),
+        &lost[..lost.len().min(10)]
+    );
+    delete_topology(&ch2, &old).await.unwrap();
+}

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cinflow::result::ImageStatus;
@@ -618,4 +619,199 @@ fn models_are_published_listed_and_rolled_back_in_the_s3_registry() {
     assert!(!ok && text.contains("sha256"), "{text}");
     assert_eq!(registry.versions().unwrap(), ["v1", "v2"]);
     assert_eq!(current(), "v1");
+}
+
+/// An Ed25519 key pair made by OpenSSL, as docs/model.md shows: (private, public).
+fn openssl_key_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (private, public) = (dir.join("signing.pem"), dir.join("signing.pub.pem"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            private.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    ] {
+        let ok = std::process::Command::new("openssl")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl {args:?}");
+    }
+    (private, public)
+}
+
+#[test]
+fn signed_models_cannot_be_swapped_by_whoever_writes_to_the_bucket() {
+    let fx = Fixture::new("signed", 4);
+    let img = fx.images(1, 640, 480);
+    let (private, public) = openssl_key_pair(fx.tmp.path());
+    let signing = Arc::new(cinflow::model::signing::SigningKey::from_pem_file(&private).unwrap());
+    let registry = fx.registry().signing_with(signing);
+    // A signed version, promoted with the CLI as a lab would.
+    let s1 = bundle_as_version(&fx.bundle, &fx.tmp.path().join("s1"), "bundle-4class", "s1");
+    let out = fx
+        .command(&[
+            "publish-model",
+            s1.to_str().unwrap(),
+            "--model-name",
+            &fx.model,
+        ])
+        .env("CINFLOW_S3_BUCKET", &fx.s3.bucket)
+        .env("CINFLOW_SIGNING_KEY_FILE", &private)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signing with key"));
+    // OpenSSL, an independent implementation, verifies the signature over
+    // the manifest's bytes.
+    let sig: serde_json::Value = serde_json::from_slice(
+        &cinflow::storage::ObjectStore::get(
+            &*fx.store,
+            &format!("models/{}/versions/s1/manifest.sig.json", fx.model),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let raw = base64_decode(sig["signature"].as_str().unwrap());
+    let dir = fx.tmp.path();
+    std::fs::write(dir.join("sig.bin"), raw).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        cinflow::storage::ObjectStore::get(
+            &*fx.store,
+            &format!("models/{}/versions/s1/manifest.json", fx.model),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let verified = std::process::Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+        .arg(&public)
+        .arg("-rawin")
+        .arg("-in")
+        .arg(dir.join("manifest.json"))
+        .arg("-sigfile")
+        .arg(dir.join("sig.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+
+    fx.registry()
+        .set_alias("current", "s1", "test: signed")
+        .unwrap();
+    let public_env = public.to_str().unwrap();
+    let port = common::http::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = fx.spawn(
+        "infer",
+        &[
+            ("CINFLOW_TRUSTED_KEYS", public_env),
+            ("CINFLOW_METRICS_ADDR", addr.as_str()),
+        ],
+    );
+    fx.publish(&fx.job("first", &img));
+    assert_eq!(fx.wait_result("first", "s1", &w).model.version, "s1");
+    let refusals = |reason: &str| {
+        common::http::get(port, "/metrics").map_or(0.0, |(_, m)| {
+            common::http::sample(
+                &m,
+                &format!("cinflow_model_refusals_total{{reason=\"{reason}\"}}"),
+            )
+        })
+    };
+
+    // Someone with write access swaps a signed version's backbone: one byte
+    // flipped, and the manifest's sha256 for it rewritten to match.
+    let s2 = bundle_as_version(&fx.bundle, &fx.tmp.path().join("s2"), "bundle-4class", "s2");
+    registry.publish(&s2).unwrap();
+    let key = |f: &str| format!("models/{}/versions/s2/{f}", fx.model);
+    let mut backbone =
+        cinflow::storage::ObjectStore::get(&*fx.store, &key("backbone.onnx")).unwrap();
+    let last = backbone.len() - 1;
+    backbone[last] ^= 0x01;
+    cinflow::storage::ObjectStore::put(
+        &*fx.store,
+        &key("backbone.onnx"),
+        &backbone,
+        "application/octet-stream",
+    )
+    .unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(
+        &cinflow::storage::ObjectStore::get(&*fx.store, &key("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    m["files"]["backbone.onnx"] = cinflow::hashing::sha256_hex(&backbone).into();
+    cinflow::storage::ObjectStore::put(
+        &*fx.store,
+        &key("manifest.json"),
+        &serde_json::to_vec_pretty(&m).unwrap(),
+        "application/json",
+    )
+    .unwrap();
+    fx.registry()
+        .set_alias("current", "s2", "test: swapped")
+        .unwrap();
+    let t = Instant::now();
+    while refusals("mismatch") < 1.0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(refusals("mismatch"), 1.0, "{}", w.log());
+    fx.publish(&fx.job("after-swap", &img));
+    assert_eq!(fx.wait_result("after-swap", "s1", &w).model.version, "s1");
+
+    // The alias moved to a version nobody signed.
+    let u3 = bundle_as_version(&fx.bundle, &fx.tmp.path().join("u3"), "bundle-4class", "u3");
+    fx.registry().publish(&u3).unwrap();
+    fx.registry()
+        .set_alias("current", "u3", "test: unsigned")
+        .unwrap();
+    let t = Instant::now();
+    while refusals("unsigned") < 1.0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(refusals("unsigned"), 1.0, "{}", w.log());
+    fx.publish(&fx.job("after-unsigned", &img));
+    assert_eq!(
+        fx.wait_result("after-unsigned", "s1", &w).model.version,
+        "s1"
+    );
+    let log = w.log();
+    assert!(log.contains("is not signed"), "{log}");
+    assert!(log.contains("does not match the manifest"), "{log}");
+
+    // A worker without keys serves it, and says at start that it checks nothing.
+    let open = fx.spawn("infer", &[]);
+    let t = Instant::now();
+    while !open.log().contains("consuming") && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        open.log().contains("model versions are not verified"),
+        "{}",
+        open.log()
+    );
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }

@@ -1,16 +1,26 @@
 //! `cinflow queues migrate`: recreates work queues that an earlier release
 //! declared with other arguments (RabbitMQ cannot change a queue's
-//! arguments), keeping their messages.
+//! arguments), keeping their messages, while publishers go on sending.
 //!
-//! For each work queue whose declaration is refused as inequivalent: its
-//! messages are moved, each confirmed before it is acked, to the quorum queue
-//! `<queue>.migrating`; the old queue is deleted; the topology is declared
-//! (the queue comes back with the current arguments); the messages are moved
-//! back through the jobs exchange. Message ids and headers are kept. A queue
-//! is deleted only when it is empty (`if-empty`): a publisher still sending
-//! while it is moved gets its messages moved too, never deleted. Run it with
-//! the workers stopped: a worker would otherwise consume from the queue
-//! while it is moved. Running it again changes nothing.
+//! For each work queue whose declaration is refused as inequivalent:
+//! 1. the quorum queue `<queue>.migrating` is declared and bound to the jobs
+//!    exchange with the queue's routing key, then the old queue is unbound:
+//!    from that moment what publishers send through the exchange (as
+//!    `cinflow enqueue` and `cinflow watch` do) lands in the holding queue,
+//!    and there is no moment when no queue takes it;
+//! 2. the old queue's messages are moved to the holding queue, each confirmed
+//!    before it is acked, until the broker reports it empty, and only then is
+//!    it deleted (quorum queues refuse `queue.delete` with `if-empty`, so the
+//!    check is a count taken after the queue stopped receiving);
+//! 3. the topology is declared (the queue comes back with the current
+//!    arguments and its binding), the holding queue is unbound, and its
+//!    messages are moved back through the jobs exchange.
+//!
+//! Message ids and headers are kept. A message published while both queues
+//! are bound (an instant, twice) arrives twice; the workers grade a job once
+//! however many copies arrive. Run it with the workers stopped: a worker
+//! would otherwise consume from the queue while it is moved. Running it
+//! again changes nothing.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
@@ -56,12 +66,18 @@ pub async fn migrate(conn: &Connection, cfg: &AmqpConfig) -> Result<Vec<Migrated
         )
         .await
         .map_err(amqp(format!("declare queue {aside}")))?;
+        // Publishers' messages go to the holding queue before the old one
+        // stops receiving them.
+        bind(&ch, &aside, &cfg.jobs_exchange, key, true).await?;
+        bind(&ch, queue, &cfg.jobs_exchange, key, false).await?;
         let moved = drain_and_delete(conn, cfg, queue, "", &aside).await?;
         declare_topology(&ch, cfg).await.or_else(|e| match e {
             // The other work queue is still old: declared when its turn comes.
             QueueError::Inequivalent { queue: q, .. } if &q != queue => Ok(()),
             e => Err(e),
         })?;
+        let ch = confirm_channel(conn).await?;
+        bind(&ch, &aside, &cfg.jobs_exchange, key, false).await?;
         let back = drain_and_delete(conn, cfg, &aside, &cfg.jobs_exchange, key).await?;
         tracing::info!(queue = %queue, moved, back, "queue recreated with the current arguments");
         out.push(Migrated {
@@ -72,10 +88,30 @@ pub async fn migrate(conn: &Connection, cfg: &AmqpConfig) -> Result<Vec<Migrated
     Ok(out)
 }
 
-/// Moves every message of `from` to `exchange`/`key` and deletes `from`,
-/// but only once it is empty: a publisher still sending to it between the
-/// last move and the delete makes the broker refuse the delete
-/// (`if-empty`), and the new messages are moved too. Returns how many moved.
+/// Binds (or unbinds) `queue` to `exchange` with `key`.
+async fn bind(
+    ch: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+    on: bool,
+) -> Result<(), QueueError> {
+    let (q, x) = (queue.into(), exchange.into());
+    let args = lapin::types::FieldTable::default();
+    if on {
+        ch.queue_bind(q, x, key.into(), Default::default(), args)
+            .await
+            .map_err(amqp(format!("bind {queue} to {exchange}")))
+    } else {
+        ch.queue_unbind(q, x, key.into(), args)
+            .await
+            .map_err(amqp(format!("unbind {queue} from {exchange}")))
+    }
+}
+
+/// Moves every message of `from` (no longer bound to any exchange) to
+/// `exchange`/`key` until the broker counts it empty, then deletes it.
+/// Returns how many moved.
 async fn drain_and_delete(
     conn: &Connection,
     cfg: &AmqpConfig,
@@ -83,42 +119,49 @@ async fn drain_and_delete(
     exchange: &str,
     key: &str,
 ) -> Result<usize, QueueError> {
+    let ch = confirm_channel(conn).await?;
     let mut moved = 0;
-    for _ in 0..MAX_DELETE_TRIES {
-        // A refused delete closes its channel: a new one each round.
-        let ch = confirm_channel(conn).await?;
+    for _ in 0..MAX_DRAINS {
         moved += transfer(&ch, cfg, from, exchange, key).await?;
-        let only_if_empty = QueueDeleteOptions {
-            if_empty: true,
-            ..Default::default()
-        };
-        match ch.queue_delete(from.into(), only_if_empty).await {
-            Ok(_) => return Ok(moved),
-            Err(e) if refused_as_not_empty(&e) => {
-                tracing::info!(
-                    queue = from,
-                    "messages arrived while moving; moving them too"
-                );
+        let left = ch
+            .queue_declare(
+                from.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .map_err(amqp(format!("count the messages of {from}")))?
+            .message_count();
+        if left == 0 {
+            let gone = ch
+                .queue_delete(from.into(), QueueDeleteOptions::default())
+                .await
+                .map_err(amqp(format!("delete queue {from}")))?;
+            if gone > 0 {
+                // Only a publisher that sends to the queue by name, past
+                // the exchange, could do this in the instant between the
+                // count and the delete.
+                tracing::error!(queue = from, messages = gone, "messages sent to the queue by name arrived between its last count and its delete; they are gone");
             }
-            Err(e) => return Err(amqp(format!("delete queue {from}"))(e)),
+            return Ok(moved);
         }
+        tracing::info!(
+            queue = from,
+            left,
+            "messages arrived while moving; moving them too"
+        );
     }
     Err(QueueError::Config {
         url: crate::queue::redact_url(&cfg.url),
-        detail: format!("queue {from} kept receiving messages through {MAX_DELETE_TRIES} moves; stop its publishers and run the migration again (nothing was lost: the messages moved so far are in the new queue)"),
+        detail: format!("queue {from} kept receiving messages by name through {MAX_DRAINS} moves; stop what publishes to it by name and run the migration again (nothing was lost: the messages moved so far are safe)"),
     })
 }
 
-/// Rounds of moving and deleting before the migration stops.
-const MAX_DELETE_TRIES: usize = 20;
-
-/// Whether the broker refused a delete because the queue is not empty
-/// (PRECONDITION_FAILED).
-fn refused_as_not_empty(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
-        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
-}
+/// Rounds of moving before the migration stops.
+const MAX_DRAINS: usize = 20;
 
 /// Moves every message of `from` to `exchange`/`key`, each confirmed before
 /// it is acked; returns how many.

@@ -516,12 +516,19 @@ impl Fixture {
 
 /// The broker connection of a worker process, closed from the broker's side.
 pub fn close_broker_connection(pid: u32) {
+    close_broker_connection_named(pid, "");
+}
+
+/// A broker connection of a worker process, closed from the broker's side:
+/// the one whose name ends in `suffix` after the process id (`""`: the
+/// consuming connection, `" (publishing)"`: the publishing one).
+pub fn close_broker_connection_named(pid: u32, suffix: &str) {
     let out = Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let needle = format!(":{pid}\"");
+    let needle = format!(":{pid}{suffix}\"");
     let conn = text
         .lines()
         .find(|l| l.contains("cinflow-infer@") && l.contains(&needle))

@@ -451,3 +451,62 @@ metrics.prometheusRule.runbookUrl is set, on a line of its own indented by
 {{- printf "runbook_url: %q" (printf "%s#%s" (trimSuffix "/" .) (lower $.alert)) | nindent $.indent }}
 {{- end }}
 {{- end }}
+
+{{/*
+Signed model versions: env, mounts and volumes. `train` adds the signing key.
+*/}}
+{{- define "cinflow.signingEnv" -}}
+{{- with .ctx.Values.model.trustedKeys }}
+{{- if .configMapName }}
+- name: CINFLOW_TRUSTED_KEYS
+  value: {{ printf "/etc/cinflow/trusted-keys/%s" .key | quote }}
+{{- end }}
+{{- end }}
+{{- if .train }}
+{{- with .ctx.Values.model.signingKey }}
+{{- if .secretName }}
+- name: CINFLOW_SIGNING_KEY_FILE
+  value: {{ printf "/etc/cinflow/signing-key/%s" .key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cinflow.signingMounts" -}}
+{{- if .ctx.Values.model.trustedKeys.configMapName }}
+- name: trusted-keys
+  mountPath: /etc/cinflow/trusted-keys
+  readOnly: true
+{{- end }}
+{{- if and .train .ctx.Values.model.signingKey.secretName }}
+- name: signing-key
+  mountPath: /etc/cinflow/signing-key
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "cinflow.signingVolumes" -}}
+{{- with .ctx.Values.model.trustedKeys }}
+{{- if .configMapName }}
+- name: trusted-keys
+  configMap:
+    name: {{ .configMapName }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- end }}
+{{- if .train }}
+{{- with .ctx.Values.model.signingKey }}
+{{- if .secretName }}
+- name: signing-key
+  secret:
+    secretName: {{ .secretName }}
+    defaultMode: 0400
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

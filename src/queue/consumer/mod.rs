@@ -74,6 +74,10 @@ pub struct Broker {
     leases: super::lease::Leases,
     /// The queue consumed, which names its leases.
     queue: Arc<str>,
+    /// The lease this delivery holds (each delivery has its own [`Broker`]):
+    /// released by the consumer loop before the delivery is settled, also
+    /// when the job was stopped at its deadline or panicked while holding it.
+    held: Arc<tokio::sync::Mutex<Option<super::lease::Lease>>>,
 }
 
 /// Whether publishing can go ahead now.
@@ -114,14 +118,31 @@ impl Broker {
     ) -> Outcome {
         match self.lease(id).await {
             Ok(Some(lease)) => {
+                *self.held.lock().await = Some(lease);
                 let outcome = work.await;
-                lease.release().await;
+                self.release_held().await;
                 outcome
             }
             Ok(None) => Outcome::Wait {
                 reason: format!("another copy of {what} is being processed now"),
             },
             Err(e) => Outcome::of_failure(&e),
+        }
+    }
+
+    /// A handle for one delivery: the same connections, its own lease slot.
+    fn for_delivery(&self) -> Broker {
+        Broker {
+            held: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Releases the lease this delivery holds, if any.
+    async fn release_held(&self) {
+        let lease = self.held.lock().await.take();
+        if let Some(lease) = lease {
+            lease.release().await;
         }
     }
 
@@ -582,6 +603,7 @@ async fn open(opts: &ConsumeOptions) -> Result<Session, QueueError> {
         retry: opts.settle_retry,
         leases: super::lease::Leases::new(consuming.clone()),
         queue: opts.queue.as_str().into(),
+        held: Arc::default(),
     };
     Ok(Session {
         consuming,
@@ -656,7 +678,8 @@ async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobCon
         return;
     }
     let poison = cx.limit > 0 && counts.failed >= cx.limit;
-    let broker = cx.broker.clone();
+    let broker = cx.broker.for_delivery();
+    let holder = broker.clone();
     let again = msg.clone();
     let work = async {
         if poison {
@@ -711,6 +734,9 @@ async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobCon
             stop = stop_signal(&mut stopped) => break stopped_outcome(stop),
         }
     };
+    // A job stopped at its deadline, or one that panicked, may still hold
+    // its lease: free it before a copy of the message exists.
+    holder.release_held().await;
     let (outcome, cause) = match outcome {
         Outcome::Retry { reason }
             if cx.retry_rounds > 0 && counts.retries + 1 >= cx.retry_rounds =>
@@ -719,8 +745,10 @@ async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobCon
                 "gave up: transient failures outlasted the retries {} times (--retry-rounds); the last: {reason}",
                 counts.retries + 1
             );
-            let give_up = handler.clone().poison(again, reason.clone(), cx.broker.clone());
-            let outcome = match tokio::time::timeout_at(deadline, give_up).await {
+            let give_up = handler.clone().poison(again, reason.clone(), holder.clone());
+            let outcome = tokio::time::timeout_at(deadline, give_up).await;
+            holder.release_held().await;
+            let outcome = match outcome {
                 Ok(o) => last_word(o),
                 Err(_) => Outcome::Rejected {
                     reason: format!("{reason} (its error result could not be written before the job's deadline)"),

@@ -199,34 +199,50 @@ fn settled(port: u16) -> (f64, f64, f64) {
     (n("done"), n("failed"), n("quarantined"))
 }
 
+/// `jobs` published to a worker (with `extra` settings and its metrics on
+/// the returned port) whose image fetches take 3 s each, and taken: the
+/// jobs are in their GETs when the test strikes.
+fn slow_jobs_taken(
+    fx: &Fixture,
+    jobs: &[&str],
+    extra: &[(&str, &str)],
+) -> (common::faulty_s3::FaultyS3, common::worker::Worker, u16) {
+    let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    proxy.delay("GET", "/slides/", jobs.len(), Duration::from_secs(3));
+    let endpoint = proxy.endpoint();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let concurrency = jobs.len().to_string();
+    let mut env = vec![
+        ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
+        ("CINFLOW_METRICS_ADDR", addr.as_str()),
+        ("CINFLOW_CONCURRENCY", concurrency.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let w = fx.spawn("infer", &env);
+    for id in jobs {
+        fx.publish(&fx.job(id, &img));
+    }
+    fx.wait_taken(&fx.amqp.infer_queue);
+    (proxy, w, port)
+}
+
 #[test]
 fn a_long_memory_alarm_costs_no_job_a_delivery() {
     let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let fx = Fixture::new("blocked", 4);
-    let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
-    let img = fx.images(1, 640, 480);
-    // The jobs are in their GETs when the alarm goes up.
-    proxy.delay("GET", "/slides/", 3, Duration::from_secs(3));
-    let endpoint = proxy.endpoint();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let w = fx.spawn(
-        "infer",
+    let jobs = ["blocked-1", "blocked-2", "blocked-3"];
+    let (_proxy, w, port) = slow_jobs_taken(
+        &fx,
+        &jobs,
         &[
-            ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
-            ("CINFLOW_METRICS_ADDR", addr.as_str()),
-            ("CINFLOW_CONCURRENCY", "3"),
             ("CINFLOW_CONFIRM_TIMEOUT_S", "2"),
             ("CINFLOW_RETRY_FOR_S", "2"),
             ("CINFLOW_RETRY_ROUNDS", "2"),
             ("CINFLOW_JOB_TIMEOUT_S", "6"),
         ],
     );
-    let jobs = ["blocked-1", "blocked-2", "blocked-3"];
-    for id in jobs {
-        fx.publish(&fx.job(id, &img));
-    }
-    fx.wait_taken(&fx.amqp.infer_queue);
     let alarm = Alarm::raise();
     // Far longer than a confirm, the retries of a publish, the retry rounds
     // and the job deadline: before, each of these would have counted
@@ -264,25 +280,8 @@ fn a_long_memory_alarm_costs_no_job_a_delivery() {
 fn a_dropped_publishing_connection_costs_no_job_a_delivery() {
     let _turn = BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let fx = Fixture::new("droppub", 4);
-    let proxy = common::faulty_s3::FaultyS3::start(&common::s3_config().endpoint.unwrap());
-    let img = fx.images(1, 640, 480);
-    proxy.delay("GET", "/slides/", 2, Duration::from_secs(3));
-    let endpoint = proxy.endpoint();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let w = fx.spawn(
-        "infer",
-        &[
-            ("CINFLOW_S3_ENDPOINT", endpoint.as_str()),
-            ("CINFLOW_METRICS_ADDR", addr.as_str()),
-            ("CINFLOW_CONCURRENCY", "2"),
-        ],
-    );
     let jobs = ["droppub-1", "droppub-2"];
-    for id in jobs {
-        fx.publish(&fx.job(id, &img));
-    }
-    fx.wait_taken(&fx.amqp.infer_queue);
+    let (_proxy, w, port) = slow_jobs_taken(&fx, &jobs, &[]);
     // Only the publishing connection goes: the consuming one keeps the jobs.
     common::worker::close_broker_connection_named(w.pid(), " (publishing)");
     for id in jobs {

@@ -20,27 +20,20 @@ use common::worker::{bundle_as_version, Fixture, Worker};
 /// confirm) would.
 fn publish_twice(fx: &Fixture, chans: &[lapin::Channel; 2], id: &str, body: &[u8]) {
     fx.rt.block_on(async {
-        let one = cinflow::queue::publish_json(
-            &chans[0],
-            &fx.amqp,
-            &fx.amqp.jobs_exchange,
-            cinflow::queue::INFER_KEY,
-            id,
-            body,
-            None,
-        );
-        let two = cinflow::queue::publish_json(
-            &chans[1],
-            &fx.amqp,
-            &fx.amqp.jobs_exchange,
-            cinflow::queue::INFER_KEY,
-            id,
-            body,
-            None,
-        );
-        let (a, b) = futures_util::future::join(one, two).await;
-        a.unwrap();
-        b.unwrap();
+        let copies = chans.iter().map(|ch| {
+            cinflow::queue::publish_json(
+                ch,
+                &fx.amqp,
+                &fx.amqp.jobs_exchange,
+                cinflow::queue::INFER_KEY,
+                id,
+                body,
+                None,
+            )
+        });
+        for sent in futures_util::future::join_all(copies).await {
+            sent.unwrap();
+        }
     });
 }
 

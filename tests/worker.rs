@@ -211,32 +211,25 @@ fn bad_jobs_are_dead_lettered_with_reasons_and_error_results() {
     )
     .unwrap();
 
-    // A poison message: every worker that took it failed (here: rejected it,
-    // which every broker version counts) until the delivery limit.
-    fx.publish(&fx.job("poison", &good));
-    fx.rt.block_on(async {
-        use lapin::options::{BasicGetOptions, BasicRejectOptions};
-        for _ in 0..fx.amqp.delivery_limit {
-            let m = loop {
-                if let Some(m) = fx
-                    .channel
-                    .basic_get(
-                        fx.amqp.infer_queue.as_str().into(),
-                        BasicGetOptions::default(),
-                    )
-                    .await
-                    .unwrap()
-                {
-                    break m;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            m.delivery
-                .reject(BasicRejectOptions { requeue: true })
-                .await
-                .unwrap();
-        }
-    });
+    // A poison message: every worker that took it failed (ran past its
+    // deadline or panicked) up to the delivery limit, as the copies the
+    // workers make of a failed delivery count it.
+    let mut failed = lapin::types::FieldTable::default();
+    failed.insert(
+        "x-cinflow-failures".into(),
+        lapin::types::AMQPValue::LongLongInt(i64::from(fx.amqp.delivery_limit)),
+    );
+    fx.rt
+        .block_on(cinflow::queue::publish_json(
+            &fx.channel,
+            &fx.amqp,
+            &fx.amqp.jobs_exchange,
+            cinflow::queue::INFER_KEY,
+            "poison",
+            &serde_json::to_vec(&fx.job("poison", &good)).unwrap(),
+            Some(failed),
+        ))
+        .unwrap();
 
     fx.publish_raw("bad-json", b"{\"schema\": \"cinflow.job/v1\", \"job_id\": ");
     fx.publish_raw(

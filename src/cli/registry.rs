@@ -139,7 +139,12 @@ pub struct PublishModelArgs {
     /// Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`)
     /// that signs the version; workers with --trusted-keys serve only
     /// versions signed by a key they trust.
-    #[arg(long, env = "CINFLOW_SIGNING_KEY_FILE", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "CINFLOW_SIGNING_KEY_FILE",
+        value_name = "PEM",
+        hide_env_values = true
+    )]
     pub signing_key: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub s3: crate::storage::S3Config,

@@ -156,7 +156,12 @@ pub struct ModelTrust {
     /// must be signed with; a version whose signature does not verify is
     /// refused and the previous one kept. Unset: versions are not checked
     /// (a warning at start).
-    #[arg(long, env = "CINFLOW_TRUSTED_KEYS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CINFLOW_TRUSTED_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub trusted_keys: Vec<std::path::PathBuf>,
 }
 

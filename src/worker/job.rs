@@ -60,7 +60,8 @@ pub struct InferWorker {
     pub drawing: Drawing,
     /// Message size and bucket limits.
     pub admission: Admission,
-    /// Retries of steps outside the stages (loading a model a job names).
+    /// Retries of the job's own reads and writes outside the stages (its
+    /// claim, a stored result).
     pub retry: RetryPolicy,
     pub results_prefix: String,
     pub fhir: Systems,
@@ -316,23 +317,19 @@ impl InferWorker {
         self.load("load model", move |s| s.get(&want)).await
     }
 
-    /// Loads a model on a blocking thread, retrying an unavailable registry.
+    /// Loads a model on a blocking thread. The registry's store retries each
+    /// request itself (`--s3-attempts`); a registry that stays away is a
+    /// transient failure of the job, which then waits in the delay queue.
     async fn load(
         &self,
         what: &str,
-        get: impl Fn(&Serving) -> Result<Arc<Grader>, ServingError> + Clone + Send + 'static,
+        get: impl FnOnce(&Serving) -> Result<Arc<Grader>, ServingError> + Send + 'static,
     ) -> Result<Arc<Grader>, JobError> {
-        self.retry
-            .run(what, || {
-                let (serving, get) = (self.serving.clone(), get.clone());
-                async move {
-                    tokio::task::spawn_blocking(move || get(&serving))
-                        .await
-                        .expect("model loading panicked")
-                        .map_err(JobError::from)
-                }
-            })
+        let serving = self.serving.clone();
+        tokio::task::spawn_blocking(move || get(&serving))
             .await
+            .expect("model loading panicked")
+            .map_err(|e| JobError::from(e).during(what))
     }
 
     /// fetch -> prepare -> grade -> render -> put of the job's image `i`.

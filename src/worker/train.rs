@@ -49,7 +49,12 @@ pub struct TrainWorkerArgs {
     pub alias: String,
     /// Ed25519 private key (PKCS#8 PEM) that signs every version this worker
     /// publishes.
-    #[arg(long, env = "CINFLOW_SIGNING_KEY_FILE", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "CINFLOW_SIGNING_KEY_FILE",
+        value_name = "PEM",
+        hide_env_values = true
+    )]
     pub signing_key: Option<PathBuf>,
     /// The keys the base version it trains from must be signed with.
     #[command(flatten)]

@@ -202,7 +202,12 @@ impl Deliveries {
             ShortString::from(WAITS_HEADER),
             n(self.waits + u32::from(why == CopyFor::Wait)),
         );
-        headers.insert(ShortString::from(DELIVERIES_HEADER), n(self.earlier + 1));
+        // A move to quarantine grades nothing: not counted as a delivery.
+        let handed = u32::from(why != CopyFor::Quarantine);
+        headers.insert(
+            ShortString::from(DELIVERIES_HEADER),
+            n(self.earlier + handed),
+        );
     }
 }
 
@@ -296,75 +301,49 @@ pub async fn settle(
         }
         Outcome::Failed { reason } => {
             tracing::warn!(message_id = id, reason = %reason, failures = counts.failed + 1, "job failed: returned to its queue as a failed delivery");
-            let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
-            counts.stamp(&mut headers, CopyFor::Failed);
-            headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(&reason));
-            match copy(
+            copy_then_ack(
                 delivery,
+                counts,
                 broker,
-                &route.home,
+                route,
                 id,
-                headers,
-                None,
-                route.retry,
+                CopyFor::Failed,
+                Some(&reason),
             )
             .await
-            {
-                Ok(()) => (
-                    delivery.acker.ack(BasicAckOptions::default()).await,
-                    "failed",
-                ),
-                Err(e) => {
-                    tracing::warn!(message_id = id, error = %e, "cannot copy the failed job back; returning it with reject");
-                    (reject(delivery).await, "failed")
-                }
-            }
         }
         Outcome::Quarantine => {
-            let quarantine = route.quarantine.as_deref().unwrap_or(&route.home);
             tracing::warn!(message_id = id, deaths = counts.fresh_deaths, "the job was in flight when a worker died or lost its connection: to the quarantine lane, where it runs alone");
-            let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
-            counts.stamp(&mut headers, CopyFor::Quarantine);
-            match copy(delivery, broker, quarantine, id, headers, None, route.retry).await {
-                Ok(()) => (
-                    delivery.acker.ack(BasicAckOptions::default()).await,
-                    "quarantined",
-                ),
-                Err(e) => {
-                    tracing::warn!(message_id = id, error = %e, "cannot move the job to the quarantine queue; returning it with nack");
-                    (delivery.acker.nack(requeue_nack()).await, "requeued")
-                }
-            }
-        }
-        Outcome::Retry { reason } => {
-            delay(delivery, counts, broker, route, id, &reason, CopyFor::Retry).await
-        }
-        Outcome::Wait { reason } => {
-            delay(delivery, counts, broker, route, id, &reason, CopyFor::Wait).await
-        }
-        Outcome::GiveBack => {
-            let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
-            counts.stamp(&mut headers, CopyFor::GiveBack);
-            match copy(
+            copy_then_ack(
                 delivery,
+                counts,
                 broker,
-                &route.home,
+                route,
                 id,
-                headers,
+                CopyFor::Quarantine,
                 None,
-                route.retry,
             )
             .await
-            {
-                Ok(()) => (
-                    delivery.acker.ack(BasicAckOptions::default()).await,
-                    "returned",
-                ),
-                Err(e) => {
-                    tracing::warn!(message_id = id, error = %e, "cannot copy the job back to its queue; returning it with nack");
-                    (delivery.acker.nack(requeue_nack()).await, "returned")
-                }
-            }
+        }
+        Outcome::Retry { reason } => {
+            tracing::warn!(message_id = id, reason = %reason, retry_in_s = route.retry_delay.as_secs(), round = counts.retries + 1, "job delayed: it comes back after the retry delay");
+            copy_then_ack(
+                delivery,
+                counts,
+                broker,
+                route,
+                id,
+                CopyFor::Retry,
+                Some(&reason),
+            )
+            .await
+        }
+        Outcome::Wait { reason } => {
+            tracing::info!(message_id = id, reason = %reason, retry_in_s = route.retry_delay.as_secs(), wait = counts.waits + 1, "job waits: another copy of it is running");
+            copy_then_ack(delivery, counts, broker, route, id, CopyFor::Wait, None).await
+        }
+        Outcome::GiveBack => {
+            copy_then_ack(delivery, counts, broker, route, id, CopyFor::GiveBack, None).await
         }
         Outcome::Abandoned => (Ok(true), "abandoned"),
     };
@@ -375,53 +354,70 @@ pub async fn settle(
     settled
 }
 
-/// A copy to the delay queue (a retry round, or a wait for another copy),
-/// then the original acked; if the delay queue cannot take it, the original
-/// is returned with reject.
-async fn delay(
+impl CopyFor {
+    /// The queue the copy goes to.
+    fn target(self, route: &Route) -> &str {
+        match self {
+            CopyFor::Retry | CopyFor::Wait => &route.delay,
+            CopyFor::Failed | CopyFor::GiveBack => &route.home,
+            CopyFor::Quarantine => route.quarantine.as_deref().unwrap_or(&route.home),
+        }
+    }
+
+    /// How the message was settled (the `outcome` label of `cinflow_jobs_total`).
+    fn label(self) -> &'static str {
+        match self {
+            CopyFor::Retry => "delayed",
+            CopyFor::Wait => "waiting",
+            CopyFor::Failed => "failed",
+            CopyFor::GiveBack => "returned",
+            CopyFor::Quarantine => "quarantined",
+        }
+    }
+}
+
+/// Settles a delivery by a confirmed copy, stamped with its counts, and an
+/// ack of the original. If the copy cannot be made the original goes back
+/// through the broker: with reject when something failed (every version
+/// counts it), with nack when nothing did.
+async fn copy_then_ack(
     delivery: &Delivery,
     counts: Deliveries,
     broker: &Broker,
     route: &Route,
     id: &str,
-    reason: &str,
     why: CopyFor,
+    last_failure: Option<&str>,
 ) -> (lapin::Result<bool>, &'static str) {
     let mut headers = republished_headers(delivery.properties.headers().as_ref(), true);
     counts.stamp(&mut headers, why);
-    if why == CopyFor::Retry {
+    if let Some(reason) = last_failure {
         headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(reason));
     }
-    let delay = route.retry_delay.as_millis() as u64;
+    let waits = matches!(why, CopyFor::Retry | CopyFor::Wait);
+    let expiration = waits.then(|| route.retry_delay.as_millis() as u64);
+    let target = why.target(route);
     match copy(
         delivery,
         broker,
-        &route.delay,
+        target,
         id,
         headers,
-        Some(delay),
+        expiration,
         route.retry,
     )
     .await
     {
-        Ok(()) => {
-            let settled = match why {
-                CopyFor::Wait => {
-                    tracing::info!(message_id = id, reason = %reason, retry_in_s = delay / 1000, wait = counts.waits + 1, "job waits: another copy of it is running");
-                    "waiting"
-                }
-                _ => {
-                    tracing::warn!(message_id = id, reason = %reason, retry_in_s = delay / 1000, round = counts.retries + 1, "job delayed: it comes back after the retry delay");
-                    "delayed"
-                }
-            };
-            (
-                delivery.acker.ack(BasicAckOptions::default()).await,
-                settled,
-            )
+        Ok(()) => (
+            delivery.acker.ack(BasicAckOptions::default()).await,
+            why.label(),
+        ),
+        Err(e) if matches!(why, CopyFor::GiveBack | CopyFor::Quarantine) => {
+            tracing::warn!(message_id = id, queue = target, error = %e, "cannot copy the job; returning it with nack");
+            (delivery.acker.nack(requeue_nack()).await, "requeued")
         }
         Err(e) => {
-            tracing::warn!(message_id = id, reason = %reason, error = %e, "job returned to the queue: the delay queue cannot take it");
+            tracing::warn!(message_id = id, queue = target, error = %e, "cannot copy the job; returning it with reject");
             (reject(delivery).await, "requeued")
         }
     }

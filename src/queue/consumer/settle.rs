@@ -395,7 +395,7 @@ async fn copy_then_ack(
         headers.insert(ShortString::from(LAST_FAILURE_HEADER), text(reason));
     }
     let waits = matches!(why, CopyFor::Retry | CopyFor::Wait);
-    let expiration = waits.then(|| route.retry_delay.as_millis() as u64);
+    let expiration = waits.then_some(route.retry_delay.as_millis() as u64);
     let target = why.target(route);
     match copy(
         delivery,

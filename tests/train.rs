@@ -34,7 +34,7 @@ fn options(labels: &Path, backbone: &Path, out: &Path, registry: Option<&Path>) 
             ..Default::default()
         },
         infer: Default::default(),
-        signing_key: None,
+        signing: Default::default(),
         registry_store: None,
         feature_store: None,
         labels_uri: None,

@@ -136,16 +136,8 @@ pub struct PublishModelArgs {
         default_value = "current"
     )]
     pub alias: String,
-    /// Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`)
-    /// that signs the version; workers with --trusted-keys serve only
-    /// versions signed by a key they trust.
-    #[arg(
-        long,
-        env = "CINFLOW_SIGNING_KEY_FILE",
-        value_name = "PEM",
-        hide_env_values = true
-    )]
-    pub signing_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub signing: crate::model::signing::ModelSigning,
     #[command(flatten)]
     pub s3: crate::storage::S3Config,
 }
@@ -157,10 +149,9 @@ pub struct PublishModelArgs {
 pub(super) fn publish(a: &PublishModelArgs) -> anyhow::Result<Exit> {
     let store = Arc::new(crate::storage::S3Store::new(&a.s3)?);
     let mut r = Registry::new(store, &a.name)?;
-    if let Some(path) = &a.signing_key {
-        let key = crate::model::signing::SigningKey::from_pem_file(path)?;
+    if let Some(key) = a.signing.load()? {
         eprintln!("signing with key {}", key.key_id());
-        r = r.signing_with(Arc::new(key));
+        r = r.signing_with(key);
     }
     // Registry::publish verifies the bundle (every file's sha256) first.
     let bar = crate::progress::transfer_bar("upload");

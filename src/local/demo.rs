@@ -220,7 +220,7 @@ fn fit(a: &DemoArgs, backbone: &Path, labels: &Path) -> anyhow::Result<Fitted> {
         gallery: 12,
         hyper: a.hyper.clone(),
         infer: a.infer.clone(),
-        signing_key: None,
+        signing: Default::default(),
         registry_store: None,
         feature_store: None,
         labels_uri: None,

@@ -179,6 +179,34 @@ impl ModelTrust {
     }
 }
 
+/// The key that signs what a command publishes: the flag of `publish-model`,
+/// `train` and the training worker.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ModelSigning {
+    /// Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm
+    /// ed25519`) that signs the published version; workers with
+    /// --trusted-keys serve only versions signed by a key they trust.
+    #[arg(
+        long,
+        env = "CINFLOW_SIGNING_KEY_FILE",
+        value_name = "PEM",
+        hide_env_values = true
+    )]
+    pub signing_key: Option<std::path::PathBuf>,
+}
+
+impl ModelSigning {
+    /// The signing key, read; `None` when none is configured.
+    pub fn load(&self) -> Result<Option<std::sync::Arc<SigningKey>>, SigningError> {
+        let Some(path) = &self.signing_key else {
+            return Ok(None);
+        };
+        let key = SigningKey::from_pem_file(path)?;
+        tracing::info!(key_id = key.key_id(), "published versions are signed");
+        Ok(Some(std::sync::Arc::new(key)))
+    }
+}
+
 /// The public keys a worker accepts versions from.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {

@@ -104,14 +104,8 @@ pub struct TrainOptions {
     pub hyper: HyperParams,
     #[command(flatten)]
     pub infer: InferConfig,
-    /// Ed25519 private key (PKCS#8 PEM) that signs the published version.
-    #[arg(
-        long,
-        env = "CINFLOW_SIGNING_KEY_FILE",
-        value_name = "PEM",
-        hide_env_values = true
-    )]
-    pub signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub signing: crate::model::signing::ModelSigning,
     /// The registry's store when it is not a local folder (the training worker's S3).
     #[arg(skip)]
     pub registry_store: Option<Arc<dyn ObjectStore>>,

@@ -101,10 +101,12 @@ pub fn train(o: &TrainOptions) -> Result<TrainOutcome, TrainError> {
         Some(store) => {
             let name = o.name.clone().unwrap_or_else(|| base.name.clone());
             let mut r = Registry::new(store, &name)?;
-            if let Some(path) = &o.signing_key {
-                let key = crate::model::signing::SigningKey::from_pem_file(path)
-                    .map_err(crate::model::RegistryError::from)?;
-                r = r.signing_with(Arc::new(key));
+            if let Some(key) = o
+                .signing
+                .load()
+                .map_err(crate::model::RegistryError::from)?
+            {
+                r = r.signing_with(key);
             }
             Some(r)
         }

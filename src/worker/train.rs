@@ -47,15 +47,9 @@ pub struct TrainWorkerArgs {
         default_value = "current"
     )]
     pub alias: String,
-    /// Ed25519 private key (PKCS#8 PEM) that signs every version this worker
-    /// publishes.
-    #[arg(
-        long,
-        env = "CINFLOW_SIGNING_KEY_FILE",
-        value_name = "PEM",
-        hide_env_values = true
-    )]
-    pub signing_key: Option<PathBuf>,
+    /// The key that signs every version this worker publishes.
+    #[command(flatten)]
+    pub signing: crate::model::signing::ModelSigning,
     /// The keys the base version it trains from must be signed with.
     #[command(flatten)]
     pub trust: crate::model::signing::ModelTrust,
@@ -374,7 +368,7 @@ fn train_from_s3(
         gallery: a.gallery,
         hyper,
         infer: a.infer.clone(),
-        signing_key: a.signing_key.clone(),
+        signing: a.signing.clone(),
         registry_store: Some(home.clone()),
         feature_store: Some((home.clone(), a.feature_prefix.clone())),
         labels_uri: Some(job.labels.clone()),

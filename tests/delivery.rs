@@ -559,3 +559,30 @@ fn a_results_prefix_that_refuses_writes_dead_letters_the_job_without_a_loop() {
     assert_eq!(fx.ready(&fx.amqp.infer_queue), 0);
     assert!(fx.get(&fx.amqp.infer_dlq(), Duration::ZERO).is_none());
 }
+
+#[test]
+fn a_lost_connection_costs_the_job_in_flight_nothing() {
+    // A delivery limit of one: a single return held against the job would
+    // make it poison.
+    let fx = Fixture::with_delivery_limit("reconnect", 4, 1);
+    let proxy = FaultyS3::start(&common::s3_config().endpoint.unwrap());
+    let img = fx.images(1, 640, 480);
+    proxy.delay("GET", "/slides/", 1, Duration::from_secs(4));
+    // One job at a time: no quarantine lane to forgive the return.
+    let w = spawn_via(&fx, &proxy, &[("CINFLOW_CONCURRENCY", "1")]);
+    fx.publish(&fx.job("cut-off", &img));
+    assert!(wait_until(Duration::from_secs(60), || proxy
+        .count("GET", "/slides/")
+        >= 1));
+    common::worker::close_broker_connection(w.pid());
+    let r = fx.wait_graded("cut-off", 1, &w);
+    assert_eq!(r.status, ImageStatus::Ok);
+    assert!(
+        w.log().contains("not counting the returns of this job"),
+        "{}",
+        w.log()
+    );
+    assert!(fx
+        .get(&fx.amqp.infer_dlq(), Duration::from_secs(1))
+        .is_none());
+}

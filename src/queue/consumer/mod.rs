@@ -279,12 +279,13 @@ pub async fn run<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut backoff = opts.backoff_min;
+    let returns = Arc::new(std::sync::Mutex::new(Returns::default()));
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        let end = session(&handler, &opts, &mut shutdown).await;
+        let end = session(&handler, &opts, &mut shutdown, &returns).await;
         health().set_broker_connected(false);
         match end {
             SessionEnd::Shutdown => return Ok(()),
@@ -397,6 +398,7 @@ async fn session<H: Handler>(
     handler: &Arc<H>,
     opts: &ConsumeOptions,
     shutdown: &mut watch::Receiver<bool>,
+    returns: &Arc<std::sync::Mutex<Returns>>,
 ) -> SessionEnd {
     let s = match open(opts).await {
         Ok(s) => s,
@@ -442,6 +444,7 @@ async fn session<H: Handler>(
         max_waits: max_waits(opts),
         timeout: opts.job_timeout,
         settle_limit: settle_limit(opts),
+        returns: returns.clone(),
         stopped,
     });
     // The quarantine lane: the same, but failed and given-back copies stay
@@ -453,6 +456,7 @@ async fn session<H: Handler>(
         },
         broker: job.broker.clone(),
         stopped: job.stopped.clone(),
+        returns: job.returns.clone(),
         ..*job
     });
     let end = loop {
@@ -508,7 +512,10 @@ async fn session<H: Handler>(
         }
         lost => {
             // The broker has put their messages back: stop them now, so no
-            // more than --concurrency jobs run after the reconnect.
+            // more than --concurrency jobs run after the reconnect. The
+            // broker counts each return; when a message comes back to this
+            // worker, those returns are not held against it.
+            returns.lock().expect("returns lock").abandon_running();
             let _ = stop.send(Some(Stop::Abandon));
             finish_or_abort(&mut tasks, settle_limit(opts)).await;
             s.close("connection lost").await;
@@ -627,6 +634,8 @@ struct JobContext {
     timeout: Duration,
     /// Longest a stopped job takes to settle.
     settle_limit: Duration,
+    /// The messages running now and those abandoned on a lost connection.
+    returns: Arc<std::sync::Mutex<Returns>>,
     stopped: watch::Receiver<Option<Stop>>,
 }
 
@@ -639,13 +648,78 @@ fn max_waits(opts: &ConsumeOptions) -> u32 {
     (span.as_secs_f64() / each.as_secs_f64()).ceil() as u32 + 1
 }
 
+/// Messages this worker runs now, and those it abandoned when its consuming
+/// connection dropped while they ran (by message id, with how often): the
+/// broker counted a return for each, which is no fault of the job.
+#[derive(Debug, Default)]
+struct Returns {
+    running: std::collections::HashMap<String, u32>,
+    abandoned: std::collections::HashMap<String, u32>,
+}
+
+impl Returns {
+    fn start(&mut self, id: &str) {
+        *self.running.entry(id.to_string()).or_default() += 1;
+    }
+
+    fn end(&mut self, id: &str) {
+        if let Some(n) = self.running.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(id);
+            }
+        }
+    }
+
+    fn abandon_running(&mut self) {
+        for (id, n) in self.running.drain() {
+            *self.abandoned.entry(id).or_default() += n;
+        }
+    }
+
+    /// `counts` without the returns this worker caused by losing its connection.
+    fn forgive(&mut self, id: &str, counts: Deliveries) -> Deliveries {
+        let Some(k) = self.abandoned.remove(id) else {
+            return counts;
+        };
+        let forgiven = counts.forgive(k);
+        if forgiven != counts {
+            tracing::info!(message_id = id, returns = counts.fresh_deaths - forgiven.fresh_deaths, "not counting the returns of this job: this worker lost its broker connection while it ran");
+        }
+        forgiven
+    }
+}
+
+/// Ends a message's entry in [`Returns::running`] when its task ends.
+struct Running<'a> {
+    returns: &'a std::sync::Mutex<Returns>,
+    id: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.returns.lock().expect("returns lock").end(&self.id);
+    }
+}
+
 async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobContext>) {
     let _in_flight = InFlight::start();
     let props = &delivery.properties;
+    let id = crate::queue::message_id(props);
+    let deliveries = {
+        let mut returns = cx.returns.lock().expect("returns lock");
+        let counts = returns.forgive(&id, Deliveries::of(props.headers().as_ref()));
+        returns.start(&id);
+        counts
+    };
+    let _running = Running {
+        returns: &cx.returns,
+        id: id.clone(),
+    };
     let msg = Incoming {
         data: delivery.data.clone(),
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
-        deliveries: Deliveries::of(props.headers().as_ref()),
+        deliveries,
         queue_wait_ms: props.timestamp().map(|ts| {
             let now = chrono::Utc::now().timestamp_millis() as f64;
             (now - ts as f64 * 1e3).max(0.0)
@@ -653,7 +727,7 @@ async fn process<H: Handler>(handler: Arc<H>, delivery: Delivery, cx: Arc<JobCon
         received: Instant::now(),
         requeued_at: requeued_at(props.headers().as_ref()),
     };
-    let id = msg.message_id.clone().unwrap_or_else(|| "-".into());
+    let id = if id.is_empty() { "-".to_string() } else { id };
     if let Some(ms) = msg.queue_wait_ms {
         metrics().queue_wait_seconds.observe(ms / 1e3);
     }

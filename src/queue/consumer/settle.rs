@@ -163,6 +163,19 @@ impl Deliveries {
         }
     }
 
+    /// These counts without `k` of the returns since the last copy (the
+    /// returns of a job this worker abandoned when its connection dropped:
+    /// not the job's fault).
+    pub fn forgive(self, k: u32) -> Deliveries {
+        let k = k.min(self.fresh_deaths);
+        Deliveries {
+            failed: self.failed - k,
+            deaths: self.deaths - k,
+            fresh_deaths: self.fresh_deaths - k,
+            ..self
+        }
+    }
+
     /// Why a message is poison, in words: all its failures were the worker
     /// dying while it ran alone, or a mix with deadlines and panics.
     pub fn poison_reason(self) -> String {
@@ -583,6 +596,13 @@ mod tests {
         back.insert("x-delivery-count".into(), AMQPValue::LongInt(4));
         let q = Deliveries::of(Some(&back));
         assert_eq!((q.failed, q.deaths), (5, 4));
+        // A return the worker caused by losing its connection is forgiven.
+        let forgiven = Deliveries::of(Some(&back)).forgive(1);
+        assert_eq!(
+            (forgiven.failed, forgiven.deaths, forgiven.fresh_deaths),
+            (4, 3, 3)
+        );
+        assert_eq!(Deliveries::default().forgive(2), Deliveries::default());
         let mut only_deaths = FieldTable::default();
         only_deaths.insert("x-delivery-count".into(), AMQPValue::LongInt(5));
         assert!(Deliveries::of(Some(&only_deaths))

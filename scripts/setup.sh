@@ -71,6 +71,19 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+# pika (Debian's python3-pika, for the system Python) is the foreign AMQP
+# publisher of tests/delivery.rs: a job published the way a lab's Python
+# scripts publish it. The project's venv does not need it.
+if ! /usr/bin/python3 -c "import pika" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing pika (apt-get install python3-pika)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pika; } >/dev/null 2>&1 \
+      || log "could not install python3-pika: tests/delivery.rs will fail"
+  else
+    log "pika not found: tests/delivery.rs needs it (apt-get install python3-pika)"
+  fi
+fi
+
 # --- Python virtual environment -------------------------------------------
 req="tools/requirements.txt"
 key="$(cat "$req" | sha256sum | cut -c1-16)"

@@ -467,27 +467,29 @@ fn a_refused_job_is_graded_once_requeued_whatever_serialised_it() {
     let fx = Fixture::new("requeue-py", 4);
     let img = fx.images(1, 640, 480);
     // Serialised by Python's json.dumps (", " and ": " separators, its own
-    // key order) and published as pika publishes by default: no message id.
-    let body = common::output_ok(std::process::Command::new(common::python()).args([
+    // key order) and published by pika with its defaults (no message id),
+    // as a lab's own script would.
+    let script = r#"
+import json, sys, pika
+url, exchange, key, image = sys.argv[1:5]
+body = json.dumps({'slide_id': 's-py', 'job_id': 'from-python', 'images': [image],
+                   'schema': 'cinflow.job/v1', 'accession_id': 'ACC-py'})
+conn = pika.BlockingConnection(pika.URLParameters(url))
+ch = conn.channel()
+ch.confirm_delivery()
+ch.basic_publish(exchange, key, body.encode(), pika.BasicProperties(delivery_mode=2), mandatory=True)
+conn.close()
+print(body, end='')
+"#;
+    let body = common::output_ok(std::process::Command::new("/usr/bin/python3").args([
         "-c",
-        "import json, sys; print(json.dumps({'slide_id': 's-py', 'job_id': 'from-python', 'images': [sys.argv[1]], 'schema': 'cinflow.job/v1', 'accession_id': 'ACC-py'}), end='')",
+        script,
+        &fx.amqp.url,
+        &fx.amqp.jobs_exchange,
+        cinflow::queue::INFER_KEY,
         &img[0],
     ]));
     assert!(body.contains("\", \""), "{body}");
-    fx.rt.block_on(async {
-        fx.channel
-            .basic_publish(
-                fx.amqp.jobs_exchange.as_str().into(),
-                cinflow::queue::INFER_KEY.into(),
-                Default::default(),
-                body.as_bytes(),
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    });
     // A worker that may not read the images' bucket refuses the job.
     let mut w = fx.spawn("infer", &[("CINFLOW_ALLOWED_BUCKETS", "some-other-bucket")]);
     let refused = fx.wait_result("from-python", "v1", &w);

@@ -84,6 +84,9 @@ fn two_copies_of_every_job_on_workers_of_two_versions_grade_once_and_reach_the_l
     let lis_queue = format!("{}.lis", fx.prefix);
     let metrics = common::http::free_port();
     // The bridge delivers four results at once.
+    // The LIS is slow to acknowledge: a result's second event arrives while
+    // its first is still being delivered, the window the lease closes.
+    peer.control("hl7_delay_s=0.2");
     let bridge = start_bridge(
         &fx,
         &peer,

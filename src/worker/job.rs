@@ -86,16 +86,6 @@ enum Pin {
     Duplicate(String),
 }
 
-/// What a job's claim says before any model is loaded.
-enum Claimed {
-    /// No delivery claimed the job yet.
-    Nobody,
-    /// Claimed for this content, by this registry model and version.
-    Version(Claim),
-    /// Claimed for other content.
-    Duplicate(String),
-}
-
 impl InferWorker {
     async fn grade_job(&self, msg: Incoming, job: JobMessage, broker: Broker) -> Outcome {
         let received = msg.received;
@@ -173,25 +163,20 @@ impl InferWorker {
         }
     }
 
-    /// What the claim on `job_id` says about a message with `msg`'s content.
-    async fn claimed(
+    /// `claim` if it was made for a message with `msg`'s content, else the
+    /// reason to refuse the message as a duplicate job id.
+    fn judge(
         &self,
+        claim: Claim,
         msg: &Incoming,
-        job_id: &str,
         job: Option<&JobMessage>,
-    ) -> Result<Claimed, JobError> {
-        let Some(claim) = self.claims().read(job_id).await? else {
-            return Ok(Claimed::Nobody);
-        };
-        Ok(self.judge(claim, msg, job))
-    }
-
-    fn judge(&self, claim: Claim, msg: &Incoming, job: Option<&JobMessage>) -> Claimed {
+    ) -> Result<Claim, String> {
         let legacy = job.map(legacy_content_sha256);
-        if !Claims::same_content(&claim, &content_sha256(&msg.data), legacy.as_deref()) {
-            return Claimed::Duplicate(duplicate_reason(&claim.job_id, &claim));
+        if Claims::same_content(&claim, &content_sha256(&msg.data), legacy.as_deref()) {
+            Ok(claim)
+        } else {
+            Err(duplicate_reason(&claim.job_id, &claim))
         }
-        Claimed::Version(claim)
     }
 
     /// The one model version of the job `job_id`: the one an earlier
@@ -205,10 +190,9 @@ impl InferWorker {
         job: Option<&JobMessage>,
         broker: &Broker,
     ) -> Result<Pin, JobError> {
-        let claim = match self.claimed(msg, job_id, job).await? {
-            Claimed::Duplicate(reason) => return Ok(Pin::Duplicate(reason)),
-            Claimed::Version(claim) => claim,
-            Claimed::Nobody => {
+        let claim = match self.claims().read(job_id).await? {
+            Some(earlier) => earlier,
+            None => {
                 let grader = self
                     .choose_model(job.and_then(|j| j.model.as_deref()))
                     .await?;
@@ -225,12 +209,12 @@ impl InferWorker {
                 }
                 // Only where the lease does not reach: a worker on another broker.
                 tracing::warn!(other = %stored.worker, "another worker claimed the job first; following its claim");
-                match self.judge(stored, msg, job) {
-                    Claimed::Version(claim) => claim,
-                    Claimed::Duplicate(reason) => return Ok(Pin::Duplicate(reason)),
-                    Claimed::Nobody => unreachable!("judge never answers Nobody"),
-                }
+                stored
             }
+        };
+        let claim = match self.judge(claim, msg, job) {
+            Ok(claim) => claim,
+            Err(reason) => return Ok(Pin::Duplicate(reason)),
         };
         if let Some(outcome) = self.stored(msg, &claim, broker).await {
             return Ok(Pin::Stored(outcome));

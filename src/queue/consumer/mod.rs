@@ -102,7 +102,7 @@ impl Broker {
     /// Tries to take the lease on `id` (a job id, a result id) among the
     /// consumers of this queue: `None` while another holds it. See
     /// [`super::lease`].
-    pub async fn lease(&self, id: &str) -> Result<Option<super::lease::Lease>, QueueError> {
+    async fn lease(&self, id: &str) -> Result<Option<super::lease::Lease>, QueueError> {
         let name = format!("{}.lease.{id}", self.queue);
         self.leases.try_take(&name).await
     }
